@@ -1,0 +1,1 @@
+"""The rollout store (Parquet segments + DuckDB views) and the ingest service."""

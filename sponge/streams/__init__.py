@@ -1,0 +1,1 @@
+"""Kafka plumbing: message codec, producer, consumer, dead letters and the embedded broker."""
