@@ -119,6 +119,10 @@ def conform(table: pa.Table, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.T
             # Width is checked row by row in validate(); keep it variable here.
             columns.append(column.cast(pa.list_(pa.float32())))
             continue
+        if (field.name == "embedding" and pa.types.is_fixed_size_list(column.type)
+                and column.type.list_size == embedding_dim and _is_number(column.type.value_type)):
+            columns.append(column.cast(field.type))
+            continue
         if field.name == "embedding" and pa.types.is_fixed_size_list(column.type):
             problems.append(
                 Violation("embedding", "wrong dimension",
@@ -148,7 +152,24 @@ def validate(
     Every rule is one vectorised check over the column; rows that break any
     rule are dropped from the returned table and listed with their index.
     """
+    bad, violations = check(table, embedding_dim)
+    return keep_valid(table, bad, embedding_dim), violations
+
+
+def keep_valid(table: pa.Table, bad: np.ndarray, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Table:
+    """The rows of a conformed table not marked `bad`, with exactly the rollout schema."""
     schema = rollout_schema(embedding_dim)
+    good = table.filter(pa.array(~bad)) if bad.any() else table
+    if not pa.types.is_fixed_size_list(good.column("embedding").type):
+        good = good.set_column(
+            good.schema.get_field_index("embedding"), "embedding",
+            _to_fixed_size(good.column("embedding"), embedding_dim),
+        )
+    return good.cast(schema)
+
+
+def check(table: pa.Table, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> tuple[np.ndarray, list[Violation]]:
+    """Every rule over a conformed table: (bad-row mask, one Violation per broken rule per row)."""
     n = table.num_rows
     bad = np.zeros(n, dtype=bool)
     violations: list[Violation] = []
@@ -196,14 +217,7 @@ def validate(
         flag(_rows_with_nonfinite(embedding) & ~wrong_dim, "embedding", "non-finite",
              "embedding values must be finite")
 
-    good = table.filter(pa.array(~bad)) if bad.any() else table
-    if not pa.types.is_fixed_size_list(good.column("embedding").type):
-        good = good.set_column(
-            good.schema.get_field_index("embedding"), "embedding",
-            _to_fixed_size(good.column("embedding"), embedding_dim),
-        )
-    good = good.cast(schema)
-    return good, violations
+    return bad, violations
 
 
 def _to_fixed_size(column: pa.ChunkedArray, dim: int) -> pa.Array:
@@ -242,6 +256,10 @@ def _is_list_of_numbers(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
         pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)
     )
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,56 @@
+"""Shared fixtures: one real embedded Kafka broker per test session, a fresh topic per test,
+and the --soak flag that enables tests marked `soak`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import uuid
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", default=False, help="run long soak tests (marked soak)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """A real Tansu broker (in memory) on a free loopback port, shared by the whole session.
+
+    Set SPONGE_TEST_BOOTSTRAP to use an already running Kafka instead.
+    """
+    external = os.environ.get("SPONGE_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    from sponge.streams.broker import EmbeddedBroker
+
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b.bootstrap
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def topic(broker, request):
+    """A new topic (4 partitions) and its DLQ for this test alone."""
+    from sponge.streams.broker import create_topic
+
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:30]
+    name = f"t{next(_counter)}-{safe}-{uuid.uuid4().hex[:6]}"
+    create_topic(broker, name, partitions=4)
+    create_topic(broker, f"{name}.dlq", partitions=1)
+    return name
