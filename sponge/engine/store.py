@@ -1,0 +1,862 @@
+"""The rollout store: immutable Parquet segments, tombstones and DuckDB views over them.
+
+Layout under the store root (every file is written to a temporary name in its own directory,
+fsynced and renamed, so a reader or a crash never sees half a file):
+
+    _sponge_store.json                      format version and embedding dimension
+    rollouts/policy_version=V/<topic>+<partition>+<first>-<last>.parquet
+    tombstones/<time>-<uuid>.parquet        deleted rollout ids (rollout_id, reason, deleted_at)
+    dead_letters/<time>-<uuid>.parquet      rejected messages (topic, partition, offset, reason, value, received_at)
+    replay/selection-<version>.parquet      curated replay subsets, the last few kept
+    _locks/<topic>+<partition>.lock         advisory locks between writer processes
+
+Exactly-once by rollout_id: the store keeps an in-memory index of every rollout id it holds or
+has tombstoned (two independent 64-bit hashes per id, 16 bytes each), refreshed from files other
+processes wrote before every segment write, under a per-(topic, partition) file lock. A replayed
+Kafka range therefore writes nothing twice, and a deleted rollout never comes back.
+
+SQL never opens a DuckDB database file: every reader gets its own in-memory connection with the
+views (`rollouts`, `tombstones`, `dead_letters`, `replay_subset`, `segments`) over the files, so
+the ingest service, the trainer and a user's query never contend for a lock. The same files are
+plain hive-partitioned Parquet for Spark, Trino, Polars or Ray Data.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sponge.engine.sql import QueryResult, SqlLimits, run_read_only
+from sponge.record import DEFAULT_EMBEDDING_DIM, STORE_FIELDS, rollout_schema, stored_schema
+
+STORE_FORMAT_VERSION = 1
+MANIFEST_NAME = "_sponge_store.json"
+ROLLOUTS_DIR = "rollouts"
+TOMBSTONES_DIR = "tombstones"
+DEAD_LETTERS_DIR = "dead_letters"
+REPLAY_DIR = "replay"
+LOCKS_DIR = "_locks"
+TEMP_SUFFIX = ".tmp"
+
+TOMBSTONE_SCHEMA = pa.schema([
+    pa.field("rollout_id", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+    pa.field("deleted_at", pa.timestamp("ms", tz="UTC")),
+])
+DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("topic", pa.string()),
+    pa.field("partition", pa.int32()),
+    pa.field("offset", pa.int64()),
+    pa.field("reason", pa.string()),
+    pa.field("value", pa.binary()),
+    pa.field("received_at", pa.timestamp("ms", tz="UTC")),
+])
+REPLAY_SCHEMA = pa.schema([
+    pa.field("rollout_id", pa.string(), nullable=False),
+    pa.field("selection_version", pa.int64()),
+    pa.field("objective_value", pa.float64()),
+    pa.field("selected_at", pa.timestamp("ms", tz="UTC")),
+])
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's legal topic names: no '/', no '+'
+_SEGMENT_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+_GLOB_CHARS = set("*?[]{}")
+
+
+class StoreError(ValueError):
+    """A store operation was given something it cannot store; the message names what."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Knobs of the rollout store. The defaults suit 384-d embeddings and ~300-token rollouts."""
+
+    #: Parquet codec. zstd level 1 costs little CPU and shrinks text and token ids well.
+    compression: str = "zstd"
+    compression_level: int | None = 1
+    #: Rows per Parquet row group: the unit a scan or a query reads at a time.
+    row_group_size: int = 16_384
+    #: Replay snapshots to keep on disk (older ones are removed after each new one).
+    replay_keep: int = 5
+    #: Tombstone files beyond this count are merged into one by compact().
+    max_tombstone_files: int = 16
+    #: Temporary files older than this are removed on open/compact even if their writer's
+    #: liveness cannot be checked (another host on shared storage).
+    stale_temp_age_s: float = 3600.0
+    #: Bounds for user SQL (store.sql / store.query / `sponge sql`).
+    sql_limits: SqlLimits = field(default_factory=SqlLimits)
+
+
+@dataclass(frozen=True)
+class SegmentWrite:
+    """What one write_segment call did."""
+
+    paths: list[Path]
+    rows_written: int
+    rows_skipped_duplicate: int
+    #: rollout_ids written by this call (string array), for the selector to insert.
+    new_ids: pa.Array
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    """What one compact() call did."""
+
+    segments_rewritten: int
+    segments_removed: int
+    rows_removed: int
+    tombstone_files_merged: int
+    bytes_before: int
+    bytes_after: int
+
+
+class _IdIndex:
+    """Set membership for rollout ids without keeping Python strings: 16 bytes per id.
+
+    Each id is represented by two independent 64-bit hashes; the array is sorted by the first.
+    A false "already held" needs both hashes to collide (about 2^-128 per pair), so no rollout is
+    dropped by accident. A collision of only the first hash can at worst make a held id look new.
+    """
+
+    def __init__(self) -> None:
+        self._h1 = np.empty(0, dtype=np.uint64)
+        self._h2 = np.empty(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._h1)
+
+    def contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        if len(self._h1) == 0 or len(h1) == 0:
+            return np.zeros(len(h1), dtype=bool)
+        pos = np.searchsorted(self._h1, h1)
+        pos = np.minimum(pos, len(self._h1) - 1)
+        return (self._h1[pos] == h1) & (self._h2[pos] == h2)
+
+    def add(self, h1: np.ndarray, h2: np.ndarray) -> None:
+        """Add ids not yet present (callers pass hashes already filtered by contains)."""
+        if len(h1) == 0:
+            return
+        order = np.argsort(h1, kind="stable")
+        h1, h2 = h1[order], h2[order]
+        pos = np.searchsorted(self._h1, h1)
+        self._h1 = np.insert(self._h1, pos, h1)
+        self._h2 = np.insert(self._h2, pos, h2)
+
+
+class RolloutStore:
+    """Rollouts as Parquet segments with tombstones, queried through DuckDB views.
+
+    Safe for several processes on one root (the ingest services of one consumer group, the
+    curation service, a user's SQL): writers take a per-partition file lock and refresh what
+    others wrote; readers use their own in-memory DuckDB connections. Within a process, the
+    methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        embedding_dim: int = DEFAULT_EMBEDDING_DIM,
+        *,
+        config: StoreConfig | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        if _GLOB_CHARS & set(str(self.root)):
+            raise StoreError(f"store path {self.root} contains a glob character ({''.join(sorted(_GLOB_CHARS))})")
+        if int(embedding_dim) <= 0:
+            raise StoreError(f"embedding_dim must be positive, got {embedding_dim}")
+        self.embedding_dim = int(embedding_dim)
+        self.config = config or StoreConfig()
+        self._rollout_schema = rollout_schema(self.embedding_dim)
+        self._stored_schema = stored_schema(self.embedding_dim)
+        self._file_schema = pa.schema(
+            [f for f in self._stored_schema if f.name != "policy_version"], metadata=self._stored_schema.metadata
+        )
+        for sub in (ROLLOUTS_DIR, TOMBSTONES_DIR, DEAD_LETTERS_DIR, REPLAY_DIR, LOCKS_DIR):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._check_manifest()
+        self._lock = threading.RLock()
+        self._hasher = duckdb.connect(":memory:")
+        self._index = _IdIndex()
+        self._known_files: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose ids are indexed
+        self.remove_stale_temp_files()
+        with self._lock:
+            self._refresh_index()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, config: StoreConfig | None = None) -> "RolloutStore":
+        """Open an existing store, taking the embedding dimension from its manifest."""
+        manifest = Path(root) / MANIFEST_NAME
+        if not manifest.is_file():
+            raise StoreError(f"no rollout store at {Path(root).resolve()} (missing {MANIFEST_NAME})")
+        try:
+            dim = int(json.loads(manifest.read_text())["embedding_dim"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"unreadable store manifest {manifest}: {exc}") from None
+        return cls(root, embedding_dim=dim, config=config)
+
+    def _check_manifest(self) -> None:
+        path = self.root / MANIFEST_NAME
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+                dim = int(manifest["embedding_dim"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"unreadable store manifest {path}: {exc}") from None
+            if dim != self.embedding_dim:
+                raise StoreError(
+                    f"store {self.root} holds {dim}-d embeddings, opened with embedding_dim={self.embedding_dim}"
+                )
+            return
+        body = json.dumps({"format_version": STORE_FORMAT_VERSION, "embedding_dim": self.embedding_dim}, indent=2)
+        _atomic_write_bytes(path, body.encode())
+
+    # ------------------------------------------------------------------ writing rollouts
+
+    def write_segment(
+        self,
+        rows: pa.Table,
+        *,
+        topic: str,
+        partition: int,
+        offsets: np.ndarray,
+        first_offset: int,
+        last_offset: int,
+    ) -> SegmentWrite:
+        """Store the rollouts of one consumed Kafka range, each rollout_id at most once ever.
+
+        `rows` are validated rollouts (the rollout schema), `offsets` the Kafka offset each row
+        came from, `first_offset..last_offset` the consumed range including bad messages, so a
+        replayed range maps to the same file name. Rows whose id is already stored or
+        tombstoned, and repeats within `rows`, are skipped. One file per policy_version.
+        """
+        rows = self._conform_rows(rows)
+        _check_topic(topic)
+        partition, first_offset, last_offset = int(partition), int(first_offset), int(last_offset)
+        if partition < 0 or first_offset < 0 or last_offset < first_offset:
+            raise StoreError(
+                f"bad segment range: partition={partition}, offsets {first_offset}-{last_offset} "
+                "(need partition >= 0 and 0 <= first_offset <= last_offset)"
+            )
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.shape != (rows.num_rows,):
+            raise StoreError(f"offsets has shape {offsets.shape}, expected ({rows.num_rows},): one per row")
+        if rows.num_rows and (offsets.min() < first_offset or offsets.max() > last_offset):
+            raise StoreError(f"row offsets fall outside the consumed range {first_offset}-{last_offset}")
+
+        with self._lock, self._partition_lock(topic, partition):
+            self._refresh_index()
+            h1, h2 = self._hash_ids(rows.column("rollout_id"))
+            keep = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
+            n_keep = int(keep.sum())
+            if n_keep == 0:
+                return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()))
+            new_rows = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
+            new_offsets = offsets[keep]
+            table = self._with_store_columns(new_rows, topic, partition, new_offsets)
+            name = f"{topic}+{partition}+{first_offset}-{last_offset}.parquet"
+            paths = []
+            for version, part in _split_by_policy_version(table):
+                path = self.root / ROLLOUTS_DIR / f"policy_version={version}" / name
+                path.parent.mkdir(exist_ok=True)
+                if path.exists():
+                    # This range was written before and now brings rows the store lacks (its
+                    # earlier rows are all held, so they were skipped above): never overwrite
+                    # what is there, keep it and add the new rows.
+                    part = pa.concat_tables([pq.read_table(path, schema=self._file_schema), part])
+                self._write_parquet(part, path)
+                paths.append(path)
+                self._remember_file(path)
+            self._index.add(h1[keep], h2[keep])
+            return SegmentWrite(
+                paths=paths,
+                rows_written=n_keep,
+                rows_skipped_duplicate=rows.num_rows - n_keep,
+                new_ids=new_rows.column("rollout_id").combine_chunks(),
+            )
+
+    def _conform_rows(self, rows: pa.Table) -> pa.Table:
+        if not isinstance(rows, pa.Table):
+            if isinstance(rows, pa.RecordBatch):
+                rows = pa.Table.from_batches([rows])
+            else:
+                raise StoreError(f"rows must be a pyarrow Table, got {type(rows).__name__}")
+        expected = self._rollout_schema
+        if rows.schema.names != expected.names:
+            missing = [n for n in expected.names if n not in rows.schema.names]
+            extra = [n for n in rows.schema.names if n not in expected.names]
+            raise StoreError(
+                f"rows do not have the rollout schema: missing {missing}, unexpected {extra}"
+                + ("" if missing or extra else ", columns out of order")
+            )
+        for got, want in zip(rows.schema, expected):
+            if got.type != want.type:
+                raise StoreError(f"column '{got.name}' has type {got.type}, the rollout schema says {want.type}")
+        for name in ("rollout_id", "policy_version"):
+            if rows.column(name).null_count:
+                raise StoreError(f"column '{name}' has nulls: pass rows through sponge.record.validate first")
+        return rows.cast(expected)
+
+    def _with_store_columns(self, rows: pa.Table, topic: str, partition: int, offsets: np.ndarray) -> pa.Table:
+        n = rows.num_rows
+        now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+        extra = {
+            "topic": pa.repeat(pa.scalar(topic, pa.string()), n),
+            "partition": pa.repeat(pa.scalar(partition, pa.int32()), n),
+            "offset": pa.array(offsets),
+            "ingested_at": pa.repeat(now, n),
+        }
+        columns = [rows.column(f.name) if f.name in rows.schema.names else extra[f.name] for f in self._stored_schema]
+        return pa.Table.from_arrays(columns, schema=self._stored_schema)
+
+    # ------------------------------------------------------------------ deleting and compacting
+
+    def delete(self, rollout_ids: Sequence[str] | pa.Array | pa.ChunkedArray, reason: str) -> int:
+        """Tombstone `rollout_ids` (one atomic file per call); returns how many distinct ids.
+
+        Tombstoned ids disappear from every view at once and can never be stored again, even
+        if their Kafka messages are replayed. Ids the store never held are tombstoned too, so
+        a rollout known to be bad is refused if it arrives later.
+        """
+        if not isinstance(reason, str) or not reason:
+            raise StoreError("delete needs a non-empty reason")
+        ids = _as_string_array(rollout_ids)
+        ids = pc.drop_null(ids)
+        ids = ids.filter(pc.not_equal(ids, ""))
+        ids = pc.unique(ids)
+        if len(ids) == 0:
+            return 0
+        now = int(time.time() * 1000)
+        table = pa.Table.from_arrays(
+            [ids, pa.array([reason] * len(ids), pa.string()),
+             pa.array(np.full(len(ids), now, dtype=np.int64)).cast(pa.timestamp("ms", tz="UTC"))],
+            schema=TOMBSTONE_SCHEMA,
+        )
+        path = self.root / TOMBSTONES_DIR / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        with self._lock:
+            self._write_parquet(table, path)
+            self._remember_file(path)
+            h1, h2 = self._hash_ids(ids)
+            fresh = ~self._index.contains(h1, h2)
+            self._index.add(h1[fresh], h2[fresh])
+        return len(ids)
+
+    def compact(self) -> CompactionResult:
+        """Rewrite segments that hold tombstoned rows without them; merge small tombstone files.
+
+        Each rewrite is atomic (temporary file + rename, under the partition's lock); a segment
+        left with no rows is removed. Tombstones stay, so deleted ids remain refused.
+        """
+        self.remove_stale_temp_files()
+        with self._lock:
+            conn = self.connect()
+            try:
+                dead_ids = conn.sql("SELECT DISTINCT rollout_id FROM tombstones").to_arrow_table().column(0)
+                files = [row[0] for row in conn.execute(
+                    f"SELECT DISTINCT filename FROM read_parquet({_sql_str(self._segment_glob())}, filename=true) "
+                    "WHERE rollout_id IN (SELECT rollout_id FROM tombstones)"
+                ).fetchall()] if self._segment_files() else []
+            finally:
+                conn.close()
+            dead_ids = dead_ids.combine_chunks() if isinstance(dead_ids, pa.ChunkedArray) else dead_ids
+            rewritten = removed = rows_removed = bytes_before = bytes_after = 0
+            for file in sorted(files):
+                path = Path(file)
+                match = _SEGMENT_RE.match(path.name)
+                if match is None or not path.exists():
+                    continue
+                with self._partition_lock(match["topic"], int(match["partition"])):
+                    bytes_before += path.stat().st_size
+                    table = pq.read_table(path, schema=self._file_schema)
+                    keep = pc.invert(pc.is_in(table.column("rollout_id"), value_set=dead_ids))
+                    kept = table.filter(keep)
+                    rows_removed += table.num_rows - kept.num_rows
+                    if kept.num_rows == 0:
+                        path.unlink()
+                        _fsync_dir(path.parent)
+                        self._known_files.pop(str(path), None)
+                        removed += 1
+                    else:
+                        self._write_parquet(kept, path)
+                        self._remember_file(path)
+                        bytes_after += path.stat().st_size
+                        rewritten += 1
+            merged = self._merge_tombstone_files()
+        return CompactionResult(rewritten, removed, rows_removed, merged, bytes_before, bytes_after)
+
+    def _merge_tombstone_files(self) -> int:
+        files = sorted(p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet"))
+        if len(files) <= self.config.max_tombstone_files:
+            return 0
+        table = pa.concat_tables([pq.read_table(p, schema=TOMBSTONE_SCHEMA) for p in files])
+        # Keep the first tombstone of each id (its original reason and time).
+        conn = duckdb.connect(":memory:")
+        try:
+            conn.register("t", table)
+            table = conn.sql(
+                "SELECT rollout_id, arg_min(reason, deleted_at) AS reason, min(deleted_at) AS deleted_at "
+                "FROM t GROUP BY rollout_id ORDER BY rollout_id"
+            ).to_arrow_table().cast(TOMBSTONE_SCHEMA)
+        finally:
+            conn.close()
+        # The merged file is written before the inputs go, so readers always see every tombstone.
+        merged = self.root / TOMBSTONES_DIR / f"{time.time_ns():020d}-merged-{uuid.uuid4().hex[:8]}.parquet"
+        self._write_parquet(table, merged)
+        self._remember_file(merged)
+        for path in files:
+            path.unlink(missing_ok=True)
+            self._known_files.pop(str(path), None)
+        _fsync_dir(merged.parent)
+        return len(files)
+
+    # ------------------------------------------------------------------ other files
+
+    def write_dead_letters(self, table: pa.Table) -> None:
+        """Append rejected messages (topic, partition, offset, reason JSON, value bytes, received_at)."""
+        if not isinstance(table, pa.Table):
+            raise StoreError(f"dead letters must be a pyarrow Table, got {type(table).__name__}")
+        missing = [n for n in DEAD_LETTER_SCHEMA.names if n not in table.column_names]
+        if missing:
+            raise StoreError(f"dead letters lack column(s) {missing}; need {DEAD_LETTER_SCHEMA.names}")
+        if table.num_rows == 0:
+            return
+        try:
+            table = table.select(DEAD_LETTER_SCHEMA.names).cast(DEAD_LETTER_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise StoreError(f"dead letters do not fit {DEAD_LETTER_SCHEMA}: {exc}") from None
+        path = self.root / DEAD_LETTERS_DIR / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+        self._write_parquet(table, path)
+
+    def write_replay_snapshot(
+        self,
+        rollout_ids: Sequence[str] | pa.Array,
+        *,
+        objective_value: float,
+        selection_version: int,
+        extra: dict | None = None,
+    ) -> Path:
+        """Persist one curated replay subset; the `replay_subset` view shows the newest version.
+
+        `extra` (JSON-serialisable) goes into the file's metadata under `sponge.extra`.
+        """
+        ids = _as_string_array(rollout_ids)
+        if ids.null_count:
+            raise StoreError("replay snapshot rollout_ids contain nulls")
+        version = int(selection_version)
+        if version < 0:
+            raise StoreError(f"selection_version must be >= 0, got {selection_version}")
+        n = len(ids)
+        now = int(time.time() * 1000)
+        table = pa.Table.from_arrays(
+            [ids, pa.array(np.full(n, version, dtype=np.int64)),
+             pa.array(np.full(n, float(objective_value), dtype=np.float64)),
+             pa.array(np.full(n, now, dtype=np.int64)).cast(pa.timestamp("ms", tz="UTC"))],
+            schema=REPLAY_SCHEMA,
+        )
+        try:
+            extra_json = json.dumps(extra or {}, sort_keys=True)
+        except TypeError as exc:
+            raise StoreError(f"replay snapshot extra is not JSON-serialisable: {exc}") from None
+        table = table.replace_schema_metadata({b"sponge.extra": extra_json.encode()})
+        path = self.root / REPLAY_DIR / f"selection-{version:012d}.parquet"
+        self._write_parquet(table, path)
+        snapshots = sorted((self.root / REPLAY_DIR).glob("selection-*.parquet"))
+        for old in snapshots[: max(0, len(snapshots) - self.config.replay_keep)]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def latest_replay_snapshot(self) -> tuple[pa.Table, dict] | None:
+        """The newest replay snapshot as (table, extra), or None when there is none."""
+        snapshots = sorted((self.root / REPLAY_DIR).glob("selection-*.parquet"))
+        for path in reversed(snapshots):  # newest first; one may vanish under a concurrent prune
+            try:
+                table = pq.read_table(path, schema=REPLAY_SCHEMA)
+                metadata = pq.read_schema(path).metadata or {}
+            except FileNotFoundError:
+                continue
+            return table, json.loads(metadata.get(b"sponge.extra", b"{}"))
+        return None
+
+    # ------------------------------------------------------------------ reading
+
+    def view_sql(self) -> list[str]:
+        """CREATE VIEW statements for `rollouts`, `tombstones`, `dead_letters`, `replay_subset`, `segments`.
+
+        Each view unions its files with a typed empty row set, so an empty store answers with
+        typed empty results; the file globs are re-read on every query, so new segments appear.
+        """
+        dim = self.embedding_dim
+        rollouts_glob = _sql_str(self._segment_glob())
+        columns = []
+        for f in self._stored_schema:
+            if f.name == "embedding":
+                columns.append(f"CAST(embedding AS FLOAT[{dim}]) AS embedding")
+            else:
+                columns.append(_quote_ident(f.name))
+        rollouts_all = (
+            f"SELECT {', '.join(columns)} FROM ({_typed_empty(self._stored_schema, dim)} UNION ALL BY NAME "
+            f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=true, "
+            "hive_types={'policy_version': 'BIGINT'}))"
+        )
+
+        def flat(directory: str, pattern: str, schema: pa.Schema) -> str:
+            glob = _sql_str(str(self.root / directory / pattern))
+            cols = ", ".join(_quote_ident(n) for n in schema.names)
+            return (f"SELECT {cols} FROM ({_typed_empty(schema, dim)} UNION ALL BY NAME "
+                    f"SELECT * FROM read_parquet({glob}, allow_empty=true, hive_partitioning=false))")
+
+        replay_all = flat(REPLAY_DIR, "selection-*.parquet", REPLAY_SCHEMA)
+        segment_counts = (
+            f"SELECT filename, count(*) AS n FROM ((SELECT NULL::VARCHAR AS filename WHERE false) UNION ALL BY NAME "
+            f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=false, filename=true)) "
+            "GROUP BY filename"
+        )
+        return [
+            f"CREATE OR REPLACE VIEW tombstones AS {flat(TOMBSTONES_DIR, '*.parquet', TOMBSTONE_SCHEMA)}",
+            f"CREATE OR REPLACE VIEW rollouts AS SELECT * FROM ({rollouts_all}) "
+            "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)",
+            f"CREATE OR REPLACE VIEW dead_letters AS {flat(DEAD_LETTERS_DIR, '*.parquet', DEAD_LETTER_SCHEMA)}",
+            f"CREATE OR REPLACE VIEW replay_subset AS SELECT * FROM ({replay_all}) "
+            f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))",
+            "CREATE OR REPLACE VIEW segments AS "
+            "SELECT b.filename AS file, "
+            "CAST(regexp_extract(b.filename, 'policy_version=(-?[0-9]+)/', 1) AS BIGINT) AS policy_version, "
+            "coalesce(c.n, 0)::BIGINT AS rows, b.size::BIGINT AS bytes "
+            f"FROM read_blob({rollouts_glob}) b LEFT JOIN ({segment_counts}) c ON b.filename = c.filename",
+        ]
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A trusted in-memory DuckDB connection with the store's views (internal use; close it)."""
+        conn = duckdb.connect(":memory:")
+        for statement in self.view_sql():
+            conn.execute(statement)
+        return conn
+
+    def query(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> QueryResult:
+        """Run user SQL read-only within the configured bounds; returns the table and whether it was cut."""
+        base = self.config.sql_limits
+        limits = SqlLimits(
+            max_rows=base.max_rows if max_rows is None else int(max_rows),
+            timeout_s=base.timeout_s if timeout_s is None else float(timeout_s),
+            memory_limit=base.memory_limit,
+            threads=base.threads,
+        )
+        return run_read_only(query, setup_sql=self.view_sql(), allowed_dir=self.root, limits=limits)
+
+    def sql(self, query: str, *, max_rows: int = 10_000, timeout_s: float = 10.0) -> pa.Table:
+        """Run user SQL read-only (single SELECT, store files only, bounded rows/time/memory).
+
+        The result's schema metadata has `sponge.truncated` = b"true" when rows were cut off.
+        Raises sponge.engine.sql.SqlError with a one-line reason when refused or failed.
+        """
+        return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
+
+    def scan(self, columns: list[str] | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """Stream the live rollouts in batches with the stored schema's types (bounded memory)."""
+        names = list(columns) if columns is not None else self._stored_schema.names
+        unknown = [c for c in names if c not in self._stored_schema.names]
+        if unknown:
+            raise StoreError(f"unknown column(s) {unknown}; the rollouts have {self._stored_schema.names}")
+        target = pa.schema([self._stored_schema.field(c) for c in names])
+        conn = self.connect()
+        try:
+            reader = conn.sql(f"SELECT {', '.join(_quote_ident(c) for c in names)} FROM rollouts").to_arrow_reader(
+                int(batch_size)
+            )
+            for batch in reader:
+                if batch.num_rows:
+                    yield batch.cast(target)
+        finally:
+            conn.close()
+
+    def rollout_ids(self) -> pa.Array:
+        """The ids of all live (not tombstoned) rollouts."""
+        conn = self.connect()
+        try:
+            column = conn.sql("SELECT rollout_id FROM rollouts").to_arrow_table().column(0)
+        finally:
+            conn.close()
+        return column.combine_chunks().cast(pa.string())
+
+    def count(self) -> int:
+        """Number of live rollouts."""
+        conn = self.connect()
+        try:
+            return int(conn.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+        finally:
+            conn.close()
+
+    def stats(self) -> dict:
+        """Segment count, live rows, stored rows, tombstones, dead letters and bytes on disk."""
+        conn = self.connect()
+        try:
+            segments, stored_rows, segment_bytes = conn.execute(
+                "SELECT count(*), coalesce(sum(rows), 0), coalesce(sum(bytes), 0) FROM segments"
+            ).fetchone()
+            live = conn.execute("SELECT count(*) FROM rollouts").fetchone()[0]
+            tombstones = conn.execute("SELECT count(DISTINCT rollout_id) FROM tombstones").fetchone()[0]
+            dead_letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        finally:
+            conn.close()
+        total_bytes = sum(p.stat().st_size for p in self.root.rglob("*.parquet") if p.is_file())
+        return {
+            "segments": int(segments),
+            "rows": int(live),
+            "stored_rows": int(stored_rows),
+            "tombstones": int(tombstones),
+            "dead_letters": int(dead_letters),
+            "segment_bytes": int(segment_bytes),
+            "bytes": int(total_bytes),
+            "embedding_dim": self.embedding_dim,
+        }
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def remove_stale_temp_files(self) -> int:
+        """Remove temporary files left by crashed writers; returns how many were removed.
+
+        A temp file is stale when its writer (pid on this host) is gone, or when it is older
+        than `stale_temp_age_s` (writer on another host). Views never read temp files.
+        """
+        removed = 0
+        host = socket.gethostname()
+        now = time.time()
+        for path in self.root.rglob(f".*{TEMP_SUFFIX}"):
+            parts = path.name[1:-len(TEMP_SUFFIX)].split("~")
+            writer_host, writer_pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            dead_writer = writer_host == host and writer_pid.isdigit() and not _pid_alive(int(writer_pid))
+            if dead_writer or age > self.config.stale_temp_age_s:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _segment_glob(self) -> str:
+        return str(self.root / ROLLOUTS_DIR / "*" / "*.parquet")
+
+    def _segment_files(self) -> list[Path]:
+        out = []
+        with os.scandir(self.root / ROLLOUTS_DIR) as entries:
+            for entry in entries:
+                if entry.is_dir() and entry.name.startswith("policy_version="):
+                    with os.scandir(entry.path) as files:
+                        out.extend(Path(f.path) for f in files if f.name.endswith(".parquet")
+                                   and not f.name.startswith("."))
+        return out
+
+    def _refresh_index(self) -> None:
+        """Index ids from segment and tombstone files this object has not read yet (or that changed)."""
+        candidates = self._segment_files() + [
+            p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet")
+        ]
+        present = set()
+        todo = []
+        for path in candidates:
+            key = str(path)
+            present.add(key)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if self._known_files.get(key) != (st.st_size, st.st_mtime_ns):
+                todo.append((path, (st.st_size, st.st_mtime_ns)))
+        for key in [k for k in self._known_files if k not in present]:
+            del self._known_files[key]  # removed by compaction; its ids stay indexed (tombstoned)
+        if not todo:
+            return
+        for path, signature in todo:
+            try:
+                ids = pq.read_table(path, columns=["rollout_id"]).column(0)
+            except FileNotFoundError:
+                continue  # compacted away between listing and reading
+            h1, h2 = self._hash_ids(ids)
+            fresh = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
+            self._index.add(h1[fresh], h2[fresh])
+            self._known_files[str(path)] = signature
+
+    def _remember_file(self, path: Path) -> None:
+        st = path.stat()
+        self._known_files[str(path)] = (st.st_size, st.st_mtime_ns)
+
+    def _hash_ids(self, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """Two independent 64-bit hashes per id (DuckDB's vectorised hash; in-memory use only)."""
+        table = pa.table({"id": ids})
+        rel = self._hasher.from_arrow(table)
+        out = rel.select("hash(id) AS h1, hash(concat('sponge:', id)) AS h2").fetchnumpy()
+        return np.asarray(out["h1"], dtype=np.uint64), np.asarray(out["h2"], dtype=np.uint64)
+
+    @contextmanager
+    def _partition_lock(self, topic: str, partition: int) -> Iterator[None]:
+        """An exclusive advisory lock shared by every process writing this topic+partition."""
+        path = self.root / LOCKS_DIR / f"{topic}+{partition}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _write_parquet(self, table: pa.Table, path: Path) -> None:
+        """Write `table` to `path` atomically: temp file in the same directory, fsync, rename."""
+        tmp = path.parent / f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        is_rollouts = "embedding" in table.schema.names
+        try:
+            pq.write_table(
+                table,
+                tmp,
+                compression=self.config.compression,
+                compression_level=self.config.compression_level,
+                row_group_size=self.config.row_group_size,
+                # Dictionary encoding pays for repeated strings, not for floats or token ids.
+                use_dictionary=["prompt_id", "run_id", "topic", "prompt"] if is_rollouts else True,
+                write_statistics=(["rollout_id", "prompt_id", "run_id", "reward", "created_at", "topic",
+                                   "partition", "offset", "ingested_at"] if is_rollouts else True),
+            )
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _first_occurrence(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    """True at the first row of each distinct id within one batch."""
+    if len(h1) < 2:
+        return np.ones(len(h1), dtype=bool)
+    keys = np.empty(len(h1), dtype=[("a", np.uint64), ("b", np.uint64)])
+    keys["a"], keys["b"] = h1, h2
+    _, first = np.unique(keys, return_index=True)
+    mask = np.zeros(len(h1), dtype=bool)
+    mask[first] = True
+    return mask
+
+
+def _split_by_policy_version(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
+    """(policy_version, rows without that column) for each version, in ascending order."""
+    versions = table.column("policy_version").to_numpy()
+    body = table.drop_columns(["policy_version"])
+    distinct = np.unique(versions)
+    if len(distinct) == 1:
+        yield int(distinct[0]), body
+        return
+    order = np.argsort(versions, kind="stable")
+    sorted_versions = versions[order]
+    body = body.take(pa.array(order))
+    bounds = np.flatnonzero(np.diff(sorted_versions)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(order)]])
+    for start, end in zip(starts, ends):
+        yield int(sorted_versions[start]), body.slice(int(start), int(end - start))
+
+
+def _as_string_array(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if isinstance(ids, pa.Array):
+        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+            raise StoreError(f"rollout ids must be strings, got {ids.type}")
+        return ids.cast(pa.string())
+    if isinstance(ids, (str, bytes)):
+        raise StoreError("pass a sequence of rollout ids, not a single string")
+    try:
+        return pa.array(list(ids), pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise StoreError(f"rollout ids must be strings: {exc}") from None
+
+
+def _check_topic(topic: str) -> None:
+    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+        raise StoreError(f"topic {topic!r} is not a legal Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
+
+
+def _typed_empty(schema: pa.Schema, dim: int) -> str:
+    """SELECT of typed NULL columns with no rows: the schema an empty view still reports."""
+    cols = ", ".join(f"NULL::{_duckdb_type(f.type, dim)} AS {_quote_ident(f.name)}" for f in schema)
+    return f"(SELECT {cols} WHERE false)"
+
+
+def _duckdb_type(t: pa.DataType, dim: int) -> str:
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_binary(t):
+        return "BLOB"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_fixed_size_list(t):
+        return f"{_duckdb_type(t.value_type, dim)}[]"  # read as a list, cast to FLOAT[dim] in the view
+    if pa.types.is_list(t):
+        return f"{_duckdb_type(t.value_type, dim)}[]"
+    raise TypeError(f"no DuckDB type for {t}")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
