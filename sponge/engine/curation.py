@@ -1,0 +1,323 @@
+"""Curation: keep the replay subset current as rollouts arrive, go stale and are removed.
+
+The `Curator` sits between the store and a selector from `sponge.selectors`:
+
+- every newly stored rollout goes into the selector (embedding + a quality bonus for rollouts
+  whose GRPO group has non-zero reward variance, the only groups that carry a learning signal);
+- deletions reach the selector from retention (policy_version older than current − window, applied
+  when the trainer reports its version), explicit removal and compaction;
+- the current subset is persisted as a store snapshot (`replay_subset` view) with its objective
+  value and a selection version that bumps whenever the subset changes;
+- replay samples are drawn from the subset with a weight column that travels with the rows.
+
+The selector's state is derived: on restart `rebuild()` re-inserts the live rollouts from the store.
+The objective's reference vectors (facility-location clients) are sampled once from the first
+rollouts seen and saved beside the store, so a restart optimises the same f.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sponge.selectors import METHODS, FacilityLocation, Selector, load_params, save_params
+
+if TYPE_CHECKING:
+    from sponge.engine.store import RolloutStore
+
+#: Columns a replay sample carries (plus `advantage`, and `weight`, `sample_prob` for samples).
+SAMPLE_COLUMNS = ["rollout_id", "prompt_id", "prompt", "response", "prompt_tokens", "response_tokens",
+                  "behavior_logprobs", "reward", "policy_version"]
+
+
+@dataclass
+class CurationConfig:
+    #: Size of the replay subset the selector keeps.
+    k: int = 64
+    #: Approximation slack of the dynamic algorithm: f(S) >= (1/2 - eps) OPT; smaller eps, more instances.
+    eps: float = 0.2
+    #: Selection method: "dynamic" (default) or a baseline from sponge.selectors.METHODS.
+    method: str = "dynamic"
+    #: Reference vectors (facility-location clients) sampled from the first rollouts seen.
+    n_references: int = 256
+    #: Each rollout covers only its m most similar references (one batched faiss search per insert).
+    neighbours: int = 16
+    #: Weight of the quality bonus (1 when the rollout's GRPO group has non-zero reward variance).
+    quality_weight: float = 0.05
+    #: Keep rollouts with policy_version >= current - window; None keeps everything.
+    retention_window: int | None = 4
+    #: Least time between two replay-subset snapshots written to the store.
+    snapshot_interval_s: float = 1.0
+    #: Seed of the selector's own RNG.
+    seed: int = 0
+
+
+class Curator:
+    """The selector over the store's live rollouts, safe to call from the ingest loop and HTTP threads."""
+
+    def __init__(self, store: "RolloutStore", config: CurationConfig | None = None) -> None:
+        self.store = store
+        self.config = config or CurationConfig()
+        if self.config.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.config.method!r}; choose from {sorted(METHODS)}")
+        self.state_dir = Path(store.root) / "selector"
+        self.selector: Selector | None = None
+        self.policy_version = self._load_policy_version()
+        self.selection_version = 0
+        self._lock = threading.RLock()
+        self._int_of: dict[str, int] = {}
+        self._str_of: dict[int, str] = {}
+        self._next_int = 0
+        self._pending: list[pa.Table] = []
+        self._last_solution = np.empty(0, dtype=np.int64)
+        self._last_snapshot = 0.0
+        self._sample_cache: tuple[int, pa.Table] | None = None
+        self.rebuild_seconds: float | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+    def rebuild(self, progress: bool = False) -> float:
+        """Re-insert every live rollout from the store; returns the seconds it took."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self.selector = None
+            self._int_of.clear()
+            self._str_of.clear()
+            self._pending.clear()
+            if (self.state_dir / "selector.json").exists():
+                self.selector = load_params(self.state_dir)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=self.store.count(), desc="rebuilding selector", unit="rollout")
+            for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "embedding"]):
+                self._add(pa.Table.from_batches([batch]))
+                if bar is not None:
+                    bar.update(batch.num_rows)
+            if bar is not None:
+                bar.close()
+            self._changed(force=True)
+        self.rebuild_seconds = time.perf_counter() - t0
+        return self.rebuild_seconds
+
+    def add(self, rows: pa.Table) -> None:
+        """Insert newly stored rollouts (needs rollout_id, prompt_id, reward, embedding)."""
+        with self._lock:
+            self._add(rows)
+            self._changed()
+
+    def on_segment(self, _write, rows: pa.Table) -> None:
+        """`IngestService` hook: called with the rows of each durable segment that were new."""
+        self.add(rows)
+
+    def _add(self, rows: pa.Table) -> None:
+        rows = rows.filter(pc.is_valid(rows.column("embedding")))
+        if rows.num_rows == 0:
+            return
+        if self.selector is None:
+            self._pending.append(rows)
+            pending = pa.concat_tables(self._pending)
+            if pending.num_rows < self.config.n_references:
+                return
+            self._pending.clear()
+            self.selector = self._new_selector(_embeddings(pending))
+            rows = pending
+        ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+        self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+
+    def _new_selector(self, vectors: np.ndarray) -> Selector:
+        rng = np.random.default_rng(self.config.seed)
+        take = rng.choice(len(vectors), size=min(self.config.n_references, len(vectors)), replace=False)
+        objective = FacilityLocation(vectors[np.sort(take)], m=self.config.neighbours,
+                                     quality_weight=self.config.quality_weight)
+        params = {"k": self.config.k, "seed": self.config.seed}
+        if self.config.method == "dynamic":
+            params["eps"] = self.config.eps
+        selector = METHODS[self.config.method](objective, **params)
+        save_params(selector, self.state_dir)
+        return selector
+
+    def _assign_ints(self, ids: list[str]) -> np.ndarray:
+        out = np.empty(len(ids), dtype=np.int64)
+        for i, rid in enumerate(ids):
+            n = self._next_int
+            self._int_of[rid] = n
+            self._str_of[n] = rid
+            self._next_int = n + 1
+            out[i] = n
+        return out
+
+    # -- deletions --------------------------------------------------------------------------------
+    def remove(self, rollout_ids: list[str], reason: str = "explicit") -> int:
+        """Tombstone rollouts in the store and drop them from the selector; returns how many were live."""
+        with self._lock:
+            removed = self.store.delete(rollout_ids, reason=reason)
+            self._forget(rollout_ids)
+            self._changed(force=True)
+        return removed
+
+    def _forget(self, rollout_ids: list[str]) -> None:
+        known = [self._int_of.pop(r) for r in rollout_ids if r in self._int_of]
+        for n in known:
+            del self._str_of[n]
+        if known and self.selector is not None:
+            self.selector.delete(np.asarray(known, dtype=np.int64))
+        if self._pending:
+            drop = pa.array(list(rollout_ids), pa.string())
+            self._pending = [t.filter(pc.invert(pc.is_in(t.column("rollout_id"), drop))) for t in self._pending]
+
+    def report_policy_version(self, version: int) -> int:
+        """The trainer now generates with `version`; evict what falls out of the window. Returns evictions."""
+        with self._lock:
+            if version < self.policy_version:
+                raise ValueError(f"policy version went backwards: {version} < {self.policy_version}")
+            self.policy_version = int(version)
+            self._save_policy_version()
+            if self.config.retention_window is None:
+                return 0
+            cutoff = self.policy_version - self.config.retention_window
+            stale = self.store.connect().execute(
+                "SELECT rollout_id FROM rollouts WHERE policy_version < ?", [cutoff]).arrow()
+            stale_ids = _column(stale, "rollout_id").to_pylist()
+            if not stale_ids:
+                return 0
+            return self.remove(stale_ids, reason=f"retention: policy_version < {cutoff}")
+
+    # -- the subset -------------------------------------------------------------------------------
+    def subset_ids(self) -> list[str]:
+        with self._lock:
+            if self.selector is None:
+                return []
+            return [self._str_of[int(n)] for n in self.selector.solution()]
+
+    def value(self) -> float:
+        with self._lock:
+            return 0.0 if self.selector is None else float(self.selector.value())
+
+    def _changed(self, force: bool = False) -> None:
+        if self.selector is None:
+            return
+        solution = np.sort(self.selector.solution())
+        if not np.array_equal(solution, self._last_solution):
+            self._last_solution = solution
+            self.selection_version += 1
+            force = True
+        now = time.monotonic()
+        if force and (now - self._last_snapshot >= self.config.snapshot_interval_s or self.selection_version <= 1):
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Persist the current subset for the `replay_subset` view."""
+        with self._lock:
+            if self.selector is None:
+                return
+            stats = self.selector.stats()
+            self.store.write_replay_snapshot(
+                self.subset_ids(), objective_value=self.value(), selection_version=self.selection_version,
+                extra={"method": self.config.method, "n_live": stats.get("n_live"),
+                       "queries": stats.get("queries"), "policy_version": self.policy_version})
+            self._last_snapshot = time.monotonic()
+
+    def sample(self, n: int, weighting: str = "uniform", seed: int | None = None) -> pa.Table:
+        """Draw n rows from the subset (with replacement) with probability ∝ weight.
+
+        weighting: "uniform"; "recency" (halves per policy version behind the current one);
+        "quality" (reward-variance groups twice as likely). The returned `weight` is the
+        draw's importance weight relative to uniform (1/(k·p)), so a trainer that wants an
+        unbiased average over the subset multiplies by it; `sample_prob` is p itself.
+        """
+        with self._lock:
+            rows = self._subset_rows()
+            current = self.policy_version
+        if rows.num_rows == 0:
+            raise ValueError("the replay subset is empty: no rollouts have been curated yet")
+        if weighting == "uniform":
+            score = np.ones(rows.num_rows)
+        elif weighting == "recency":
+            behind = current - _column(rows, "policy_version").to_numpy().astype(np.float64)
+            score = np.exp2(-np.maximum(behind, 0.0))
+        elif weighting == "quality":
+            score = 1.0 + _group_has_signal(rows).astype(np.float64)
+        else:
+            raise ValueError(f"unknown weighting {weighting!r}: use uniform, recency or quality")
+        prob = score / score.sum()
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(rows.num_rows, size=n, replace=True, p=prob)
+        drawn = rows.take(pa.array(idx))
+        drawn = drawn.append_column("sample_prob", pa.array(prob[idx], pa.float64()))
+        return drawn.append_column("weight", pa.array(1.0 / (rows.num_rows * prob[idx]), pa.float64()))
+
+    def subset_rows(self) -> pa.Table:
+        """The subset's rows (SAMPLE_COLUMNS), read from the store once per selection version."""
+        with self._lock:
+            return self._subset_rows()
+
+    def _subset_rows(self) -> pa.Table:
+        if self._sample_cache is not None and self._sample_cache[0] == self.selection_version:
+            return self._sample_cache[1]
+        ids = self.subset_ids()
+        conn = self.store.connect()
+        conn.register("subset_ids", pa.table({"rollout_id": pa.array(ids, pa.string())}))
+        # The GRPO advantage of a curated rollout comes from its whole stored group, not from
+        # the subset (which rarely holds two rollouts of one prompt): population std, as GRPO.
+        columns = ", ".join(f"r.{c}" for c in SAMPLE_COLUMNS)
+        rows = conn.execute(f"""
+            WITH groups AS (
+                SELECT prompt_id, avg(reward) AS mean, stddev_pop(reward) AS std
+                FROM rollouts WHERE prompt_id IN (
+                    SELECT prompt_id FROM rollouts JOIN subset_ids USING (rollout_id))
+                GROUP BY prompt_id)
+            SELECT {columns}, CAST((r.reward - g.mean) / (coalesce(g.std, 0) + 1e-6) AS FLOAT) AS advantage
+            FROM rollouts r JOIN subset_ids USING (rollout_id) JOIN groups g USING (prompt_id)
+            ORDER BY r.rollout_id""").arrow()
+        rows = rows.read_all() if hasattr(rows, "read_all") else rows
+        self._sample_cache = (self.selection_version, rows)
+        return rows
+
+    def describe(self) -> dict:
+        with self._lock:
+            stats = self.selector.stats() if self.selector is not None else {}
+            return {"method": self.config.method, "k": self.config.k, "selection_version": self.selection_version,
+                    "objective_value": self.value(), "policy_version": self.policy_version,
+                    "n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
+                    "pending_before_references": sum(t.num_rows for t in self._pending),
+                    "rebuild_seconds": self.rebuild_seconds}
+
+    # -- persistence of the trainer's version -----------------------------------------------------
+    def _load_policy_version(self) -> int:
+        path = self.state_dir / "policy.json"
+        return int(json.loads(path.read_text())["policy_version"]) if path.exists() else 0
+
+    def _save_policy_version(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / "policy.json.tmp"
+        tmp.write_text(json.dumps({"policy_version": self.policy_version}))
+        tmp.replace(self.state_dir / "policy.json")
+
+
+def _column(table, name: str) -> pa.ChunkedArray:
+    table = table.read_all() if hasattr(table, "read_all") else table
+    return table.column(name)
+
+
+def _embeddings(rows: pa.Table) -> np.ndarray:
+    column = rows.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def _group_has_signal(rows: pa.Table) -> np.ndarray:
+    """1.0 for rollouts whose prompt group (within `rows`) has non-zero reward variance, else 0.0."""
+    groups = rows.select(["prompt_id", "reward"]).group_by("prompt_id").aggregate(
+        [("reward", "min"), ("reward", "max")])
+    signal = pc.not_equal(groups.column("reward_min"), groups.column("reward_max"))
+    index = pc.index_in(rows.column("prompt_id"), value_set=groups.column("prompt_id"))
+    return pc.take(signal, index).to_numpy(zero_copy_only=False).astype(np.float32)

@@ -1,0 +1,213 @@
+"""`sponge serve`: one process that ingests, curates and serves replay.
+
+It composes the pieces, each usable alone:
+
+    IngestService  (Kafka → validated Parquet segments, exactly once by rollout_id)
+      └─ embed_missing: rollouts that arrive without an embedding get one (all-MiniLM-L6-v2)
+      └─ on_segment → Curator.add (the dynamic selector keeps the replay subset current)
+    Curator        (retention on policy-version reports, removal, snapshots, replay samples)
+    ApiServer      (HTTP: health, readiness, metrics, replay as Arrow, SQL, policy, removal)
+
+On start the curator is rebuilt from the store (its state is derived), then the HTTP API
+reports ready and the ingest loop runs until SIGTERM/SIGINT or `stop_event`, when it
+flushes, commits and closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sponge.engine import service as ingest
+from sponge.engine.api import ApiConfig, ApiServer, create_app
+from sponge.engine.curation import CurationConfig, Curator
+
+HELP = "run the service: ingest rollouts from Kafka, curate the replay subset, serve it over HTTP"
+
+log = logging.getLogger("sponge.server")
+
+
+@dataclass
+class ServerConfig:
+    """The service's configuration: one section per part."""
+
+    ingest: ingest.IngestConfig = field(default_factory=ingest.IngestConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    #: Keep a dynamic selector over the stored rollouts (off: plain ingest + SQL).
+    selection: bool = True
+    #: Compute an embedding for rollouts that arrive without one.
+    embed_missing: bool = True
+    #: Local sentence-embedding model; None = the bundled all-MiniLM-L6-v2.
+    embedding_model: str | None = None
+
+
+class MissingEmbeddings:
+    """Fills null embeddings from the prompt and response text, one batched forward pass per segment."""
+
+    def __init__(self, model_path: str | None, dim: int) -> None:
+        from sponge.engine.embedder import EmbedderConfig, TextEmbedder
+
+        self.embedder = TextEmbedder(EmbedderConfig(model_path=model_path))
+        if self.embedder.dim != dim:
+            raise ValueError(f"embedding model gives {self.embedder.dim}-d vectors but the store holds {dim}-d")
+        self.dim = dim
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        column = rows.column("embedding").combine_chunks()
+        missing = pc.is_null(column).to_numpy(zero_copy_only=False)
+        if not missing.any():
+            return rows
+        idx = np.flatnonzero(missing)
+        texts = pc.binary_join_element_wise(
+            pc.take(rows.column("prompt"), idx), pc.take(rows.column("response"), idx), "\n").to_pylist()
+        filled = np.zeros((rows.num_rows, self.dim), dtype=np.float32)
+        have = ~missing
+        if have.any():
+            filled[have] = pc.list_flatten(column.filter(pa.array(have))).to_numpy(
+                zero_copy_only=False).reshape(-1, self.dim)
+        filled[idx] = self.embedder.embed(texts)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(filled.reshape(-1)), self.dim)
+        return rows.set_column(rows.schema.get_field_index("embedding"),
+                               rows.schema.field("embedding"), embedding)
+
+
+class CurationMetrics:
+    """Gauges of the curator, registered beside the ingest metrics and refreshed on each scrape."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Gauge
+
+        self.gauges = {
+            "selection_version": Gauge("sponge_selection_version", "Bumps whenever the replay subset changes",
+                                       registry=registry),
+            "objective_value": Gauge("sponge_selection_objective", "f(replay subset)", registry=registry),
+            "n_live": Gauge("sponge_selection_live_rollouts", "Rollouts in the selector", registry=registry),
+            "oracle_queries": Gauge("sponge_selection_oracle_queries", "Objective evaluations so far",
+                                    registry=registry),
+            "policy_version": Gauge("sponge_policy_version", "Latest policy version the trainer reported",
+                                    registry=registry),
+        }
+
+    def observe(self, described: dict) -> None:
+        for name, gauge in self.gauges.items():
+            gauge.set(float(described.get(name) or 0))
+
+
+class CurationServer:
+    """Ingest + curation + HTTP in one process; `run(stop_event)` until stopped."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        from sponge.engine.store import RolloutStore
+
+        self.config = config
+        self.store = RolloutStore(config.ingest.store_path, embedding_dim=config.ingest.embedding_dim)
+        self.curator = Curator(self.store, config.curation) if config.selection else None
+        enrich = MissingEmbeddings(config.embedding_model, config.ingest.embedding_dim) \
+            if config.embed_missing else None
+        self.ingest = ingest.IngestService(
+            config.ingest, store=self.store, enrich=enrich,
+            on_segment=self.curator.on_segment if self.curator is not None else None)
+        self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
+        self.ready = threading.Event()
+        app = create_app(self.store, self.curator, config.api,
+                         metrics_text=self._metrics_text, ready=self.ready)
+        self.http = ApiServer(app, config.api)
+
+    def _metrics_text(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        if self.curator is not None:
+            self.curation_metrics.observe(self.curator.describe())
+        return self.ingest.metrics.render(), CONTENT_TYPE_LATEST
+
+    def start(self) -> "CurationServer":
+        self.http.start()
+        ingest._event(logging.INFO, "http", url=self.http.url)
+        if self.curator is not None:
+            seconds = self.curator.rebuild()
+            ingest._event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
+                          rollouts=self.curator.describe()["n_live"])
+        self.ingest.start()
+        self.ready.set()
+        return self
+
+    def run(self, stop_event: threading.Event | None = None) -> ingest.IngestTotals:
+        stop_event = stop_event or threading.Event()
+        self.start()
+        try:
+            while not stop_event.is_set():
+                self.ingest.poll_once()
+        finally:
+            self.close()
+        return self.ingest.totals
+
+    def close(self) -> None:
+        self.ready.clear()
+        try:
+            self.ingest.close()
+        finally:
+            if self.curator is not None:
+                self.curator.snapshot()
+            self.http.stop()
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ingest.add_arguments(parser)
+    g = parser.add_argument_group("curation and HTTP")
+    g.add_argument("--no-selection", dest="selection", action="store_false",
+                   help="plain ingest: no selector, no replay endpoints")
+    g.add_argument("--no-embed", dest="embed_missing", action="store_false",
+                   help="do not compute embeddings for rollouts that arrive without one")
+    g.add_argument("--embedding-model", default=None, help="local sentence-embedding model directory")
+    g.add_argument("--k", type=int, default=CurationConfig.k, help="replay subset size")
+    g.add_argument("--eps", type=float, default=CurationConfig.eps, help="approximation slack of the selector")
+    g.add_argument("--method", default=CurationConfig.method,
+                   help="selection method: dynamic, lazy_greedy, sieve or random")
+    g.add_argument("--retention-window", type=int, default=CurationConfig.retention_window,
+                   help="keep rollouts with policy_version >= current - window (negative: keep all)")
+    g.add_argument("--http-host", default=ApiConfig.host, help="HTTP interface")
+    g.add_argument("--http-port", type=int, default=ApiConfig.port, help="HTTP port (0 = any free port)")
+    g.add_argument("--token", default=None, help="bearer token required by the HTTP API (env SPONGE_TOKEN)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    import os
+
+    overrides = {name: getattr(args, name, None) for name in list(ingest._FLAG_FIELDS) + ["create_topics"]}
+    window = args.retention_window
+    return ServerConfig(
+        ingest=ingest.IngestConfig.load(args.config, overrides=overrides),
+        curation=CurationConfig(k=args.k, eps=args.eps, method=args.method,
+                                retention_window=None if window is not None and window < 0 else window),
+        api=ApiConfig(host=args.http_host, port=args.http_port, token=args.token or os.environ.get("SPONGE_TOKEN")),
+        selection=args.selection, embed_missing=args.embed_missing, embedding_model=args.embedding_model,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    ingest.configure_json_logging(config.ingest.log_level)
+    stop = threading.Event()
+
+    def _stop(signum, _frame):
+        ingest._event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server = CurationServer(config)
+    totals = server.run(stop)
+    print(json.dumps({"event": "totals", **dataclasses.asdict(totals)}), flush=True)
+    return 0
