@@ -1,0 +1,404 @@
+"""The fully dynamic (1/2 - eps) submodular selector (Banihashem et al., ICML 2023; ALGORITHMS.md 3).
+
+Read top to bottom: the guesses of OPT, then one guess's level structure, then insert, delete and
+rebuild. Everything per element is a numpy array indexed by the element's row in the ElementTable.
+
+**Guessing OPT.** One independent instance per threshold tau_j = (1 + eps)^j. Element s goes to
+instance j iff tau_j / (2k) <= f({s}) <= tau_j: an element whose singleton value is below tau/(2k) can
+never be picked there, and the instance with tau in [OPT, (1 + eps) OPT) receives every element. That
+instance ends with |S| = k (so f(S) >= k * tau/(2k) >= OPT/2) or with no element left pickable (so
+OPT <= f(S) + k * tau/(2k), f(S) >= (1 - eps)/2 * OPT). The answer is the best instance's S. Each
+element reaches log_{1+eps}(2k) instances.
+
+**Levels, per instance.** thr = tau/(2k). Level i >= 1 holds R_i and a chosen u_i in R_i; S_i =
+{u_1..u_i}. An element is *pickable at level i* if i <= k and f(s | S_{i-1}) >= thr; since S only
+grows, pickability is monotone in i, so R_i = {s : level(s) >= i} where level(s) is the highest level
+at which s is pickable -- the sets nest by construction. The invariant: u_i is uniformly random in R_i.
+The top t = |S|; R_{t+1} is empty (an element pickable above the top would have become u_{t+1}).
+
+**Insert s.** Binary-search level(s) against S (O(log k) queries), then walk up: joining R_i, s
+becomes u_i with probability 1/|R_i| (keeps u_i uniform), and then the levels above i are rebuilt.
+
+**Delete s.** Leave every R_i. If s = u_i, rebuild from level i; u_i being uniform in R_i, an oblivious
+deletion hits it with probability 1/|R_i|, which is why expected work per update stays small.
+
+**Rebuild above level t.** Candidates (known to be in R_t / R_{t+1}) in uniform random order: the
+first one pickable at the top becomes the next u; each candidate that is not pickable at the current
+top settles at its level, found by binary search over the (now fixed) prefixes. Candidates are
+evaluated in vectorised chunks; a chunk costs a query per element, and elements past the first pick in
+a chunk keep what their evaluation proved (a failure settles them, a pass is a known lower bound).
+
+Expected queries per update: O(log k) per instance for the level search, plus O(level(s) log k) for
+the rebuilds a random choice triggers -- independent of n. (The paper's multi-pick levels bring the
+rebuild term to polylog(k) as well; the single-pick levels above are the ones ALGORITHMS.md specifies.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sponge.selectors.base import Selector
+from sponge.selectors.baselines import lazy_greedy
+from sponge.selectors.objectives import CountingOracle, ElementTable, Objective, add_to_coverage
+
+
+class _Instance:
+    """The level structure for one guess tau of OPT."""
+
+    def __init__(self, tau: float, k: int, table: ElementTable, oracle: CountingOracle,
+                 rng: np.random.Generator, rebuilds: np.ndarray):
+        self.tau, self.k, self.thr = tau, k, tau / (2 * k)
+        self.table, self.oracle, self.rng, self.rebuilds = table, oracle, rng, rebuilds
+        self.level = np.full(table.capacity, -1, np.int16)  # -1: not in this instance
+        self.count_at = np.zeros(k + 2, np.int64)  # members whose level is exactly l
+        self.size = 0
+        self.top = 0
+        self.chosen = np.full(k + 1, -1, np.int64)  # chosen[i] = row of u_i, i = 1..top
+        self.prefix_value = np.zeros(k + 1)  # f(S_i)
+        self.cov = np.zeros((min(k, 8) + 1, oracle.n_columns), np.float32)  # cov[i] = coverage of S_i
+
+    # -- small helpers ----------------------------------------------------------------------------
+
+    def ensure_capacity(self, capacity: int) -> None:
+        if len(self.level) < capacity:
+            self.level = np.concatenate([self.level, np.full(capacity - len(self.level), -1, np.int16)])
+
+    def value(self) -> float:
+        return float(self.prefix_value[self.top])
+
+    def solution_rows(self) -> np.ndarray:
+        return self.chosen[1: self.top + 1]
+
+    def r_sizes(self) -> np.ndarray:
+        """|R_l| for l = 0..k+1 (suffix sums of count_at)."""
+        return np.cumsum(self.count_at[::-1])[::-1]
+
+    def _place(self, rows: np.ndarray, levels: np.ndarray) -> None:
+        self.level[rows] = levels
+        self.count_at += np.bincount(levels, minlength=self.k + 2)
+        self.size += len(rows)
+
+    def _unplace(self, rows: np.ndarray) -> np.ndarray:
+        levels = self.level[rows]
+        self.count_at -= np.bincount(levels, minlength=self.k + 2)
+        self.level[rows] = -1
+        self.size -= len(rows)
+        return levels
+
+    def _choose(self, row: int) -> None:
+        """u_{top+1} <- row (row is pickable at top + 1)."""
+        t = self.top + 1
+        if t >= len(self.cov):
+            grown = np.zeros((min(2 * len(self.cov), self.k + 1), self.cov.shape[1]), np.float32)
+            grown[: len(self.cov)] = self.cov
+            self.cov = grown
+        gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
+        self.cov[t] = self.cov[t - 1]
+        add_to_coverage(self.cov[t], self.table.clients[row], self.table.weights[row])
+        self.prefix_value[t] = self.prefix_value[t - 1] + gain
+        self.chosen[t] = row
+        self.top = t
+        self.level[row] = t
+        self.count_at[t] += 1
+        self.size += 1
+
+    def _levels(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Highest level in [lo, hi) at which each row is pickable, given that it is pickable at lo and
+        not at hi. Lockstep binary search: ~log2(hi - lo) queries per row, one numpy call per step."""
+        lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+        while True:
+            open_ = np.flatnonzero(hi - lo > 1)
+            if len(open_) == 0:
+                return lo
+            mid = (lo[open_] + hi[open_]) // 2
+            ok = self.oracle.gains(rows[open_], self.cov, mid - 1) >= self.thr  # f(s | S_{mid-1})
+            lo[open_] = np.where(ok, mid, lo[open_])
+            hi[open_] = np.where(ok, hi[open_], mid)
+
+    # -- insert -----------------------------------------------------------------------------------
+
+    def insert(self, rows: np.ndarray) -> None:
+        """Insert rows (in order); each has f({s}) >= thr, i.e. is pickable at level 1."""
+        pos, chunk = 0, 16
+        while pos < len(rows):
+            part = rows[pos: pos + chunk]
+            cap = min(self.top + 1, self.k)  # highest level a new element can reach
+            lv = self._levels(part, np.ones(len(part), np.int64), np.full(len(part), cap + 1))
+            b, j = self._first_promotion(lv)
+            if b < 0:
+                self._place(part, lv)
+                pos += len(part)
+                chunk = min(2 * chunk, 1024)
+                continue
+            self._place(part[:b], lv[:b])
+            self._promote(int(part[b]), j)
+            pos += b + 1
+            chunk = max(8, 2 * (b + 1))
+
+    def _first_promotion(self, lv: np.ndarray) -> tuple[int, int]:
+        """Simulate the walk's coins for elements inserted one after another with levels lv (the
+        structure unchanged meanwhile): element b joining R_l (l <= lv[b]) becomes u_l with probability
+        1/|R_l| counted with itself. Return the first (b, l) that fires, or (-1, 0)."""
+        top_level = int(lv.max())
+        ls = np.arange(1, top_level + 1)
+        joins = ls[None, :] <= lv[:, None]  # (B, L): element b joins R_l
+        earlier = np.cumsum(joins, axis=0) - joins  # batch elements ahead of b already in R_l
+        size_then = self.r_sizes()[1: top_level + 1][None, :] + earlier + 1
+        fires = joins & (self.rng.random(joins.shape) * size_then < 1.0)
+        hit = np.flatnonzero(fires.any(axis=1))
+        if len(hit) == 0:
+            return -1, 0
+        b = int(hit[0])
+        return b, int(np.argmax(fires[b])) + 1
+
+    def _promote(self, row: int, j: int) -> None:
+        """row joins R_1..R_j and becomes u_j; rebuild the levels above j from the old R_j."""
+        cands = np.flatnonzero(self.level >= j)
+        self._unplace(cands)
+        self._truncate(j - 1)
+        self._choose(row)
+        self.rebuilds[j + 1] += 1
+        self._rebuild(cands, known=j)
+
+    # -- delete -----------------------------------------------------------------------------------
+
+    def delete(self, rows: np.ndarray) -> None:
+        """Remove rows (all members); rebuild from the lowest level whose u was deleted."""
+        levels = self.level[rows].astype(np.int64)
+        was_chosen = (levels >= 1) & (self.chosen[levels] == rows)
+        self._unplace(rows)
+        if not was_chosen.any():
+            return
+        j = int(levels[was_chosen].min())
+        cands = np.flatnonzero(self.level >= j)  # R_j without the deleted: still pickable at j
+        self._unplace(cands)
+        self._truncate(j - 1)
+        self.rebuilds[j] += 1
+        self._rebuild(cands, known=j)
+
+    def _truncate(self, t: int) -> None:
+        self.chosen[t + 1:] = -1
+        self.top = t
+
+    # -- rebuild ----------------------------------------------------------------------------------
+
+    def _rebuild(self, cands: np.ndarray, known: int) -> None:
+        """Re-place `cands` (unplaced; each known pickable at level `known` <= top + 1) above the top,
+        choosing new u's as in a sequential pass over the candidates in uniform random order."""
+        alive = self.rng.permutation(cands)
+        lo = np.full(len(alive), known, np.int64)  # highest level each is known pickable at
+        done_rows, done_lo, done_hi = [], [], []
+        chunk = 16
+        while len(alive) and self.top < self.k:
+            t = self.top
+            part, part_lo = alive[:chunk], lo[:chunk]
+            ok = part_lo > t  # known pickable at t + 1 without asking
+            ask = np.flatnonzero(~ok)
+            if len(ask):
+                ok[ask] = self.oracle.gains(part[ask], self.cov[t]) >= self.thr
+            if not ok.any():  # none pickable at t + 1: all settle at levels <= t
+                done_rows.append(part), done_lo.append(part_lo), done_hi.append(np.full(len(part), t + 1))
+                alive, lo = alive[chunk:], lo[chunk:]
+                chunk = min(2 * chunk, 4096)
+                continue
+            p = int(np.argmax(ok))
+            self._choose(int(part[p]))
+            # everything before p, and after p when it failed at t + 1, settles at a level <= t
+            settle = np.ones(len(part), bool)
+            settle[p] = False
+            settle[p + 1:] = ~ok[p + 1:]
+            done_rows.append(part[settle]), done_lo.append(part_lo[settle])
+            done_hi.append(np.full(int(settle.sum()), t + 1))
+            keep = np.flatnonzero(ok[p + 1:]) + p + 1  # passed at t + 1: known lower bound t + 1
+            alive = np.concatenate([part[keep], alive[chunk:]])
+            lo = np.concatenate([np.full(len(keep), t + 1), lo[chunk:]])
+            chunk = max(8, 2 * (p + 1))
+        if len(alive):  # S is full: the rest settle at levels <= k
+            done_rows.append(alive), done_lo.append(lo), done_hi.append(np.full(len(alive), self.k + 1))
+        if done_rows:
+            rows = np.concatenate(done_rows)
+            self._place(rows, self._levels(rows, np.concatenate(done_lo), np.concatenate(done_hi)))
+
+    # -- audit (tests) ----------------------------------------------------------------------------
+
+    def check(self, live_rows: np.ndarray) -> None:
+        """Recompute everything by brute force and assert the structure matches it."""
+        k, thr, t = self.k, self.thr, self.top
+        members = np.flatnonzero(self.level >= 0)
+        assert set(members.tolist()) <= set(live_rows.tolist()), "a deleted element is still a member"
+        assert self.size == len(members)
+        assert np.array_equal(self.count_at, np.bincount(self.level[members], minlength=k + 2))
+        assert np.all(self.level[members] >= 1), "a member below level 1 (routing guarantees f({s}) >= thr)"
+        assert 0 <= t <= k, "|S| > k"
+        cov = np.zeros(self.oracle.n_columns, np.float32)
+        value = 0.0
+        for i in range(1, t + 1):
+            u = self.chosen[i]
+            assert u >= 0 and self.level[u] == i, f"u_{i} is not in R_{i} \\ R_{i+1}"
+            assert np.array_equal(self.cov[i - 1], cov), f"coverage of S_{i - 1} is stale"
+            r_i = members[self.level[members] >= i]
+            g = self.oracle.gains(r_i, cov)
+            assert np.all(g >= thr), f"an element of R_{i} is not pickable at level {i}"
+            value += self.oracle.gains(np.array([u]), cov)[0]
+            add_to_coverage(cov, self.table.clients[u], self.table.weights[u])
+            # elements not in R_i but in R_{i-1} must fail at level i
+            below = members[self.level[members] == i - 1] if i > 1 else np.empty(0, np.int64)
+            below = below[below != self.chosen[i - 1]]  # u_{i-1} itself is in S_{i-1}, not a candidate
+            if len(below):
+                assert np.all(self.oracle.gains(below, self.cov[i - 1]) < thr), f"R_{i} misses elements"
+        if t < k:
+            at_top = members[self.level[members] == t]
+            at_top = at_top[at_top != self.chosen[t]]
+            if len(at_top):
+                assert np.all(self.oracle.gains(at_top, cov) < thr), "R_{top+1} should be empty"
+        assert np.all(self.chosen[t + 1:] == -1)
+        assert math.isclose(value, self.prefix_value[t], rel_tol=1e-5, abs_tol=1e-6)
+
+
+class DynamicSelector(Selector):
+    """Fully dynamic (1/2 - eps)-approximate selection under insertions and deletions.
+
+    Args:
+        objective: the monotone submodular objective (e.g. FacilityLocation(references, m=16)).
+        k: most elements in the solution.
+        eps: accuracy: OPT guesses are (1 + eps)^j; the guarantee is f(S) >= (1/2 - eps) OPT at every step.
+        seed: seed of this selector's RNG (the uniform choices and rebuild orders).
+    """
+
+    method = "dynamic"
+
+    def __init__(self, objective: Objective, k: int = 64, eps: float = 0.2, seed: int = 0,
+                 refine: bool = True):
+        super().__init__(objective, k, seed)
+        self.refine = bool(refine)
+        self._answer: tuple[np.ndarray, float] | None = None  # cached read-out, dropped on update
+        self.readout_queries = 0
+        if not 0 < eps < 0.5:
+            raise ValueError("eps must lie in (0, 0.5)")
+        self.eps = float(eps)
+        self._log_base = math.log1p(eps)
+        self.instances: dict[int, _Instance] = {}
+        self.rebuilds = np.zeros(k + 2, np.int64)  # rebuilds by the level they start from
+        self.guess_lo = np.zeros(self.table.capacity, np.int32)  # instance range [lo, hi] per row
+        self.guess_hi = np.full(self.table.capacity, -1, np.int32)
+
+    def params(self) -> dict:
+        return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine}
+
+    def _tau(self, j: np.ndarray | int):
+        return np.power(1.0 + self.eps, j)
+
+    def _guess_range(self, single: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instances j with tau_j / (2k) <= f({s}) <= tau_j (empty range when f({s}) = 0)."""
+        pos = single > 0
+        s = np.where(pos, single, 1.0)
+        lo = np.ceil(np.log(s) / self._log_base).astype(np.int64)
+        hi = np.floor(np.log(2 * self.k * s) / self._log_base).astype(np.int64)
+        # settle floating-point ties with the same tau the instances use
+        lo = np.where(self._tau(lo - 1) >= s, lo - 1, lo)
+        lo = np.where(self._tau(lo) < s, lo + 1, lo)
+        hi = np.where(self._tau(hi + 1) / (2 * self.k) <= s, hi + 1, hi)
+        hi = np.where(self._tau(hi) / (2 * self.k) > s, hi - 1, hi)
+        return np.where(pos, lo, 1), np.where(pos, hi, 0)
+
+    def _inserted(self, rows: np.ndarray) -> None:
+        self._answer = None
+        cap = self.table.capacity
+        if len(self.guess_lo) < cap:
+            extra = cap - len(self.guess_lo)
+            self.guess_lo = np.concatenate([self.guess_lo, np.zeros(extra, np.int32)])
+            self.guess_hi = np.concatenate([self.guess_hi, np.full(extra, -1, np.int32)])
+            for inst in self.instances.values():
+                inst.ensure_capacity(cap)
+        lo, hi = self._guess_range(self.oracle.singletons(rows))
+        self.guess_lo[rows], self.guess_hi[rows] = lo, hi
+        if not np.any(hi >= lo):
+            return
+        for j in range(int(lo[hi >= lo].min()), int(hi.max()) + 1):
+            mine = rows[(lo <= j) & (j <= hi)]
+            if len(mine) == 0:
+                continue
+            inst = self.instances.get(j)
+            if inst is None:
+                inst = self.instances[j] = _Instance(float(self._tau(j)), self.k, self.table, self.oracle,
+                                                     self.rng, self.rebuilds)
+            inst.insert(mine)
+
+    def _deleting(self, rows: np.ndarray) -> None:
+        self._answer = None
+        lo, hi = self.guess_lo[rows], self.guess_hi[rows]
+        if not np.any(hi >= lo):
+            return
+        for j in range(int(lo[hi >= lo].min()), int(hi.max()) + 1):
+            mine = rows[(lo <= j) & (j <= hi)]
+            if len(mine) == 0:
+                continue
+            inst = self.instances[j]
+            inst.delete(mine)
+            if inst.size == 0:
+                del self.instances[j]
+        self.guess_hi[rows] = -1
+        self.guess_lo[rows] = 0
+
+    def _best(self) -> _Instance | None:
+        if not self.instances:
+            return None
+        return max(self.instances.values(), key=_Instance.value)
+
+    def _read_out(self) -> tuple[np.ndarray, float]:
+        if self._answer is None:
+            best = self._best()
+            if best is None:
+                self._answer = (np.empty(0, np.int64), 0.0)
+            else:
+                self._answer = (best.solution_rows().copy(), best.value())
+                if self.refine and len(self.instances) > 1:
+                    before = self.oracle.queries
+                    pool = np.unique(np.concatenate([i.solution_rows() for i in self.instances.values()]))
+                    rows, value = lazy_greedy(self.oracle, pool, self.k)
+                    self.readout_queries += self.oracle.queries - before
+                    if value > self._answer[1]:
+                        self._answer = (rows, value)
+        return self._answer
+
+    def _solution_rows(self) -> np.ndarray:
+        return self._read_out()[0]
+
+    def value(self) -> float:
+        return self._read_out()[1]
+
+    def stats(self) -> dict:
+        out = super().stats()
+        best = self._best()
+        out.update({
+            "instances_alive": len(self.instances),
+            "rebuilds_per_level": {int(i): int(c) for i, c in enumerate(self.rebuilds) if c},
+            "rebuilds": int(self.rebuilds.sum()),
+            "readout_queries": self.readout_queries,
+            "update_queries": self.oracle.queries - self.readout_queries,
+            "best_tau": None if best is None else best.tau,
+            "best_instance_size": 0 if best is None else best.top,
+        })
+        return out
+
+    def check_invariants(self) -> None:
+        """Assert every instance's structure (R_i nesting, u_i in R_i, |S| <= k, levels, values, routing)
+        against a brute-force recomputation. Slow; for tests."""
+        live = self.table.live_rows()
+        before = self.oracle.queries
+        single = self.oracle.singletons(live)
+        lo, hi = self._guess_range(single)
+        assert np.array_equal(lo[hi >= lo], self.guess_lo[live][hi >= lo])
+        assert np.array_equal(hi, self.guess_hi[live])
+        for j, inst in self.instances.items():
+            expect = live[(lo <= j) & (j <= hi)]
+            assert np.array_equal(np.flatnonzero(inst.level >= 0), np.sort(expect)), f"routing of instance {j}"
+            inst.check(live)
+        routed = hi >= lo
+        needed = set()
+        for a, b in zip(lo[routed].tolist(), hi[routed].tolist()):
+            needed.update(range(a, b + 1))
+        assert needed == set(self.instances), "instances alive do not match the routed elements"
+        self.oracle.queries = before  # auditing is not the algorithm's work

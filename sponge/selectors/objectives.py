@@ -1,0 +1,309 @@
+"""Objectives in weighted-coverage form, and the oracle that evaluates (and counts) them.
+
+Every objective a sponge selector maximises is written as
+
+    f(S) = sum_c max(0, max_{s in S} w[s, c])  +  sum_{s in S} b[s]         w >= 0, b >= 0
+
+Each element s carries a short sparse row of (client c, weight w[s, c]) pairs -- its "profile" -- and a
+non-negative modular bonus b[s]. This one form covers
+
+* facility location over a fixed reference set C: the clients are s's top-m nearest references (cosine
+  similarity through a faiss inner-product index, searched once when s is inserted) and w is that
+  similarity, clipped at 0. With m = |C| it is exact facility location; with m < |C| it is facility
+  location on the sparsified (top-m per element) similarity, still monotone submodular.
+* weighted set coverage: the clients are the items s covers and w their weights.
+* a quality term lambda*q(s): the bonus.
+
+The point of the form is speed: a marginal gain f(s | S) touches only s's m numbers and the coverage
+vector cov_S[c] = max_{s in S} w[s, c], so gains of many elements against many partial solutions are one
+numpy gather. Profiles are padded to a fixed width m with a "sink" client (index n_clients, weight 0)
+that never contributes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class Profiles:
+    """The sparse rows of a batch of elements (see the module docstring)."""
+
+    clients: np.ndarray  # (n, m) int32; padding points at the sink column n_clients
+    weights: np.ndarray  # (n, m) float32 >= 0; padding is 0
+    bonus: np.ndarray  # (n,) float32 >= 0
+
+
+class Objective(ABC):
+    """Turns raw element data into profiles; holds the (fixed) parameters of f."""
+
+    #: number of clients; coverage vectors have n_clients + 1 columns (the last is the sink)
+    n_clients: int
+    #: profile width m
+    width: int
+
+    @abstractmethod
+    def profile(self, data: np.ndarray, quality: np.ndarray | None = None) -> Profiles:
+        """Validate a batch of raw element data and return its profiles (one batched call)."""
+
+    @abstractmethod
+    def params(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able scalars, arrays) from which `from_params` rebuilds an equal objective."""
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> "Objective":
+        """Inverse of `params`."""
+
+
+def _check_quality(quality: np.ndarray | None, n: int, weight: float) -> np.ndarray:
+    if quality is None:
+        return np.zeros(n, np.float32)
+    q = np.asarray(quality, dtype=np.float32).reshape(-1)
+    if q.shape[0] != n:
+        raise ValueError(f"quality has {q.shape[0]} entries for {n} elements")
+    if not np.all(np.isfinite(q)) or np.any(q < 0):
+        raise ValueError("quality must be finite and non-negative (the objective must stay monotone)")
+    return (weight * q).astype(np.float32)
+
+
+class FacilityLocation(Objective):
+    """Facility location against a fixed reference set, cosine similarity through faiss.
+
+    Args:
+        references: (|C|, d) reference vectors (the "clients"); L2-normalised here.
+        m: neighbours per element: each element covers only its m most similar references.
+        quality_weight: lambda in f(S) = FL(S) + lambda * sum_{s in S} q(s).
+        use_gpu: None = a GPU index when faiss reports a GPU, else the CPU one.
+    """
+
+    def __init__(self, references: np.ndarray, m: int = 16, quality_weight: float = 1.0,
+                 use_gpu: bool | None = None):
+        refs = np.ascontiguousarray(references, dtype=np.float32)
+        if refs.ndim != 2 or refs.shape[0] == 0:
+            raise ValueError(f"references must be a non-empty (n, d) array, got shape {refs.shape}")
+        if not np.all(np.isfinite(refs)):
+            raise ValueError("references contain non-finite values")
+        if quality_weight < 0:
+            raise ValueError("quality_weight must be >= 0")
+        self.references = _normalise(refs)
+        self.n_clients, self.dim = self.references.shape
+        self.width = int(min(m, self.n_clients))
+        self.quality_weight = float(quality_weight)
+        index = faiss.IndexFlatIP(self.dim)
+        index.add(self.references)
+        if use_gpu is None:
+            use_gpu = faiss.get_num_gpus() > 0
+        self.on_gpu = bool(use_gpu)
+        self.index = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
+
+    def profile(self, data: np.ndarray, quality: np.ndarray | None = None) -> Profiles:
+        x = np.asarray(data, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (n, {self.dim}), got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("vectors contain non-finite values")
+        bonus = _check_quality(quality, x.shape[0], self.quality_weight)
+        sims, nbrs = self.index.search(_normalise(x), self.width)  # the one batched search per insert
+        clients = np.where(nbrs < 0, self.n_clients, nbrs).astype(np.int32)
+        weights = np.maximum(sims, 0.0, dtype=np.float32)
+        weights[nbrs < 0] = 0.0
+        return Profiles(clients, weights, bonus)
+
+    def params(self):
+        return ({"m": self.width, "quality_weight": self.quality_weight},
+                {"references": self.references})
+
+    @classmethod
+    def from_params(cls, scalars, arrays):
+        return cls(arrays["references"], m=scalars["m"], quality_weight=scalars["quality_weight"])
+
+
+class SetCoverage(Objective):
+    """Weighted set coverage: element s covers a set of items, f(S) = total weight of covered items.
+
+    Element data is an (n, width) integer array of item indices padded with -1.
+
+    Args:
+        n_items: items are 0..n_items-1.
+        width: most items one element may cover.
+        item_weights: non-negative weight per item (default 1).
+        quality_weight: lambda of the optional modular quality term.
+    """
+
+    def __init__(self, n_items: int, width: int, item_weights: np.ndarray | None = None,
+                 quality_weight: float = 1.0):
+        if n_items <= 0 or width <= 0:
+            raise ValueError("n_items and width must be positive")
+        self.n_clients, self.width = int(n_items), int(width)
+        w = np.ones(n_items, np.float32) if item_weights is None else np.asarray(item_weights, np.float32)
+        if w.shape != (n_items,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("item_weights must be n_items finite non-negative numbers")
+        self.item_weights = np.append(w, np.float32(0.0))  # sink item has weight 0
+        self.quality_weight = float(quality_weight)
+
+    def profile(self, data: np.ndarray, quality: np.ndarray | None = None) -> Profiles:
+        items = np.asarray(data)
+        if items.ndim != 2 or items.shape[1] > self.width or not np.issubdtype(items.dtype, np.integer):
+            raise ValueError(f"items must be an integer array of shape (n, <= {self.width}), got "
+                             f"{items.dtype} {items.shape}")
+        if np.any(items >= self.n_clients) or np.any(items < -1):
+            raise ValueError(f"item indices must lie in [0, {self.n_clients}) or be -1 (padding)")
+        srt = np.sort(items, axis=1)
+        if np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)):
+            raise ValueError("an element lists the same item twice")
+        clients = np.full((items.shape[0], self.width), self.n_clients, np.int32)
+        clients[:, : items.shape[1]] = np.where(items < 0, self.n_clients, items)
+        return Profiles(clients, self.item_weights[clients],
+                        _check_quality(quality, items.shape[0], self.quality_weight))
+
+    def params(self):
+        return ({"n_items": self.n_clients, "width": self.width, "quality_weight": self.quality_weight},
+                {"item_weights": self.item_weights[:-1]})
+
+    @classmethod
+    def from_params(cls, scalars, arrays):
+        return cls(scalars["n_items"], scalars["width"], arrays["item_weights"], scalars["quality_weight"])
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"FacilityLocation": FacilityLocation, "SetCoverage": SetCoverage}
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math, as plain functions
+
+
+def marginal_gains(weights: np.ndarray, bonus: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """f(s | S) for each row s, given covered[i, j] = cov_S[clients[i, j]] (same shape as weights)."""
+    return np.maximum(weights - covered, 0.0).sum(axis=1, dtype=np.float64) + bonus
+
+
+def add_to_coverage(cov: np.ndarray, clients: np.ndarray, weights: np.ndarray) -> None:
+    """cov <- coverage of S + {s}, in place (one element's profile; its clients are distinct but
+    the padding may repeat the sink column, whose weight is 0, so plain assignment is safe)."""
+    cov[clients] = np.maximum(cov[clients], weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Element storage and the counting oracle
+
+
+class ElementTable:
+    """Columnar storage of the live elements' profiles, addressed by row; ids map to rows.
+
+    Rows of deleted elements are reused. All per-element state of a selector is kept in numpy arrays
+    indexed by row, so 10^5..10^6 live elements cost a few arrays, not millions of Python objects.
+    """
+
+    def __init__(self, width: int, sink: int, capacity: int = 1024):
+        self.width, self.sink = width, sink
+        self.capacity = 0
+        self.ids = np.empty(0, np.int64)
+        self.clients = np.empty((0, width), np.int32)
+        self.weights = np.empty((0, width), np.float32)
+        self.bonus = np.empty(0, np.float32)
+        self.live = np.empty(0, bool)
+        self.row_of: dict[int, int] = {}
+        self._free: list[int] = []
+        self._grow(capacity)
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        self.ids = np.concatenate([self.ids, np.full(extra, -1, np.int64)])
+        self.clients = np.concatenate([self.clients, np.full((extra, self.width), self.sink, np.int32)])
+        self.weights = np.concatenate([self.weights, np.zeros((extra, self.width), np.float32)])
+        self.bonus = np.concatenate([self.bonus, np.zeros(extra, np.float32)])
+        self.live = np.concatenate([self.live, np.zeros(extra, bool)])
+        self._free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.capacity = capacity
+
+    def check_new(self, ids: np.ndarray) -> None:
+        """Raise ValueError (changing nothing) if an id repeats in the batch or is already live."""
+        uniq, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"ids repeated within the batch: {uniq[counts > 1][:10].tolist()}")
+        dup = [int(i) for i in ids if int(i) in self.row_of]
+        if dup:
+            raise ValueError(f"ids already inserted (delete them first): {dup[:10]}")
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of live ids; KeyError (changing nothing) naming any unknown id."""
+        rows = [self.row_of.get(int(i), -1) for i in ids]
+        missing = [int(i) for i, r in zip(ids, rows) if r < 0]
+        if missing:
+            raise KeyError(f"ids not present (never inserted or already deleted): {missing[:10]}")
+        rows = np.asarray(rows, np.int64)
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("ids repeated within the delete batch")
+        return rows
+
+    def add(self, ids: np.ndarray, prof: Profiles) -> np.ndarray:
+        n = len(ids)
+        if n > len(self._free):
+            self._grow(max(2 * self.capacity, self.capacity + n))
+        rows = np.array([self._free.pop() for _ in range(n)], np.int64)
+        self.ids[rows] = ids
+        self.clients[rows], self.weights[rows], self.bonus[rows] = prof.clients, prof.weights, prof.bonus
+        self.live[rows] = True
+        self.row_of.update(zip(ids.tolist(), rows.tolist()))
+        return rows
+
+    def remove(self, rows: np.ndarray) -> None:
+        for i in self.ids[rows].tolist():
+            del self.row_of[i]
+        self.live[rows] = False
+        self.ids[rows] = -1
+        self._free.extend(rows.tolist())
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.live)
+
+
+class CountingOracle:
+    """Marginal gains and set values over an ElementTable; every evaluation counts as one query.
+
+    Adding an element to a partial solution (updating a coverage vector) is bookkeeping, not a query.
+    """
+
+    def __init__(self, table: ElementTable, n_columns: int):
+        self.table = table
+        self.n_columns = n_columns  # n_clients + 1 (sink)
+        self.queries = 0
+
+    def gains(self, rows: np.ndarray, cov: np.ndarray, prefix: np.ndarray | int | None = None) -> np.ndarray:
+        """f(s | S) for each row s. `cov` is one coverage vector, or a matrix of coverage vectors of
+        nested partial solutions with `prefix[i]` choosing the row of cov used for rows[i]."""
+        t = self.table
+        clients = t.clients[rows]
+        if cov.ndim == 1:
+            covered = cov[clients]
+        else:
+            p = np.broadcast_to(np.asarray(prefix), rows.shape)
+            covered = cov[p[:, None], clients]
+        self.queries += len(rows)
+        return marginal_gains(t.weights[rows], t.bonus[rows], covered)
+
+    def singletons(self, rows: np.ndarray) -> np.ndarray:
+        return self.gains(rows, np.zeros(self.n_columns, np.float32))
+
+    def value(self, rows: np.ndarray, count: bool = True) -> float:
+        """f(S) for S = rows (one query if counted; reporting uses count=False)."""
+        t = self.table
+        cov = np.zeros(self.n_columns, np.float32)
+        np.maximum.at(cov, t.clients[rows].ravel(), t.weights[rows].ravel())
+        cov[-1] = 0.0
+        if count:
+            self.queries += 1
+        return float(cov.sum(dtype=np.float64) + t.bonus[rows].sum(dtype=np.float64))
