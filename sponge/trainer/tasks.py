@@ -23,6 +23,8 @@ class Task:
     alphabet: str = ""
     #: Longest correct answer, in characters (= tokens with the character tokenizer).
     max_answer_len: int = 0
+    #: Reward for a wrong answer = partial_credit × fraction of answer positions right (0 = exact match only).
+    partial_credit: float = 0.0
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
         """`n` random (prompts, answers)."""
@@ -31,9 +33,9 @@ class Task:
     def reward(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Reward in [0, 1] per response: 1 for the exact answer, else partial credit.
 
-        Partial credit is half the fraction of answer positions right, minus nothing for
-        extra characters beyond the answer: a dense signal that still ranks the exact
-        answer strictly highest. `success` is the exact-match indicator used for evaluation.
+        Partial credit is `partial_credit` times the fraction of positions right (over the longer of
+        answer and response, so padding a response with extra characters does not pay): a denser
+        signal that still ranks the exact answer strictly highest. `success` is the exact-match indicator used for evaluation.
         """
         answers = [self.answer(p) for p in prompts]
         out = np.empty(len(prompts), dtype=np.float32)
@@ -42,7 +44,7 @@ class Task:
                 out[i] = 1.0
             else:
                 hits = sum(a == b for a, b in zip(ans, resp))
-                out[i] = 0.5 * hits / max(len(ans), len(resp), 1)
+                out[i] = self.partial_credit * hits / max(len(ans), len(resp), 1)
         return out
 
     def success(self, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -69,6 +71,7 @@ class ReverseTask(Task):
 
     min_len: int = 3
     max_len: int = 5
+    partial_credit: float = 0.0
     name: str = "reverse"
 
     def __post_init__(self) -> None:
@@ -92,6 +95,7 @@ class AdditionTask(Task):
     """Add two non-negative integers below 10^digits: prompt "47+8=" → answer "55"."""
 
     digits: int = 2
+    partial_credit: float = 0.0
     name: str = "add"
 
     def __post_init__(self) -> None:
