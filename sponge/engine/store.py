@@ -276,6 +276,7 @@ class RolloutStore:
             for version, part in _split_by_policy_version(table):
                 path = self.root / ROLLOUTS_DIR / f"policy_version={version}" / name
                 path.parent.mkdir(exist_ok=True)
+                part_h1, part_h2 = self._hash_ids(part.column("rollout_id"))
                 if path.exists():
                     # This range was written before and now brings rows the store lacks (its
                     # earlier rows are all held, so they were skipped above): never overwrite
@@ -283,8 +284,10 @@ class RolloutStore:
                     part = pa.concat_tables([pq.read_table(path, schema=self._file_schema), part])
                 self._write_parquet(part, path)
                 paths.append(path)
+                # Indexed file by file, so a failure on a later policy version leaves the index
+                # exactly matching the files that did get written, and a retry skips those rows.
                 self._remember_file(path)
-            self._index.add(h1[keep], h2[keep])
+                self._index.add(part_h1, part_h2)
             return SegmentWrite(
                 paths=paths,
                 rows_written=n_keep,

@@ -1,0 +1,232 @@
+"""Tombstones, compaction, crash leftovers, dead letters, replay snapshots, scans and stats."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import sponge.engine.store as store_module
+from sponge.engine.store import RolloutStore, StoreConfig, StoreError
+from test_store_fixtures import make_rollouts
+
+DIM = 8
+
+
+def write(store: RolloutStore, table: pa.Table, first: int, partition: int = 0):
+    offsets = np.arange(first, first + table.num_rows, dtype=np.int64)
+    return store.write_segment(table, topic="rollouts", partition=partition, offsets=offsets,
+                               first_offset=first, last_offset=first + table.num_rows - 1)
+
+
+def ids_in_files(root) -> list[str]:
+    files = sorted((root / "rollouts").glob("*/*.parquet"))
+    return [i for f in files for i in pq.read_table(f, columns=["rollout_id"]).column(0).to_pylist()]
+
+
+def test_tombstones_hide_rows_and_survive_compaction(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(100, dim=DIM, policy_versions=(0, 1))
+    write(store, table.slice(0, 50), first=0)
+    write(store, table.slice(50, 50), first=50)
+    doomed = [f"r-{i:09d}" for i in (3, 4, 60)]
+    assert store.delete(doomed + [doomed[0]], reason="bad reward") == 3
+    assert store.count() == 97
+    assert not set(doomed) & set(store.rollout_ids().to_pylist())
+    assert store.sql("SELECT count(*) AS n FROM rollouts WHERE rollout_id = 'r-000000003'").column(0)[0].as_py() == 0
+    tomb = store.sql("SELECT rollout_id, reason FROM tombstones ORDER BY rollout_id").to_pydict()
+    assert tomb == {"rollout_id": sorted(doomed), "reason": ["bad reward"] * 3}
+    assert set(doomed) <= set(ids_in_files(tmp_path))  # hidden, not yet removed from the files
+
+    result = store.compact()
+    assert result.rows_removed == 3 and result.segments_rewritten == 3 and result.segments_removed == 0
+    assert not set(doomed) & set(ids_in_files(tmp_path))
+    assert len(ids_in_files(tmp_path)) == 97
+    assert store.count() == 97
+    assert store.sql("SELECT count(*) FROM tombstones").column(0)[0].as_py() == 3  # kept after compaction
+    assert store.compact().rows_removed == 0  # nothing left to do
+
+
+def test_deleted_rollouts_never_come_back_through_a_replay(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(20, dim=DIM)
+    write(store, table, first=0)
+    store.delete(table.column("rollout_id").slice(0, 5), reason="stale")
+    store.compact()
+    # Replays: through this store object, a fresh one, and one opened before the delete.
+    assert write(store, table, first=0).rows_written == 0
+    assert write(RolloutStore(tmp_path, embedding_dim=DIM), table, first=0).rows_written == 0
+    assert store.count() == 15
+
+
+def test_a_delete_by_another_process_is_honoured_by_a_writer(tmp_path):
+    writer = RolloutStore(tmp_path, embedding_dim=DIM)
+    curator = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(10, dim=DIM)
+    curator.delete(table.column("rollout_id").slice(0, 4), reason="known bad")  # before they arrive
+    result = write(writer, table, first=0)
+    assert (result.rows_written, result.rows_skipped_duplicate) == (6, 4)
+    assert writer.count() == 6
+
+
+def test_compaction_removes_emptied_segments_and_merges_tombstone_files(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM, config=StoreConfig(max_tombstone_files=2))
+    table = make_rollouts(30, dim=DIM)
+    write(store, table.slice(0, 10), first=0)
+    write(store, table.slice(10, 20), first=10)
+    for i in range(10):  # ten delete calls = ten tombstone files
+        store.delete([f"r-{i:09d}"], reason=f"reason {i}")
+    store.delete(["r-000000000"], reason="again")  # re-deleting keeps the first reason
+    assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 11
+    result = store.compact()
+    assert result.segments_removed == 1 and result.rows_removed == 10
+    assert result.tombstone_files_merged == 11
+    assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 1
+    assert [p.name for p in (tmp_path / "rollouts" / "policy_version=0").iterdir()] == ["rollouts+0+10-29.parquet"]
+    tomb = store.sql("SELECT rollout_id, reason FROM tombstones ORDER BY rollout_id").to_pydict()
+    assert tomb["rollout_id"] == [f"r-{i:09d}" for i in range(10)]
+    assert tomb["reason"][0] == "reason 0"
+    assert store.count() == 20
+    assert write(store, table.slice(0, 10), first=0).rows_written == 0
+
+
+def test_delete_refuses_bad_input(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    with pytest.raises(StoreError, match="reason"):
+        store.delete(["a"], reason="")
+    with pytest.raises(StoreError, match="strings"):
+        store.delete(pa.array([1, 2]), reason="x")
+    with pytest.raises(StoreError, match="not a single string"):
+        store.delete("abc", reason="x")
+    assert store.delete([], reason="x") == 0
+
+
+def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    write(store, make_rollouts(10, dim=DIM), first=0)
+    segment_dir = tmp_path / "rollouts" / "policy_version=0"
+    # A writer that died mid-write (pid that is not running) left half a Parquet file behind.
+    dead_pid = 2**22 + 12345
+    while True:
+        try:
+            os.kill(dead_pid, 0)
+            dead_pid += 1
+        except ProcessLookupError:
+            break
+    host = socket.gethostname()
+    dead = segment_dir / f".rollouts+0+10-19.parquet~{host}~{dead_pid}~abcd1234.tmp"
+    dead.write_bytes(b"PAR1 half a file")
+    # A writer on another host: kept until it is old.
+    remote = segment_dir / f".rollouts+1+0-9.parquet~otherhost~1~abcd1234.tmp"
+    remote.write_bytes(b"PAR1")
+    # A live writer (this process) mid-write: must be left alone.
+    live = segment_dir / f".rollouts+2+0-9.parquet~{host}~{os.getpid()}~abcd1234.tmp"
+    live.write_bytes(b"PAR1")
+    assert store.count() == 10  # the views never read temp files
+    assert store.stats()["segments"] == 1
+
+    RolloutStore(tmp_path, embedding_dim=DIM)  # opening cleans up
+    assert not dead.exists()
+    assert remote.exists() and live.exists()
+    old = time.time() - 2 * 3600
+    os.utime(remote, (old, old))
+    assert store.remove_stale_temp_files() == 1
+    assert not remote.exists() and live.exists()
+
+
+def test_a_failed_write_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch):
+    """Fault injection (a rename that fails, e.g. disk error): nothing half-written, ids not recorded."""
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(10, dim=DIM)
+
+    def failing_replace(src, dst):
+        raise OSError("injected: rename failed")
+
+    monkeypatch.setattr(store_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        write(store, table, first=0)
+    monkeypatch.undo()
+    assert list(tmp_path.rglob("*.tmp")) == []
+    assert store.count() == 0
+    assert write(store, table, first=0).rows_written == 10  # the retry stores everything
+
+
+def test_dead_letters_are_appended_and_queryable(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    letters = pa.table({
+        "topic": ["rollouts", "rollouts"],
+        "partition": pa.array([0, 1], pa.int32()),
+        "offset": pa.array([5, 9], pa.int64()),
+        "reason": ['[{"field":"reward","rule":"non-finite"}]', '[{"field":"<message>","rule":"undecodable"}]'],
+        "value": pa.array([b"\x00\x01", b"not arrow"], pa.binary()),
+        "received_at": pa.array([1, 2], pa.timestamp("ms", tz="UTC")),
+    })
+    store.write_dead_letters(letters)
+    store.write_dead_letters(letters.slice(0, 1))
+    got = store.sql("SELECT \"offset\", value, reason->>'$[0].rule' AS rule FROM dead_letters ORDER BY 1")
+    assert got.to_pydict() == {"offset": [5, 5, 9], "value": [b"\x00\x01", b"\x00\x01", b"not arrow"],
+                               "rule": ["non-finite", "non-finite", "undecodable"]}
+    with pytest.raises(StoreError, match="lack column"):
+        store.write_dead_letters(letters.drop_columns(["reason"]))
+
+
+def test_replay_snapshots_show_the_latest_and_keep_a_few(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM, config=StoreConfig(replay_keep=3))
+    for version in range(1, 6):
+        store.write_replay_snapshot([f"r-{version}-{i}" for i in range(version)], objective_value=version * 1.5,
+                                    selection_version=version, extra={"k": version, "algo": "dynamic"})
+    subset = store.sql("SELECT * FROM replay_subset ORDER BY rollout_id").to_pydict()
+    assert subset["rollout_id"] == [f"r-5-{i}" for i in range(5)]
+    assert set(subset["selection_version"]) == {5} and set(subset["objective_value"]) == {7.5}
+    assert sorted(p.name for p in (tmp_path / "replay").iterdir()) == [
+        f"selection-{v:012d}.parquet" for v in (3, 4, 5)]
+    table, extra = store.latest_replay_snapshot()
+    assert table.num_rows == 5 and extra == {"algo": "dynamic", "k": 5}
+    with pytest.raises(StoreError, match="JSON"):
+        store.write_replay_snapshot(["a"], objective_value=1.0, selection_version=6, extra={"x": object()})
+
+
+def test_scan_streams_live_rows_in_bounded_batches(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(300, dim=DIM, policy_versions=(0, 1, 2))
+    write(store, table, first=0)
+    store.delete(["r-000000007"], reason="x")
+    batches = list(store.scan(columns=["rollout_id", "embedding", "policy_version"], batch_size=100))
+    assert all(b.num_rows <= 100 for b in batches)
+    got = pa.Table.from_batches(batches)
+    assert got.num_rows == 299 and "r-000000007" not in got.column("rollout_id").to_pylist()
+    assert got.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    with pytest.raises(StoreError, match="unknown column"):
+        next(store.scan(columns=["nope"]))
+    stats = store.stats()
+    assert (stats["segments"], stats["rows"], stats["stored_rows"], stats["tombstones"]) == (3, 299, 300, 1)
+    assert stats["bytes"] > 0
+
+
+def test_a_write_failing_after_its_first_policy_version_file_is_retried_exactly_once(tmp_path, monkeypatch):
+    """Fault injection: the second of two per-version files fails to land; the retry adds only it."""
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(20, dim=DIM, policy_versions=(0, 1))
+    real_replace = os.replace
+    calls = []
+
+    def replace_once_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("injected: second rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_module.os, "replace", replace_once_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        write(store, table, first=0)
+    monkeypatch.undo()
+    assert store.count() == 10
+    retry = write(store, table, first=0)
+    assert (retry.rows_written, retry.rows_skipped_duplicate) == (10, 10)
+    ids = store.rollout_ids().to_pylist()
+    assert len(ids) == len(set(ids)) == 20
