@@ -338,7 +338,12 @@ class IngestService:
         """Validate every decoded row at once; buffer good rows per partition, dead-letter bad messages."""
         dim = self.config.embedding_dim
         lengths = np.array([t.num_rows for _, t in decoded], dtype=np.int64)
-        table = pa.concat_tables([t for _, t in decoded])
+        tables = [t for _, t in decoded]
+        if len({t.schema.field("embedding").type for t in tables}) > 1:
+            # JSON gives variable-length embeddings; validate them together as variable lists.
+            i = tables[0].schema.get_field_index("embedding")
+            tables = [t.set_column(i, "embedding", t.column(i).cast(pa.list_(pa.float32()))) for t in tables]
+        table = pa.concat_tables(tables)
         bad, violations = record.check(table, dim)
         starts = np.r_[0, np.cumsum(lengths)[:-1]]
         if violations:
@@ -419,15 +424,14 @@ class IngestService:
                 continue
             rows = pa.concat_tables(buf.tables)
             offsets = np.concatenate(buf.offsets)
-            rows, offsets = _drop_repeated_ids(rows, offsets)
             write = self.store.write_segment(rows, topic=topic, partition=partition, offsets=offsets,
                                              first_offset=buf.first_offset, last_offset=buf.last_offset)
             writes.append((write, rows))
             self.totals.ingested += write.rows_written
-            self.totals.duplicates += write.rows_skipped_duplicate + (buf.rows - rows.num_rows)
+            self.totals.duplicates += write.rows_skipped_duplicate
             self.totals.segments += len(write.paths)
             self.metrics.ingested.inc(write.rows_written)
-            self.metrics.duplicates.inc(write.rows_skipped_duplicate + (buf.rows - rows.num_rows))
+            self.metrics.duplicates.inc(write.rows_skipped_duplicate)
             self.metrics.segments.inc(len(write.paths))
         commits = {TopicPartition(t, p): b.last_offset + 1 for (t, p), b in buffers.items()}
         self._commit(commits)
@@ -463,17 +467,6 @@ class IngestService:
         _event(logging.INFO, "partitions assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
 
-def _drop_repeated_ids(rows: pa.Table, offsets: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-    """Keep the first row of each rollout_id (a producer retry can deliver a message twice)."""
-    ids = rows.column("rollout_id")
-    if pc.count_distinct(ids).as_py() == rows.num_rows:
-        return rows, offsets
-    indexed = pa.table({"rollout_id": ids, "i": pa.array(np.arange(rows.num_rows))})
-    first = indexed.group_by("rollout_id", use_threads=False).aggregate([("i", "min")]).column("i_min")
-    keep = np.sort(first.to_numpy())
-    return rows.take(pa.array(keep)), offsets[keep]
-
-
 # ---- `sponge serve` ---------------------------------------------------------------------------
 
 _FLAG_FIELDS = {
@@ -481,6 +474,7 @@ _FLAG_FIELDS = {
     "store_path": "--store", "embedding_dim": "--embedding-dim", "dlq_topic": "--dlq-topic",
     "partitions": "--partitions", "flush_rows": "--flush-rows", "flush_bytes": "--flush-bytes",
     "flush_interval_s": "--flush-interval-s", "max_message_bytes": "--max-message-bytes",
+    "max_poll_records": "--max-poll-records",
     "session_timeout_ms": "--session-timeout-ms", "metrics_port": "--metrics-port", "log_level": "--log-level",
 }
 
