@@ -159,10 +159,17 @@ class Curator:
     def remove(self, rollout_ids: list[str], reason: str = "explicit") -> int:
         """Tombstone rollouts in the store and drop them from the selector; returns how many were live."""
         with self._lock:
-            removed = self.store.delete(rollout_ids, reason=reason)
+            live = self._count_live(rollout_ids)
+            self.store.delete(rollout_ids, reason=reason)
             self._forget(rollout_ids)
             self._changed(force=True)
-        return removed
+        return live
+
+    def _count_live(self, rollout_ids: list[str]) -> int:
+        conn = self.store.connect()
+        conn.register("ids", pa.table({"rollout_id": pa.array(list(rollout_ids), pa.string())}))
+        return int(conn.sql("SELECT count(*) FROM rollouts JOIN (SELECT DISTINCT rollout_id FROM ids) "
+                            "USING (rollout_id)").fetchall()[0][0])
 
     def _forget(self, rollout_ids: list[str]) -> None:
         known = [self._int_of.pop(r) for r in rollout_ids if r in self._int_of]
@@ -184,12 +191,15 @@ class Curator:
             if self.config.retention_window is None:
                 return 0
             cutoff = self.policy_version - self.config.retention_window
-            stale = self.store.connect().execute(
-                "SELECT rollout_id FROM rollouts WHERE policy_version < ?", [cutoff]).arrow()
-            stale_ids = _column(stale, "rollout_id").to_pylist()
+            stale = self.store.connect().sql(
+                f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table()
+            stale_ids = stale.column("rollout_id").to_pylist()
             if not stale_ids:
                 return 0
-            return self.remove(stale_ids, reason=f"retention: policy_version < {cutoff}")
+            self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
+            self._forget(stale_ids)
+            self._changed(force=True)
+            return len(stale_ids)
 
     # -- the subset -------------------------------------------------------------------------------
     def subset_ids(self) -> list[str]:
@@ -242,7 +252,7 @@ class Curator:
         if weighting == "uniform":
             score = np.ones(rows.num_rows)
         elif weighting == "recency":
-            behind = current - _column(rows, "policy_version").to_numpy().astype(np.float64)
+            behind = current - rows.column("policy_version").to_numpy().astype(np.float64)
             score = np.exp2(-np.maximum(behind, 0.0))
         elif weighting == "quality":
             score = 1.0 + _group_has_signal(rows).astype(np.float64)
@@ -269,7 +279,7 @@ class Curator:
         # The GRPO advantage of a curated rollout comes from its whole stored group, not from
         # the subset (which rarely holds two rollouts of one prompt): population std, as GRPO.
         columns = ", ".join(f"r.{c}" for c in SAMPLE_COLUMNS)
-        rows = conn.execute(f"""
+        rows = conn.sql(f"""
             WITH groups AS (
                 SELECT prompt_id, avg(reward) AS mean, stddev_pop(reward) AS std
                 FROM rollouts WHERE prompt_id IN (
@@ -277,8 +287,7 @@ class Curator:
                 GROUP BY prompt_id)
             SELECT {columns}, CAST((r.reward - g.mean) / (coalesce(g.std, 0) + 1e-6) AS FLOAT) AS advantage
             FROM rollouts r JOIN subset_ids USING (rollout_id) JOIN groups g USING (prompt_id)
-            ORDER BY r.rollout_id""").arrow()
-        rows = rows.read_all() if hasattr(rows, "read_all") else rows
+            ORDER BY r.rollout_id""").to_arrow_table()
         self._sample_cache = (self.selection_version, rows)
         return rows
 
@@ -303,9 +312,6 @@ class Curator:
         tmp.replace(self.state_dir / "policy.json")
 
 
-def _column(table, name: str) -> pa.ChunkedArray:
-    table = table.read_all() if hasattr(table, "read_all") else table
-    return table.column(name)
 
 
 def _embeddings(rows: pa.Table) -> np.ndarray:
