@@ -225,7 +225,8 @@ class IngestService:
     """Consume rollouts from Kafka into a `RolloutStore`; see the module docstring for the loop."""
 
     def __init__(self, config: IngestConfig, store=None, on_segment: SegmentCallback | None = None,
-                 metrics: IngestMetrics | None = None):
+                 metrics: IngestMetrics | None = None,
+                 enrich: Callable[[pa.Table], pa.Table] | None = None):
         self.config = config
         if store is None:
             from sponge.engine.store import RolloutStore
@@ -233,6 +234,9 @@ class IngestService:
             store = RolloutStore(config.store_path, embedding_dim=config.embedding_dim)
         self.store = store
         self.on_segment = on_segment
+        # Applied to each partition's valid rows just before they are written (e.g. computing
+        # embeddings for rollouts that arrived without one); must keep the rollout schema.
+        self.enrich = enrich
         self.metrics = metrics or IngestMetrics()
         self.totals = IngestTotals()
         self._buffers: dict[tuple[str, int], _PartitionBuffer] = {}
@@ -424,6 +428,8 @@ class IngestService:
                 continue
             rows = pa.concat_tables(buf.tables)
             offsets = np.concatenate(buf.offsets)
+            if self.enrich is not None:
+                rows = self.enrich(rows)
             write = self.store.write_segment(rows, topic=topic, partition=partition, offsets=offsets,
                                              first_offset=buf.first_offset, last_offset=buf.last_offset)
             writes.append((write, rows))
