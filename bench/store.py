@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -64,7 +65,6 @@ def main() -> None:
             table = batches[i % len(batches)]
             # fresh ids per batch index: the template's ids with the batch number
             ids = [f"b{i}-{j}" for j in range(table.num_rows)]
-            import pyarrow as pa
             return table.set_column(0, "rollout_id", pa.array(ids, pa.string()))
 
         prepared = [batch(i) for i in range(n_batches)] if n_batches * row_bytes < 6e9 else None
@@ -110,9 +110,9 @@ def main() -> None:
         }
         sql_rows = []
         for name, (view_q, raw_q) in queries.items():
-            t_view = timed(lambda: conn.execute(view_q).fetchall())
-            t_raw = timed(lambda: conn.execute(raw_q).fetchall())
-            t_user = timed(lambda: store.sql(view_q, max_rows=1_000_000, timeout_s=60))
+            t_view = timed(lambda q=view_q: conn.execute(q).fetchall())
+            t_raw = timed(lambda q=raw_q: conn.execute(q).fetchall())
+            t_user = timed(lambda q=view_q: store.sql(q, max_rows=1_000_000, timeout_s=60))
             sql_rows.append((name, t_view, t_raw, t_user))
         conn.close()
         open_time = timed(lambda: RolloutStore(work / "store", embedding_dim=args.dim), repeat=2)

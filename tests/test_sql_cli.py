@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_store_fixtures import make_rollouts
 
 from sponge.cli import main
 from sponge.engine.store import RolloutStore
-from test_store_fixtures import make_rollouts
 
 DIM = 8
 

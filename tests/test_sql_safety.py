@@ -7,10 +7,15 @@ import time
 import duckdb
 import numpy as np
 import pytest
-
-from sponge.engine.sql import SqlError, SqlLimits, check_read_only, open_locked_connection
-from sponge.engine.store import RolloutStore, StoreConfig
 from test_store_fixtures import make_rollouts
+
+from sponge.engine.sql import (
+    SqlError,
+    SqlLimits,
+    check_read_only,
+    open_locked_connection,
+)
+from sponge.engine.store import RolloutStore, StoreConfig
 
 DIM = 8
 

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_store_fixtures import make_rollouts
 
 import sponge.engine.store as store_module
 from sponge.engine.store import RolloutStore, StoreConfig, StoreError
-from test_store_fixtures import make_rollouts
 
 DIM = 8
 
@@ -122,7 +122,7 @@ def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
     dead = segment_dir / f".rollouts+0+10-19.parquet~{host}~{dead_pid}~abcd1234.tmp"
     dead.write_bytes(b"PAR1 half a file")
     # A writer on another host: kept until it is old.
-    remote = segment_dir / f".rollouts+1+0-9.parquet~otherhost~1~abcd1234.tmp"
+    remote = segment_dir / ".rollouts+1+0-9.parquet~otherhost~1~abcd1234.tmp"
     remote.write_bytes(b"PAR1")
     # A live writer (this process) mid-write: must be left alone.
     live = segment_dir / f".rollouts+2+0-9.parquet~{host}~{os.getpid()}~abcd1234.tmp"

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_store_fixtures import make_rollouts
 
 from sponge.engine.store import RolloutStore, StoreError
 from sponge.record import rollout_schema, stored_schema
-from test_store_fixtures import make_rollouts
 
 DIM = 16
 

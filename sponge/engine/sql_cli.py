@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -61,16 +62,14 @@ def run(args: argparse.Namespace) -> int:
             print("sponge sql: error: refusing to write binary Arrow to a terminal; use --output FILE or a pipe",
                   file=sys.stderr)
             return 2
-        sink: Any = open(args.output, "wb") if args.output else sys.stdout.buffer
-        try:
+        with contextlib.ExitStack() as stack:
+            sink: Any = stack.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
             with pa.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
-        finally:
-            if args.output:
-                sink.close()
     else:
-        out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout
-        try:
+        with contextlib.ExitStack() as stack:
+            out: TextIO = (stack.enter_context(open(args.output, "w", newline=""))
+                           if args.output else sys.stdout)
             if args.format == "table":
                 out.write(format_table(table))
                 out.write(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}"
@@ -79,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
                 write_csv(table, out)
             else:
                 write_json_lines(table, out)
-        finally:
-            if args.output:
-                out.close()
     if result.truncated and args.format != "table":
         print(f"sponge sql: note: result truncated to {args.max_rows} rows (--max-rows)", file=sys.stderr)
     return 0

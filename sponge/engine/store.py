@@ -31,10 +31,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import duckdb
 import numpy as np
@@ -43,7 +43,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sponge.engine.sql import QueryResult, SqlLimits, run_read_only
-from sponge.record import DEFAULT_EMBEDDING_DIM, STORE_FIELDS, rollout_schema, stored_schema
+from sponge.record import (
+    DEFAULT_EMBEDDING_DIM,
+    rollout_schema,
+    stored_schema,
+)
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "_sponge_store.json"
@@ -201,7 +205,7 @@ class RolloutStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, config: StoreConfig | None = None) -> "RolloutStore":
+    def open(cls, root: str | os.PathLike, *, config: StoreConfig | None = None) -> RolloutStore:
         """Open an existing store, taking the embedding dimension from its manifest."""
         manifest = Path(root) / MANIFEST_NAME
         if not manifest.is_file():
@@ -531,18 +535,22 @@ class RolloutStore:
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=false, filename=true)) "
             "GROUP BY filename"
         )
-        return [
-            f"CREATE OR REPLACE VIEW tombstones AS {flat(TOMBSTONES_DIR, '*.parquet', TOMBSTONE_SCHEMA)}",
-            f"CREATE OR REPLACE VIEW rollouts AS SELECT * FROM ({rollouts_all}) "
-            "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)",
-            f"CREATE OR REPLACE VIEW dead_letters AS {flat(DEAD_LETTERS_DIR, '*.parquet', DEAD_LETTER_SCHEMA)}",
-            f"CREATE OR REPLACE VIEW replay_subset AS SELECT * FROM ({replay_all}) "
-            f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))",
-            "CREATE OR REPLACE VIEW segments AS "
+        rollouts = (f"SELECT * FROM ({rollouts_all}) "
+                    "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
+        replay_subset = (f"SELECT * FROM ({replay_all}) "
+                         f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))")
+        segments = (
             "SELECT b.filename AS file, "
             "CAST(regexp_extract(b.filename, 'policy_version=(-?[0-9]+)/', 1) AS BIGINT) AS policy_version, "
             "coalesce(c.n, 0)::BIGINT AS rows, b.size::BIGINT AS bytes "
-            f"FROM read_blob({rollouts_glob}) b LEFT JOIN ({segment_counts}) c ON b.filename = c.filename",
+            f"FROM read_blob({rollouts_glob}) b LEFT JOIN ({segment_counts}) c ON b.filename = c.filename"
+        )
+        return [
+            f"CREATE OR REPLACE VIEW tombstones AS {flat(TOMBSTONES_DIR, '*.parquet', TOMBSTONE_SCHEMA)}",
+            f"CREATE OR REPLACE VIEW rollouts AS {rollouts}",
+            f"CREATE OR REPLACE VIEW dead_letters AS {flat(DEAD_LETTERS_DIR, '*.parquet', DEAD_LETTER_SCHEMA)}",
+            f"CREATE OR REPLACE VIEW replay_subset AS {replay_subset}",
+            f"CREATE OR REPLACE VIEW segments AS {segments}",
         ]
 
     def connect(self) -> duckdb.DuckDBPyConnection:
