@@ -83,6 +83,7 @@ class ReMixTrainer:
         cfg, tok = self.config, self.tokenizer
         t0 = time.perf_counter()
         policy_version = self.version
+        replay_on = self.replay_on  # reincarnation at the end of this step must not relabel it
 
         # 1. generate: fewer fresh prompts while replay fills a fraction p of the batch.
         n_prompts = cfg.prompts_per_step
@@ -202,7 +203,7 @@ class ReMixTrainer:
             "reward_mean": float(rewards.mean()),
             "success_train": float(self.task.success(prompts, gen.responses).mean()),
             "response_len": float(np.mean([len(r) for r in gen.response_tokens])),
-            "lambda": lam, "updates": m, "replay_on": self.replay_on, "wall_time": self.wall_time,
+            "lambda": lam, "updates": m, "replay_on": replay_on, "wall_time": self.wall_time,
             **stats,
         }
         if draw is not None:
