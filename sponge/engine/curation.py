@@ -46,8 +46,11 @@ class CurationConfig:
     eps: float = 0.2
     #: Selection method: "dynamic" (default) or a baseline from sponge.selectors.METHODS.
     method: str = "dynamic"
-    #: Reference vectors (facility-location clients) sampled from the first rollouts seen.
+    #: Reference vectors (facility-location clients): the first rollouts' embeddings seen.
     n_references: int = 256
+    #: Selection starts once this many references exist; when the full n_references arrive the
+    #: objective changes, so the selector is rebuilt once over the live rollouts.
+    min_references: int = 16
     #: Each rollout covers only its m most similar references (one batched faiss search per insert).
     neighbours: int = 16
     #: Weight of the quality bonus (1 when the rollout's GRPO group has non-zero reward variance).
@@ -76,7 +79,7 @@ class Curator:
         self._int_of: dict[str, int] = {}
         self._str_of: dict[int, str] = {}
         self._next_int = 0
-        self._pending: list[pa.Table] = []
+        self._reference_pool: list[np.ndarray] = []
         self._last_solution = np.empty(0, dtype=np.int64)
         self._last_snapshot = 0.0
         self._sample_cache: tuple[int, pa.Table] | None = None
@@ -84,66 +87,81 @@ class Curator:
 
     # -- building ---------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> float:
-        """Re-insert every live rollout from the store; returns the seconds it took."""
+        """Rebuild the selector from the store's live rollouts; returns the seconds it took."""
         t0 = time.perf_counter()
         with self._lock:
             self.selector = None
-            self._int_of.clear()
-            self._str_of.clear()
-            self._pending.clear()
+            self._reference_pool = []
             if (self.state_dir / "selector.json").exists():
-                self.selector = load_params(self.state_dir)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=self.store.count(), desc="rebuilding selector", unit="rollout")
-            for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "embedding"]):
-                self._add(pa.Table.from_batches([batch]))
-                if bar is not None:
-                    bar.update(batch.num_rows)
-            if bar is not None:
-                bar.close()
-            self._changed(force=True)
+                saved = load_params(self.state_dir)
+                self._reference_pool = list(saved.objective.references)
+            else:
+                for batch in self.store.scan(columns=["embedding"]):
+                    self._collect_references(pa.Table.from_batches([batch]))
+                    if len(self._reference_pool) >= self.config.n_references:
+                        break
+            if len(self._reference_pool) >= self.config.min_references:
+                self._start_selector(progress=progress)
         self.rebuild_seconds = time.perf_counter() - t0
         return self.rebuild_seconds
 
     def add(self, rows: pa.Table) -> None:
-        """Insert newly stored rollouts (needs rollout_id, prompt_id, reward, embedding)."""
+        """Insert rollouts that are now durable in the store (needs rollout_id, prompt_id, reward, embedding)."""
         with self._lock:
-            self._add(rows)
+            rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if rows.num_rows == 0:
+                return
+            before = len(self._reference_pool)
+            self._collect_references(rows)
+            now = len(self._reference_pool)
+            target, minimum = self.config.n_references, self.config.min_references
+            if (self.selector is None and now >= minimum) or (before < target <= now):
+                # First start, or the reference set just reached its full size: f changes, so
+                # the selector is rebuilt over everything live (the new rows are in the store).
+                self._start_selector()
+            elif self.selector is not None:
+                ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+                self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
             self._changed()
 
     def on_segment(self, _write, rows: pa.Table) -> None:
         """`IngestService` hook: called with the rows of each durable segment that were new."""
         self.add(rows)
 
-    def _add(self, rows: pa.Table) -> None:
-        rows = rows.filter(pc.is_valid(rows.column("embedding")))
-        if rows.num_rows == 0:
-            return
-        if self.selector is None:
-            self._pending.append(rows)
-            pending = pa.concat_tables(self._pending)
-            if pending.num_rows < self.config.n_references:
-                return
-            self._pending.clear()
-            self.selector = self._new_selector(_embeddings(pending))
-            rows = pending
-        ids = self._assign_ints(rows.column("rollout_id").to_pylist())
-        self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+    def _collect_references(self, rows: pa.Table) -> None:
+        """Keep the first `n_references` embeddings seen as facility-location clients."""
+        room = self.config.n_references - len(self._reference_pool)
+        if room > 0:
+            valid = rows.filter(pc.is_valid(rows.column("embedding")))
+            self._reference_pool.extend(_embeddings(valid.slice(0, room)))
 
-    def _new_selector(self, vectors: np.ndarray) -> Selector:
-        rng = np.random.default_rng(self.config.seed)
-        take = rng.choice(len(vectors), size=min(self.config.n_references, len(vectors)), replace=False)
-        objective = FacilityLocation(vectors[np.sort(take)], m=self.config.neighbours,
+    def _start_selector(self, progress: bool = False) -> None:
+        """A new selector over the current reference pool, filled with every live rollout in the store."""
+        objective = FacilityLocation(np.stack(self._reference_pool), m=self.config.neighbours,
                                      quality_weight=self.config.quality_weight)
         params = {"k": self.config.k, "seed": self.config.seed}
         if self.config.method == "dynamic":
             params["eps"] = self.config.eps
-        selector = METHODS[self.config.method](objective, **params)
-        save_params(selector, self.state_dir)
-        return selector
+        self.selector = METHODS[self.config.method](objective, **params)
+        save_params(self.selector, self.state_dir)
+        self._int_of.clear()
+        self._str_of.clear()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.store.count(), desc="rebuilding selector", unit="rollout")
+        for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "embedding"]):
+            rows = pa.Table.from_batches([batch])
+            rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if rows.num_rows:
+                ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+                self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+            if bar is not None:
+                bar.update(batch.num_rows)
+        if bar is not None:
+            bar.close()
+        self._changed(force=True)
 
     def _assign_ints(self, ids: list[str]) -> np.ndarray:
         out = np.empty(len(ids), dtype=np.int64)
@@ -177,9 +195,6 @@ class Curator:
             del self._str_of[n]
         if known and self.selector is not None:
             self.selector.delete(np.asarray(known, dtype=np.int64))
-        if self._pending:
-            drop = pa.array(list(rollout_ids), pa.string())
-            self._pending = [t.filter(pc.invert(pc.is_in(t.column("rollout_id"), drop))) for t in self._pending]
 
     def report_policy_version(self, version: int) -> int:
         """The trainer now generates with `version`; evict what falls out of the window. Returns evictions."""
@@ -297,7 +312,7 @@ class Curator:
             return {"method": self.config.method, "k": self.config.k, "selection_version": self.selection_version,
                     "objective_value": self.value(), "policy_version": self.policy_version,
                     "n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
-                    "pending_before_references": sum(t.num_rows for t in self._pending),
+                    "references": len(self._reference_pool),
                     "rebuild_seconds": self.rebuild_seconds}
 
     # -- persistence of the trainer's version -----------------------------------------------------

@@ -55,12 +55,19 @@ class MissingEmbeddings:
     """Fills null embeddings from the prompt and response text, one batched forward pass per segment."""
 
     def __init__(self, model_path: str | None, dim: int) -> None:
-        from sponge.engine.embedder import EmbedderConfig, TextEmbedder
+        self.model_path, self.dim = model_path, dim
+        self._embedder = None  # loaded on first use: a stream that carries embeddings never pays for it
 
-        self.embedder = TextEmbedder(EmbedderConfig(model_path=model_path))
-        if self.embedder.dim != dim:
-            raise ValueError(f"embedding model gives {self.embedder.dim}-d vectors but the store holds {dim}-d")
-        self.dim = dim
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from sponge.engine.embedder import EmbedderConfig, TextEmbedder
+
+            embedder = TextEmbedder(EmbedderConfig(model_path=self.model_path))
+            if embedder.dim != self.dim:
+                raise ValueError(f"embedding model gives {embedder.dim}-d vectors but the store holds {self.dim}-d")
+            self._embedder = embedder
+        return self._embedder
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         column = rows.column("embedding").combine_chunks()
