@@ -7,6 +7,7 @@ the field and the rule it broke, so a dead letter says exactly what was wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -30,6 +31,7 @@ STORE_FIELDS = (
 )
 
 
+@functools.lru_cache(maxsize=8)
 def rollout_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
     """The Arrow schema of a rollout with `embedding_dim`-wide embeddings."""
     fields = [
@@ -103,6 +105,10 @@ def conform(table: pa.Table, embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.T
     list are left to `validate`, which names the rows.
     """
     schema = rollout_schema(embedding_dim)
+    if table.schema.names == schema.names and table.schema.types == schema.types:
+        # Already the right types (the producer's own encoding): relabel without copying, so the
+        # result has the same (all-nullable) schema as a converted table and they concatenate.
+        return pa.Table.from_arrays(table.columns, names=schema.names)
     problems: list[Violation] = []
     columns = []
     for field in schema:

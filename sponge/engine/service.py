@@ -37,6 +37,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ class IngestConfig:
     flush_bytes: int = 256 << 20
     #: ... or when the oldest buffered message has waited this long
     flush_interval_s: float = 5.0
+    #: batches being written while the next is consumed (0 = write synchronously in the poll loop)
+    max_inflight_flushes: int = 1
     #: a message larger than this is dead-lettered without being decoded
     max_message_bytes: int = record.DEFAULT_MAX_MESSAGE_BYTES
     #: how long one poll waits for messages
@@ -246,6 +249,8 @@ class IngestService:
         self._consumer = None
         self._producer = None
         self._dlq = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Future, dict, float]] = []  # batches handed to the writer, oldest first
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> "IngestService":
@@ -289,8 +294,12 @@ class IngestService:
         if self._consumer is None:
             return
         try:
-            self.flush()
+            self.flush(wait=True)
         finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._pending.clear()
             self._consumer.close()
             self._producer.close(timeout=10)
             self._consumer = self._producer = self._dlq = None
@@ -311,8 +320,8 @@ class IngestService:
                                       max_records=cfg.max_poll_records)
         if records:
             self._ingest(records)
-        if self._should_flush():
-            self.flush()
+        if self._should_flush() or (self._pending and self._pending[0][0].done()):
+            self.flush(wait=False)
         now = time.monotonic()
         if now - self._last_lag > 2.0:
             self._last_lag = now
@@ -409,18 +418,38 @@ class IngestService:
                 or (self._oldest is not None and time.monotonic() - self._oldest >= cfg.flush_interval_s))
 
     # -- durability -----------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Make everything buffered durable, then commit its offsets. No-op when nothing is buffered."""
-        if not self._buffers:
-            return
-        from kafka import TopicPartition
+    def flush(self, wait: bool = True) -> None:
+        """Hand everything buffered to the segment writer, then commit whatever has become durable.
 
-        t0 = time.perf_counter()
-        buffers, self._buffers = self._buffers, {}
-        self._buffered_bytes, self._oldest = 0, None
+        With `wait` (the default) return only when every write is durable and committed; the
+        loop itself passes wait=False so the next batch is consumed while this one is written.
+        """
+        if self._buffers:
+            buffers, self._buffers = self._buffers, {}
+            self._buffered_bytes, self._oldest = 0, None
+            if any(b.letters for b in buffers.values()):
+                self._dlq.flush()  # dead letters acknowledged by the DLQ topic before any commit
+            # Backpressure: at most `max_inflight_flushes` batches written at once (bounded memory).
+            while self._pending and len(self._pending) >= max(1, self.config.max_inflight_flushes):
+                self._finish(*self._pending.pop(0))
+            if self.config.max_inflight_flushes > 0:
+                future = self._writer().submit(self._write, buffers)
+            else:
+                future = Future()
+                future.set_result(self._write(buffers))
+            self._pending.append((future, buffers, time.perf_counter()))
+        while self._pending and (wait or self._pending[0][0].done()):
+            self._finish(*self._pending.pop(0))
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sponge-segment-writer")
+        return self._executor
+
+    def _write(self, buffers: dict[tuple[str, int], _PartitionBuffer]) -> list:
+        """Make one batch durable (runs on the writer thread): dead letters, then one segment per partition."""
         letters = [letter for b in buffers.values() for letter in b.letters]
         if letters:
-            self._dlq.flush()
             self.store.write_dead_letters(dead_letters_table(letters))
         writes = []
         for (topic, partition), buf in sorted(buffers.items()):
@@ -433,26 +462,36 @@ class IngestService:
             write = self.store.write_segment(rows, topic=topic, partition=partition, offsets=offsets,
                                              first_offset=buf.first_offset, last_offset=buf.last_offset)
             writes.append((write, rows))
+        return writes
+
+    def _finish(self, future: Future, buffers: dict, started: float) -> None:
+        """Wait for one batch's write (re-raising its error), commit its offsets, report it."""
+        from kafka import TopicPartition
+
+        writes = future.result()
+        commits = {TopicPartition(t, p): b.last_offset + 1 for (t, p), b in buffers.items()}
+        self._commit(commits)
+        elapsed = time.perf_counter() - started
+        for write, _ in writes:
             self.totals.ingested += write.rows_written
             self.totals.duplicates += write.rows_skipped_duplicate
             self.totals.segments += len(write.paths)
             self.metrics.ingested.inc(write.rows_written)
             self.metrics.duplicates.inc(write.rows_skipped_duplicate)
             self.metrics.segments.inc(len(write.paths))
-        commits = {TopicPartition(t, p): b.last_offset + 1 for (t, p), b in buffers.items()}
-        self._commit(commits)
-        elapsed = time.perf_counter() - t0
         self.totals.flushes += 1
         self.metrics.flush_seconds.observe(elapsed)
-        self.metrics.buffered.set(0)
+        self.metrics.buffered.set(sum(b.rows for b in self._buffers.values()))
         _event(logging.INFO, "flushed", seconds=round(elapsed, 4),
                rows=sum(w.rows_written for w, _ in writes),
                duplicates=sum(w.rows_skipped_duplicate for w, _ in writes),
-               dead_letters=len(letters), commits={f"{tp.topic}/{tp.partition}": o for tp, o in commits.items()})
+               dead_letters=sum(len(b.letters) for b in buffers.values()),
+               commits={f"{tp.topic}/{tp.partition}": o for tp, o in commits.items()})
         if self.on_segment is not None:
             for write, rows in writes:
                 if len(write.new_ids):
-                    new = rows.filter(pc.is_in(rows.column("rollout_id"), pa.array(list(write.new_ids), pa.string())))
+                    new = rows if len(write.new_ids) == rows.num_rows else rows.filter(
+                        pc.is_in(rows.column("rollout_id"), write.new_ids))
                     self.on_segment(write, new)
 
     def _commit(self, commits: dict) -> None:

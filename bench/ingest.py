@@ -1,0 +1,197 @@
+"""Ingest throughput: the service end to end against a bare Kafka consumer on the same messages.
+
+1. Start the embedded broker and produce M synthetic rollouts (384-d embeddings, ~300-token
+   responses with log-probs, GRPO groups of 8), `--rows-per-message` rollouts per message.
+2. (a) A bare kafka-python consumer (same fetch settings, its own group) that decodes
+   nothing and only counts messages: the ceiling the transport allows in Python.
+3. (b) The ingest service (decode, validate, write Parquet segments, commit) on the same
+   topic, in its own group.
+
+Each runs in its own process so its peak RSS is its own; RSS is sampled over the run to
+show that it stays flat (bounded buffers). Printed: rollouts/s of (a) and (b), the ratio
+b/a, peak RSS and the RSS trace. Timing starts at the first message received and ends
+when the last is counted (a) or durable and committed (b), so group joins are excluded.
+
+    .venv/bin/python bench/ingest.py                       # 200k rollouts
+    .venv/bin/python bench/ingest.py --rollouts 1000000    # memory stays flat
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+
+def _rss_sampler(interval_s: float, samples: list, stop: threading.Event) -> None:
+    import psutil
+
+    proc, t0 = psutil.Process(), time.monotonic()
+    while not stop.is_set():
+        samples.append((round(time.monotonic() - t0, 2), proc.memory_info().rss))
+        stop.wait(interval_s)
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bare_consumer(bootstrap: str, topic: str, messages: int, fetch: dict, interval_s: float, out) -> None:
+    """(a): poll and count; nothing is decoded, nothing committed."""
+    from kafka import KafkaConsumer
+
+    samples, stop = [], threading.Event()
+    threading.Thread(target=_rss_sampler, args=(interval_s, samples, stop), daemon=True).start()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bare-{os.getpid()}",
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             session_timeout_ms=6000, heartbeat_interval_ms=1000, **fetch)
+    seen, t0 = 0, None
+    while seen < messages:
+        for records in consumer.poll(timeout_ms=200, max_records=fetch["max_poll_records"]).values():
+            if t0 is None:
+                t0 = time.perf_counter()
+            seen += len(records)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    consumer.close(autocommit=False)
+    out.put({"seconds": elapsed, "messages": seen, "peak_rss": _peak_rss_bytes(), "rss": samples})
+
+
+def service_run(bootstrap: str, topic: str, store_path: str, messages: int, rollouts: int, settings: dict,
+                interval_s: float, profile: str | None, out) -> None:
+    """(b): the ingest service until every message is read, then a final flush and commit."""
+    from sponge.engine.service import IngestConfig, IngestService
+
+    samples, stop = [], threading.Event()
+    threading.Thread(target=_rss_sampler, args=(interval_s, samples, stop), daemon=True).start()
+    config = IngestConfig(bootstrap_servers=bootstrap, topic=topic, group_id=f"bench-{os.getpid()}",
+                          store_path=store_path, create_topics=False, session_timeout_ms=6000, **settings)
+    service = IngestService(config).start()
+    profiler = None
+    if profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(interval=0.005)
+    t0 = None
+    while service.totals.messages < messages:
+        if service.poll_once() and t0 is None:
+            t0 = time.perf_counter()
+            if profiler:
+                profiler.start()
+    service.flush()
+    elapsed = time.perf_counter() - t0
+    if profiler:
+        profiler.stop()
+        with open(profile, "w") as f:
+            f.write(profiler.output_text(unicode=False, color=False, show_all=False))
+    totals = service.totals
+    service.close()
+    stop.set()
+    out.put({"seconds": elapsed, "messages": totals.messages, "ingested": totals.ingested,
+             "segments": totals.segments, "peak_rss": _peak_rss_bytes(), "rss": samples,
+             "expected": rollouts})
+
+
+def _in_child(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _rss_summary(samples: list) -> str:
+    if not samples:
+        return "no samples"
+    mib = [r / 2**20 for _, r in samples]
+    picks = [samples[int(i * (len(samples) - 1) / 10)] for i in range(11)]
+    trace = " ".join(f"{t:.0f}s:{r / 2**20:.0f}" for t, r in picks)
+    quarter = mib[len(mib) // 4:]
+    return (f"RSS MiB over time [{trace}]; from 25% of the run to the end: "
+            f"min {min(quarter):.0f}, max {max(quarter):.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rollouts", type=int, default=200_000, help="rollouts to produce (M)")
+    parser.add_argument("--rows-per-message", type=int, default=64, help="rollouts per Kafka message")
+    parser.add_argument("--response-tokens", type=int, default=300, help="mean response length in tokens")
+    parser.add_argument("--embedding-dim", type=int, default=384)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--flush-rows", type=int, default=20_000, help="service: rows per flush")
+    parser.add_argument("--max-poll-records", type=int, default=500, help="messages per poll (both consumers)")
+    parser.add_argument("--store", default=None, help="store directory (default: a temporary one, removed)")
+    parser.add_argument("--rss-interval", type=float, default=0.5, help="seconds between RSS samples")
+    parser.add_argument("--profile", default=None, help="write a pyinstrument profile of (b) to this file")
+    parser.add_argument("--skip-bare", action="store_true", help="only run (b)")
+    args = parser.parse_args(argv)
+
+    from sponge.streams.broker import EmbeddedBroker, create_topic
+    from sponge.streams.synthetic import SyntheticConfig, produce
+
+    store = args.store or tempfile.mkdtemp(prefix="sponge-bench-")
+    fetch = dict(max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20, max_poll_records=args.max_poll_records)
+    try:
+        with EmbeddedBroker() as broker:
+            topic = "rollouts"
+            create_topic(broker.bootstrap, topic, partitions=args.partitions)
+            create_topic(broker.bootstrap, f"{topic}.dlq", partitions=1)
+            t = time.perf_counter()
+            sent = produce(broker.bootstrap, topic, args.rollouts, rows_per_message=args.rows_per_message,
+                           synthetic=SyntheticConfig(embedding_dim=args.embedding_dim,
+                                                     response_tokens=args.response_tokens),
+                           progress=True)
+            produce_s = time.perf_counter() - t
+            messages = sent["messages"]
+            print(f"produced {args.rollouts} rollouts in {messages} messages "
+                  f"({args.rows_per_message} rollouts/message) in {produce_s:.1f}s", flush=True)
+
+            bare = None
+            if not args.skip_bare:
+                bare = _in_child(bare_consumer, broker.bootstrap, topic, messages, fetch, args.rss_interval)
+                bare_rate = args.rollouts / bare["seconds"]
+                print(f"(a) bare consumer: {bare['messages']} messages in {bare['seconds']:.2f}s = "
+                      f"{bare['messages'] / bare['seconds']:.0f} msg/s = {bare_rate:.0f} rollouts/s; "
+                      f"peak RSS {bare['peak_rss'] / 2**20:.0f} MiB", flush=True)
+
+            settings = dict(flush_rows=args.flush_rows, max_poll_records=args.max_poll_records,
+                            embedding_dim=args.embedding_dim,
+                            max_partition_fetch_bytes=fetch["max_partition_fetch_bytes"],
+                            fetch_max_bytes=fetch["fetch_max_bytes"])
+            svc = _in_child(service_run, broker.bootstrap, topic, store, messages, args.rollouts, settings,
+                            args.rss_interval, args.profile)
+            svc_rate = svc["ingested"] / svc["seconds"]
+            print(f"(b) ingest service: {svc['ingested']} rollouts stored ({svc['segments']} segments) in "
+                  f"{svc['seconds']:.2f}s = {svc_rate:.0f} rollouts/s; peak RSS {svc['peak_rss'] / 2**20:.0f} MiB",
+                  flush=True)
+            print("    " + _rss_summary(svc["rss"]))
+            if bare:
+                print(f"ratio b/a = {svc_rate / bare_rate:.2f}  (targets: b/a >= 0.7, b >= 5000 rollouts/s)")
+            if svc["ingested"] != args.rollouts:
+                print(f"WARNING: stored {svc['ingested']} of {args.rollouts} rollouts", file=sys.stderr)
+                return 1
+    finally:
+        if args.store is None:
+            shutil.rmtree(store, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
