@@ -19,13 +19,15 @@ from .models import (
 )
 from .remix import ReMixTrainer
 from .replay import (
-    DiverseReplayPool, FIFOReplayPool, ReplayDraw, ReplaySampler, ReplaySource, rollouts_table,
+    DiverseReplayPool, FIFOReplayPool, ReplayDraw, ReplaySampler, ReplaySource, SelectorReplayPool,
+    rollouts_table,
 )
 from .tasks import AdditionTask, ReverseTask, Task, make_task
 
 __all__ = [
     "ReMixConfig", "ReMixTrainer", "losses", "density_ratio",
-    "ReplaySampler", "ReplaySource", "ReplayDraw", "FIFOReplayPool", "DiverseReplayPool", "rollouts_table",
+    "ReplaySampler", "ReplaySource", "ReplayDraw", "FIFOReplayPool", "DiverseReplayPool", "SelectorReplayPool",
+    "rollouts_table",
     "Generation", "Generator", "TransformersGenerator", "VLLMGenerator",
     "Task", "ReverseTask", "AdditionTask", "make_task",
     "CharTokenizer", "HFTokenizer", "TinyModelConfig", "build_tiny_model", "load_pretrained",

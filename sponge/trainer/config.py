@@ -34,9 +34,11 @@ class ReMixConfig:
     updates_per_batch: int = 2
     #: ε: clip half-width around the centre c = π_k/π_{k−i} (1 for fresh samples).
     clip_eps: float = 0.2
-    #: Where replay comes from: "fifo" (the whole window) or "diverse" (curated subset).
+    #: Where replay comes from: "fifo" (the whole window), "diverse" (window curated by dedupe,
+    #: dropping zero-advantage rollouts and greedy farthest-point) or "selector" (window curated by
+    #: sponge.selectors' fully dynamic submodular selector, inserts and deletes as the window moves).
     replay_pool: str = "fifo"
-    #: Curated pool size (diverse pool only).
+    #: Curated pool size (diverse and selector pools).
     pool_capacity: int = 128
 
     # --- density-ratio replay sampling (GLOW-style) --------------------------------------------
@@ -108,7 +110,8 @@ class ReMixConfig:
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.clip_eps > 0, "clip_eps must be > 0"),
-            (self.replay_pool in ("fifo", "diverse"), "replay_pool must be 'fifo' or 'diverse'"),
+            (self.replay_pool in ("fifo", "diverse", "selector"),
+             "replay_pool must be 'fifo', 'diverse' or 'selector'"),
             (self.replay_sampling in ("uniform", "resample", "weight"),
              "replay_sampling must be 'uniform', 'resample' or 'weight'"),
             (self.ratio_mode in ("sequence", "geometric"), "ratio_mode must be 'sequence' or 'geometric'"),

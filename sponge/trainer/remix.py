@@ -31,7 +31,7 @@ from .losses import aggregate, group_advantages, kl_convex, kl_convex_lambda, mi
 from .metrics import MetricsLog, plot_runs
 from .models import response_logprobs
 from .replay import (
-    DiverseReplayPool, FIFOReplayPool, ReplaySampler, ReplaySource, padded_list_column, rollouts_table,
+    DiverseReplayPool, FIFOReplayPool, ReplaySampler, SelectorReplayPool, ReplaySource, padded_list_column, rollouts_table,
 )
 
 __all__ = ["ReMixTrainer"]
@@ -52,9 +52,7 @@ class ReMixTrainer:
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.policy = model
         self.generator = generator or TransformersGenerator(tokenizer)
-        self.replay = replay_source or (
-            DiverseReplayPool(config.replay_window, config.pool_capacity) if config.replay_pool == "diverse"
-            else FIFOReplayPool(config.replay_window))
+        self.replay = replay_source or _make_pool(config)
         self.sampler = ReplaySampler(config.replay_sampling, config.ratio_mode, config.ratio_cap,
                                      config.ratio_cap_gamma, config.ratio_cap_min, config.ratio_cap_max,
                                      config.recency_decay)
@@ -317,8 +315,8 @@ class ReMixTrainer:
         self.wall_time = state["wall_time"]
         self.rng.bit_generator.state = state["rng"]
         pool_path = directory / "replay.arrow"
-        if hasattr(self.replay, "table"):
-            self.replay.table = pa.ipc.open_file(str(pool_path)).read_all() if pool_path.exists() else None
+        if hasattr(self.replay, "restore"):
+            self.replay.restore(pa.ipc.open_file(str(pool_path)).read_all() if pool_path.exists() else None)
 
     # ------------------------------------------------------------------ helpers
     def _score(self, model, prompts, responses, width):
@@ -343,6 +341,14 @@ class ReMixTrainer:
             if "eval_success" in r:
                 return r["eval_success"]
         return float("nan")
+
+
+def _make_pool(config: ReMixConfig) -> ReplaySource:
+    if config.replay_pool == "diverse":
+        return DiverseReplayPool(config.replay_window, config.pool_capacity)
+    if config.replay_pool == "selector":
+        return SelectorReplayPool(config.replay_window, config.pool_capacity, seed=config.seed)
+    return FIFOReplayPool(config.replay_window)
 
 
 def _frozen_copy(model):

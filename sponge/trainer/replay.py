@@ -31,7 +31,7 @@ from .density_ratio import (
 from .losses import group_advantages
 
 __all__ = [
-    "ReplaySource", "FIFOReplayPool", "DiverseReplayPool", "ReplaySampler", "ReplayDraw",
+    "ReplaySource", "FIFOReplayPool", "DiverseReplayPool", "SelectorReplayPool", "ReplaySampler", "ReplayDraw",
     "rollouts_table", "padded_list_column", "char_position_embedding", "farthest_point_subset",
     "REPLAY_COLUMNS",
 ]
@@ -140,6 +140,10 @@ class FIFOReplayPool:
     def clear(self) -> None:
         self.table = None
 
+    def restore(self, table: pa.Table | None) -> None:
+        """Reload the pool's rows (from a checkpoint)."""
+        self.table = table
+
     def __len__(self) -> int:
         return 0 if self.table is None else self.table.num_rows
 
@@ -220,6 +224,79 @@ class DiverseReplayPool(FIFOReplayPool):
         if table.num_rows > self.capacity:
             table = table.take(np.sort(self.select(table, self.capacity)))
         return table
+
+
+class SelectorReplayPool(FIFOReplayPool):
+    """The FIFO window curated by sponge's fully dynamic submodular selector (sponge.selectors).
+
+    Every added rollout with a learning signal (|advantage| > 0 when `drop_zero_advantage`) is
+    inserted into a `DynamicSelector` over facility location (cosine, faiss) plus a quality term
+    |advantage|; rollouts leaving the window are deleted from it. Candidates are the selector's
+    current solution (at most `capacity` rollouts). The facility-location references are a sample
+    of the first batch's embeddings (fixed afterwards: the dynamic guarantee needs a fixed f).
+    Embeddings: the table's `embedding` column when present, else `char_position_embedding`.
+    """
+
+    def __init__(self, window: int = 2, capacity: int = 128, drop_zero_advantage: bool = True,
+                 n_references: int = 128, neighbours: int = 16, quality_weight: float = 0.1,
+                 eps: float = 0.2, seed: int = 0):
+        super().__init__(window)
+        self.capacity, self.drop_zero_advantage = capacity, drop_zero_advantage
+        self.n_references, self.neighbours, self.quality_weight = n_references, neighbours, quality_weight
+        self.eps, self.seed = eps, seed
+        self.selector = None
+        self._next_id = 0
+
+    @staticmethod
+    def _embed(table: pa.Table) -> np.ndarray:
+        if "embedding" in table.column_names and table.column("embedding").null_count == 0:
+            return padded_list_column(table.column("embedding"), 0.0)[0]
+        return char_position_embedding(table.column("prompt").to_pylist(), table.column("response").to_pylist())
+
+    def _insert(self, table: pa.Table) -> pa.Table:
+        from sponge.selectors import DynamicSelector, FacilityLocation  # noqa: PLC0415 - optional part
+
+        if self.drop_zero_advantage and "advantage" in table.column_names:
+            table = table.filter(pc.greater(pc.abs(table.column("advantage")), 1e-6))
+        if table.num_rows == 0:
+            return table
+        if "_selector_id" not in table.column_names:
+            ids = np.arange(self._next_id, self._next_id + table.num_rows, dtype=np.int64)
+            table = table.append_column("_selector_id", pa.array(ids))
+        ids = table.column("_selector_id").to_numpy()
+        self._next_id = max(self._next_id, int(ids.max()) + 1)
+        emb = self._embed(table)
+        if self.selector is None:
+            rng = np.random.default_rng(self.seed)
+            refs = emb[rng.choice(len(emb), size=min(self.n_references, len(emb)), replace=False)]
+            objective = FacilityLocation(refs, m=self.neighbours, quality_weight=self.quality_weight)
+            self.selector = DynamicSelector(objective, k=self.capacity, eps=self.eps, seed=self.seed)
+        quality = (np.abs(table.column("advantage").to_numpy()).astype(np.float32)
+                   if "advantage" in table.column_names else None)
+        self.selector.insert(ids, emb, quality=quality)
+        return table
+
+    def add(self, rollouts: pa.Table) -> None:
+        _check_columns(rollouts)
+        super().add(self._insert(rollouts))
+
+    def candidates(self, current_version: int) -> pa.Table:
+        if self.table is None or self.selector is None:
+            return _empty_like(self.table)
+        stale = self.table.filter(pc.less(self.table.column("policy_version"), current_version - self.window))
+        if stale.num_rows:
+            self.selector.delete(stale.column("_selector_id").to_numpy())
+        table = self._in_window(current_version)
+        chosen = pa.array(self.selector.solution())
+        return table.filter(pc.is_in(table.column("_selector_id"), value_set=chosen))
+
+    def clear(self) -> None:
+        self.table, self.selector = None, None
+
+    def restore(self, table: pa.Table | None) -> None:
+        self.clear()
+        if table is not None and table.num_rows:
+            super().add(self._insert(table))
 
 
 @dataclass
