@@ -182,3 +182,24 @@ def test_generator_logprobs_match_scoring_so_fresh_ratios_are_one():
     draw = ReplaySampler(mode="weight").draw(table, 24, score, 1, np.random.default_rng(0))
     assert draw.stats["mean_raw_weight"] == pytest.approx(1.0, abs=1e-4)
     assert draw.stats["ess_raw"] == pytest.approx(1.0, abs=1e-6) and draw.stats["clip_fraction"] == 0
+
+
+def test_selector_pool_inserts_deletes_with_the_window_and_caps():
+    pytest.importorskip("sponge.selectors")
+    from sponge.trainer import SelectorReplayPool
+
+    rng = np.random.default_rng(0)
+    pool = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
+    for v in range(4):
+        digits = rng.integers(0, 10, size=(12, 4))
+        prompts = ["".join(map(str, d)) + ">" for d in digits]
+        responses = ["".join(map(str, d[::-1])) for d in digits]
+        adv = np.where(np.arange(12) % 3 == 0, 0.0, 1.0)    # a third carry no learning signal
+        pool.add(_table(12, v, [0.5] * 12, prompts=prompts, responses=responses, advantages=adv))
+    assert len(pool) == 4 * 8                                # zero-advantage rollouts never enter
+    cands = pool.candidates(4)
+    assert 0 < cands.num_rows <= 6
+    assert set(cands.column("policy_version").to_pylist()) <= {2, 3}
+    assert pool.selector.stats()["n_live"] == 16             # versions 0, 1 deleted; 2, 3 live (8 each)
+    pool.restore(pool.table)                                  # rebuilt from its rows (checkpoint path)
+    assert pool.candidates(4).num_rows > 0
