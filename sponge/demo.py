@@ -35,7 +35,7 @@ HELP = "the end-to-end demo: broker, service and ReMix trainer on a toy task, wi
 #: Each plot of the report is one query; they are saved beside the plots.
 QUERIES = {
     "success_vs_rollouts": """
-        SELECT run, rollouts, eval_success, eval_response_len
+        SELECT regexp_extract(filename, 'runs/([^/]+)/', 1) AS run, rollouts, eval_success, eval_response_len
         FROM read_json_auto('{report}/runs/*/metrics.jsonl', filename = true)
         WHERE eval_success IS NOT NULL ORDER BY run, rollouts""",
     "timeline": """
@@ -79,7 +79,6 @@ class Timeline:
     def __init__(self, server, interval_s: float = 1.0) -> None:
         self.server, self.interval_s = server, interval_s
         self.rows: list[dict] = []
-        self.evicted_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="demo-timeline", daemon=True)
         self._t0 = time.monotonic()
@@ -105,7 +104,7 @@ class Timeline:
             "dead_letters": totals.dead_letters,
             "selection_version": described["selection_version"],
             "objective_value": described["objective_value"], "subset_diversity": _subset_diversity(curator),
-            "policy_version": described["policy_version"], "evicted_total": self.evicted_total,
+            "policy_version": described["policy_version"], "evicted_total": described["evicted_total"],
         })
 
 
@@ -156,7 +155,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with EmbeddedBroker() as broker:
         server_cfg = ServerConfig(
             ingest=IngestConfig(bootstrap_servers=broker.bootstrap, topic="rollouts", group_id="sponge-demo",
-                                store_path=str(out / "store"), partitions=2, flush_interval_s=0.5,
+                                store_path=str(out / "store"), partitions=2, flush_interval_s=0.1,
                                 session_timeout_ms=6000, log_level="WARNING"),
             curation=CurationConfig(k=cfg.k, seed=cfg.seed, n_references=128,
                                     retention_window=remix_cfg.replay_window + 2),
@@ -175,13 +174,24 @@ def run_demo(cfg: DemoConfig) -> dict:
                   f"(service at {server.http.url})")
             source = ServiceReplaySource(client, window=remix_cfg.replay_window)
 
+            published = {"rollouts": 0}
+
+            def publish(table: pa.Table) -> None:
+                producer.send(table)
+                published["rollouts"] += table.num_rows
+
             def report_version(version: int) -> None:
+                # Generation on a real cluster takes far longer than this toy model's; wait (briefly)
+                # for the service to hold what was generated, as it would in that setting.
                 producer.flush()
-                timeline.evicted_total += client.report_policy_version(version)["evicted"]
+                deadline = time.monotonic() + 10.0
+                while server.ingest.totals.ingested < published["rollouts"] and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                client.report_policy_version(version)
 
             trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
                                    replay_source=source, output_dir=out / "runs" / "remix-curated",
-                                   on_rollouts=producer.send, on_policy_version=report_version)
+                                   on_rollouts=publish, on_policy_version=report_version)
             histories["remix-curated"] = trainer.train()
             producer.flush()
             if cfg.baseline:

@@ -119,3 +119,28 @@ def test_empty_subset_sampling_is_a_clear_error(store):
     cur = Curator(store, CurationConfig(k=4, n_references=64))
     with pytest.raises(ValueError, match="empty"):
         cur.sample(3)
+
+
+def test_reference_refresh_never_inserts_a_rollout_twice(store):
+    # One flush writes several partitions before their hooks run; the refresh triggered by the
+    # first hook already sees the second partition's rows in the store.
+    cur = Curator(store, CurationConfig(k=8, n_references=100, min_references=16))
+    a, b = (synthetic_rollouts(60, seed=s, id_prefix=f"p{s}") for s in (1, 2))
+    writes = []
+    for partition, rows in enumerate((a, b)):
+        offsets = np.arange(rows.num_rows, dtype=np.int64)
+        writes.append((store.write_segment(rows, topic="rollouts", partition=partition, offsets=offsets,
+                                           first_offset=0, last_offset=rows.num_rows - 1), rows))
+    for w, rows in writes:
+        cur.on_segment(w, rows)
+    assert cur.describe()["references"] == 100
+    assert cur.describe()["n_live"] == store.count() == 120
+
+
+def test_rows_arriving_outside_the_window_are_evicted_at_once(store):
+    cur = Curator(store, CurationConfig(k=8, n_references=32, retention_window=1))
+    cur.report_policy_version(5)
+    old = synthetic_rollouts(40, seed=1, id_prefix="late", config=SyntheticConfig(policy_version=2))
+    write(store, cur, old, 0)
+    assert store.count() == 0 and cur.describe()["n_live"] == 0
+    assert cur.describe()["evicted_total"] == 40

@@ -84,6 +84,7 @@ class Curator:
         self._last_snapshot = 0.0
         self._sample_cache: tuple[int, pa.Table] | None = None
         self.rebuild_seconds: float | None = None
+        self.evicted_total = 0
 
     # -- building ---------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> float:
@@ -120,8 +121,16 @@ class Curator:
                 # the selector is rebuilt over everything live (the new rows are in the store).
                 self._start_selector()
             elif self.selector is not None:
-                ids = self._assign_ints(rows.column("rollout_id").to_pylist())
-                self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+                # A reference refresh rescans the store, which may already hold rows whose
+                # segment hook has not run yet (one flush writes several partitions).
+                fresh = np.fromiter((r not in self._int_of for r in rows.column("rollout_id").to_pylist()),
+                                    dtype=bool, count=rows.num_rows)
+                rows = rows.filter(pa.array(fresh))
+                if rows.num_rows:
+                    ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+                    self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+            if self._cutoff() is not None and pc.min(rows.column("policy_version")).as_py() < self._cutoff():
+                self._evict_stale()   # rows that arrive already out of the retention window
             self._changed()
 
     def on_segment(self, _write, rows: pa.Table) -> None:
@@ -203,18 +212,26 @@ class Curator:
                 raise ValueError(f"policy version went backwards: {version} < {self.policy_version}")
             self.policy_version = int(version)
             self._save_policy_version()
-            if self.config.retention_window is None:
-                return 0
-            cutoff = self.policy_version - self.config.retention_window
-            stale = self.store.connect().sql(
-                f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table()
-            stale_ids = stale.column("rollout_id").to_pylist()
-            if not stale_ids:
-                return 0
-            self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
-            self._forget(stale_ids)
-            self._changed(force=True)
-            return len(stale_ids)
+            return self._evict_stale()
+
+    def _cutoff(self) -> int | None:
+        window = self.config.retention_window
+        return None if window is None else self.policy_version - window
+
+    def _evict_stale(self) -> int:
+        cutoff = self._cutoff()
+        if cutoff is None or cutoff <= 0:
+            return 0
+        stale = self.store.connect().sql(
+            f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table()
+        stale_ids = stale.column("rollout_id").to_pylist()
+        if not stale_ids:
+            return 0
+        self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
+        self._forget(stale_ids)
+        self._changed(force=True)
+        self.evicted_total += len(stale_ids)
+        return len(stale_ids)
 
     # -- the subset -------------------------------------------------------------------------------
     def subset_ids(self) -> list[str]:
@@ -312,7 +329,7 @@ class Curator:
             return {"method": self.config.method, "k": self.config.k, "selection_version": self.selection_version,
                     "objective_value": self.value(), "policy_version": self.policy_version,
                     "n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
-                    "references": len(self._reference_pool),
+                    "references": len(self._reference_pool), "evicted_total": self.evicted_total,
                     "rebuild_seconds": self.rebuild_seconds}
 
     # -- persistence of the trainer's version -----------------------------------------------------
