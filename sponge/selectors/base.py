@@ -67,6 +67,7 @@ class Selector(ABC):
         self.updates += len(ids)
         self._deleting(rows)
         self.table.remove(rows)
+        self._deleted()
 
     def solution(self) -> np.ndarray:
         return self.table.ids[self._solution_rows()].copy()
@@ -91,6 +92,9 @@ class Selector(ABC):
     @abstractmethod
     def _deleting(self, rows: np.ndarray) -> None:
         """React to rows about to leave the table (their profiles are still readable)."""
+
+    def _deleted(self) -> None:
+        """Called after deleted rows have left the table."""
 
     @abstractmethod
     def _solution_rows(self) -> np.ndarray:

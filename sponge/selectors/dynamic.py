@@ -108,12 +108,15 @@ class _Instance:
         """Highest level in [lo, hi) at which each row is pickable, given that it is pickable at lo and
         not at hi. Lockstep binary search: ~log2(hi - lo) queries per row, one numpy call per step."""
         lo, hi = lo.astype(np.int64), hi.astype(np.int64)
+        t = self.table
+        clients, weights, bonus = t.clients[rows], t.weights[rows], t.bonus[rows]
         while True:
             open_ = np.flatnonzero(hi - lo > 1)
             if len(open_) == 0:
                 return lo
             mid = (lo[open_] + hi[open_]) // 2
-            ok = self.oracle.gains(rows[open_], self.cov, mid - 1) >= self.thr  # f(s | S_{mid-1})
+            # pickable at level mid: f(s | S_{mid-1}) >= thr
+            ok = self.oracle.gains_of(clients[open_], weights[open_], bonus[open_], self.cov, mid - 1) >= self.thr
             lo[open_] = np.where(ok, mid, lo[open_])
             hi[open_] = np.where(ok, hi[open_], mid)
 
@@ -161,6 +164,10 @@ class _Instance:
         self._choose(row)
         self.rebuilds[j + 1] += 1
         self._rebuild(cands, known=j)
+
+    def build(self, rows: np.ndarray) -> None:
+        """Build the structure from scratch over rows (all pickable at level 1)."""
+        self._rebuild(rows, known=1)
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -270,9 +277,11 @@ class DynamicSelector(Selector):
     method = "dynamic"
 
     def __init__(self, objective: Objective, k: int = 64, eps: float = 0.2, seed: int = 0,
-                 refine: bool = True):
+                 refine: bool = True, dormant_low_guesses: bool = True):
         super().__init__(objective, k, seed)
         self.refine = bool(refine)
+        self.dormant_low_guesses = bool(dormant_low_guesses)
+        self.routed: dict[int, int] = {}  # guess j -> live elements routed to it
         self._answer: tuple[np.ndarray, float] | None = None  # cached read-out, dropped on update
         self.readout_queries = 0
         if not 0 < eps < 0.5:
@@ -285,7 +294,8 @@ class DynamicSelector(Selector):
         self.guess_hi = np.full(self.table.capacity, -1, np.int32)
 
     def params(self) -> dict:
-        return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine}
+        return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine,
+                "dormant_low_guesses": self.dormant_low_guesses}
 
     def _tau(self, j: np.ndarray | int):
         return np.power(1.0 + self.eps, j)
@@ -314,33 +324,67 @@ class DynamicSelector(Selector):
                 inst.ensure_capacity(cap)
         lo, hi = self._guess_range(self.oracle.singletons(rows))
         self.guess_lo[rows], self.guess_hi[rows] = lo, hi
-        if not np.any(hi >= lo):
-            return
-        for j in range(int(lo[hi >= lo].min()), int(hi.max()) + 1):
+        for j in self._guesses_of(lo, hi):
             mine = rows[(lo <= j) & (j <= hi)]
-            if len(mine) == 0:
-                continue
-            inst = self.instances.get(j)
-            if inst is None:
-                inst = self.instances[j] = _Instance(float(self._tau(j)), self.k, self.table, self.oracle,
-                                                     self.rng, self.rebuilds)
-            inst.insert(mine)
+            self.routed[j] = self.routed.get(j, 0) + len(mine)
+            if j in self.instances:
+                self.instances[j].insert(mine)
+            # a guess with no instance yet is built (or left dormant) by _refresh_guesses
+        self._refresh_guesses()
 
     def _deleting(self, rows: np.ndarray) -> None:
         self._answer = None
         lo, hi = self.guess_lo[rows], self.guess_hi[rows]
-        if not np.any(hi >= lo):
-            return
-        for j in range(int(lo[hi >= lo].min()), int(hi.max()) + 1):
+        for j in self._guesses_of(lo, hi):
             mine = rows[(lo <= j) & (j <= hi)]
-            if len(mine) == 0:
-                continue
-            inst = self.instances[j]
-            inst.delete(mine)
-            if inst.size == 0:
-                del self.instances[j]
+            self.routed[j] -= len(mine)
+            if self.routed[j] == 0:
+                del self.routed[j]
+            inst = self.instances.get(j)
+            if inst is not None:
+                inst.delete(mine)
+                if inst.size == 0:
+                    del self.instances[j]
         self.guess_hi[rows] = -1
         self.guess_lo[rows] = 0
+
+    def _deleted(self) -> None:
+        self._refresh_guesses()
+
+    @staticmethod
+    def _guesses_of(lo: np.ndarray, hi: np.ndarray) -> range:
+        routed = hi >= lo
+        if not routed.any():
+            return range(0)
+        return range(int(lo[routed].min()), int(hi.max()) + 1)
+
+    def _refresh_guesses(self) -> None:
+        """Keep an instance for every guess tau_j >= b / (1+eps)^2, b the best value found; with
+        `dormant_low_guesses`, drop instances below b / (1+eps)^3 (hysteresis against flapping).
+
+        Why this is safe: b is the value of a feasible set, so OPT >= b and the guess that carries the
+        guarantee, tau* in [OPT, (1+eps) OPT), is always kept. Why it pays: guesses far below OPT fill
+        S with k barely-filtered elements and almost every element climbs all k levels there, so they
+        cost the most rebuild work while never holding the answer. The price: a guess woken up after b
+        falls is built from scratch (O(|V_j| log k) queries), so an adversary alternately inserting and
+        deleting one dominant element could force that every few updates."""
+        if not self.dormant_low_guesses:
+            wake = [j for j in self.routed if j not in self.instances]
+        else:
+            b = max((i.value() for i in self.instances.values()), default=0.0)
+            wake = [j for j in self.routed if j not in self.instances and self._tau(j) * (1 + self.eps) ** 2 >= b]
+        if wake:
+            live = self.table.live
+            for j in sorted(wake):
+                inst = self.instances[j] = _Instance(float(self._tau(j)), self.k, self.table, self.oracle,
+                                                     self.rng, self.rebuilds)
+                members = np.flatnonzero(live & (self.guess_lo[: len(live)] <= j) & (j <= self.guess_hi[: len(live)]))
+                self.rebuilds[1] += 1
+                inst.build(members)
+        if self.dormant_low_guesses and self.instances:
+            b = max(i.value() for i in self.instances.values())
+            for j in [j for j in self.instances if self._tau(j) * (1 + self.eps) ** 3 < b]:
+                del self.instances[j]
 
     def _best(self) -> _Instance | None:
         if not self.instances:
@@ -374,6 +418,7 @@ class DynamicSelector(Selector):
         best = self._best()
         out.update({
             "instances_alive": len(self.instances),
+            "guesses_dormant": len(set(self.routed) - set(self.instances)),
             "rebuilds_per_level": {int(i): int(c) for i, c in enumerate(self.rebuilds) if c},
             "rebuilds": int(self.rebuilds.sum()),
             "readout_queries": self.readout_queries,
@@ -397,8 +442,13 @@ class DynamicSelector(Selector):
             assert np.array_equal(np.flatnonzero(inst.level >= 0), np.sort(expect)), f"routing of instance {j}"
             inst.check(live)
         routed = hi >= lo
-        needed = set()
+        count: dict[int, int] = {}
         for a, b in zip(lo[routed].tolist(), hi[routed].tolist()):
-            needed.update(range(a, b + 1))
-        assert needed == set(self.instances), "instances alive do not match the routed elements"
+            for j in range(a, b + 1):
+                count[j] = count.get(j, 0) + 1
+        assert count == self.routed, "routed counts are stale"
+        assert set(self.instances) <= set(count), "an instance without elements"
+        best = max((i.value() for i in self.instances.values()), default=0.0)
+        must = {j for j in count if not self.dormant_low_guesses or self._tau(j) * (1 + self.eps) ** 2 >= best}
+        assert must <= set(self.instances), f"guesses {sorted(must - set(self.instances))} lack an instance"
         self.oracle.queries = before  # auditing is not the algorithm's work

@@ -283,17 +283,22 @@ class CountingOracle:
         self.queries = 0
 
     def gains(self, rows: np.ndarray, cov: np.ndarray, prefix: np.ndarray | int | None = None) -> np.ndarray:
-        """f(s | S) for each row s. `cov` is one coverage vector, or a matrix of coverage vectors of
-        nested partial solutions with `prefix[i]` choosing the row of cov used for rows[i]."""
+        """f(s | S) for each row s. `cov` is one coverage vector, or a (contiguous) matrix of coverage
+        vectors of nested partial solutions with `prefix[i]` choosing the row of cov used for rows[i]."""
         t = self.table
-        clients = t.clients[rows]
+        return self.gains_of(t.clients[rows], t.weights[rows], t.bonus[rows], cov, prefix)
+
+    def gains_of(self, clients: np.ndarray, weights: np.ndarray, bonus: np.ndarray, cov: np.ndarray,
+                 prefix: np.ndarray | int | None = None) -> np.ndarray:
+        """`gains` for profiles already gathered (callers that ask about the same rows repeatedly)."""
         if cov.ndim == 1:
             covered = cov[clients]
-        else:
-            p = np.broadcast_to(np.asarray(prefix), rows.shape)
-            covered = cov[p[:, None], clients]
-        self.queries += len(rows)
-        return marginal_gains(t.weights[rows], t.bonus[rows], covered)
+        else:  # flat index into the matrix: about twice as fast as 2-d fancy indexing
+            offset = np.asarray(prefix, np.int64) * cov.shape[1]
+            covered = cov.ravel()[offset[..., None] + clients] if np.ndim(offset) else \
+                cov[int(prefix)][clients]
+        self.queries += len(clients)
+        return marginal_gains(weights, bonus, covered)
 
     def singletons(self, rows: np.ndarray) -> np.ndarray:
         return self.gains(rows, np.zeros(self.n_columns, np.float32))
