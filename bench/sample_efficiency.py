@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
+from sponge.trainer import (
+    CharTokenizer,
+    ReMixConfig,
+    ReMixTrainer,
+    build_tiny_model,
+    make_task,
+    warm_start,
+)
 from sponge.trainer.metrics import plot_runs
 
 
@@ -43,10 +50,10 @@ def selector_available() -> bool:
 
 
 def method_configs(args, pool: str) -> dict[str, ReMixConfig]:
-    common = dict(rollout_budget=args.budget, eval_every=args.eval_every, eval_size=args.eval_size,
-                  prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                  learning_rate=args.lr, kl_coef=args.kl_coef, progress=False)
-    remix = dict(replay_fraction=0.4, replay_window=2, updates_per_batch=2, reincarnate_at=args.reincarnate_at)
+    common = {"rollout_budget": args.budget, "eval_every": args.eval_every, "eval_size": args.eval_size,
+                  "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+                  "learning_rate": args.lr, "kl_coef": args.kl_coef, "progress": False}
+    remix = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "reincarnate_at": args.reincarnate_at}
     return {
         "grpo": ReMixConfig.grpo(run_name="grpo", **common),
         "remix_fifo": ReMixConfig(run_name="remix_fifo", replay_pool="fifo", replay_sampling="uniform",
@@ -137,13 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         med = s["median_rollouts_to_target"]
         s["speedup_vs_grpo"] = (base / med) if base and math.isfinite(base) and math.isfinite(med) else None
 
-    lines = [f"task `{task.name}`, {args.seeds} seeds, budget {args.budget} rollouts, target held-out "
-             f"success {args.target}, curated pool: `{pool}`", "",
-             "| method | rollouts to target: median [min, max] (seeds reaching) | × fewer than GRPO "
-             "| final success (mean ± std) | final response len | wall s (median) |",
+    lines = [(f"task `{task.name}`, {args.seeds} seeds, budget {args.budget} rollouts, target held-out "
+             f"success {args.target}, curated pool: `{pool}`"), "",
+             ("| method | rollouts to target: median [min, max] (seeds reaching) | × fewer than GRPO "
+             "| final success (mean ± std) | final response len | wall s (median) |"),
              "|---|---|---|---|---|---|"]
     for method, s in summary.items():
-        fmt = lambda x: "not reached" if not math.isfinite(x) else f"{x:.0f}"  # noqa: E731
+        fmt = lambda x: "not reached" if not math.isfinite(x) else f"{x:.0f}"
         speed = "—" if s["speedup_vs_grpo"] is None else f"{s['speedup_vs_grpo']:.2f}×"
         lines.append(f"| {method} | {fmt(s['median_rollouts_to_target'])} [{fmt(s['min_rollouts_to_target'])}, "
                      f"{fmt(s['max_rollouts_to_target'])}] ({s['seeds_reaching_target']}/{args.seeds}) | {speed} "

@@ -4,12 +4,18 @@ checkpoint/resume, the CLI, and a short seeded run that raises held-out success.
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from sponge.record import conform, validate
-from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
+from sponge.trainer import (
+    CharTokenizer,
+    ReMixConfig,
+    ReMixTrainer,
+    build_tiny_model,
+    make_task,
+    warm_start,
+)
 from sponge.trainer import losses as L
 from sponge.trainer.models import response_logprobs
 
@@ -27,7 +33,7 @@ def warm_model():
 
 
 def small(**kw):
-    base = dict(prompts_per_step=4, group_size=4, eval_size=32, progress=False, rollout_budget=10_000)
+    base = {"prompts_per_step": 4, "group_size": 4, "eval_size": 32, "progress": False, "rollout_budget": 10_000}
     base.update(kw)
     return base
 

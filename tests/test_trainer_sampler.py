@@ -9,8 +9,15 @@ import torch
 
 from sponge.record import conform, validate
 from sponge.trainer import (
-    CharTokenizer, DiverseReplayPool, FIFOReplayPool, ReplaySampler, TransformersGenerator,
-    build_tiny_model, make_task, response_logprobs, rollouts_table,
+    CharTokenizer,
+    DiverseReplayPool,
+    FIFOReplayPool,
+    ReplaySampler,
+    TransformersGenerator,
+    build_tiny_model,
+    make_task,
+    response_logprobs,
+    rollouts_table,
 )
 from sponge.trainer import density_ratio as D
 

@@ -15,21 +15,51 @@ from . import density_ratio, losses
 from .config import ReMixConfig
 from .generators import Generation, Generator, TransformersGenerator, VLLMGenerator
 from .models import (
-    CharTokenizer, HFTokenizer, TinyModelConfig, build_tiny_model, load_pretrained, response_logprobs, warm_start,
+    CharTokenizer,
+    HFTokenizer,
+    TinyModelConfig,
+    build_tiny_model,
+    load_pretrained,
+    response_logprobs,
+    warm_start,
 )
 from .remix import ReMixTrainer
 from .replay import (
-    DiverseReplayPool, FIFOReplayPool, ReplayDraw, ReplaySampler, ReplaySource, SelectorReplayPool,
+    DiverseReplayPool,
+    FIFOReplayPool,
+    ReplayDraw,
+    ReplaySampler,
+    ReplaySource,
+    SelectorReplayPool,
     rollouts_table,
 )
 from .tasks import AdditionTask, ReverseTask, Task, make_task
 
 __all__ = [
-    "ReMixConfig", "ReMixTrainer", "losses", "density_ratio",
-    "ReplaySampler", "ReplaySource", "ReplayDraw", "FIFOReplayPool", "DiverseReplayPool", "SelectorReplayPool",
+    "AdditionTask",
+    "CharTokenizer",
+    "DiverseReplayPool",
+    "FIFOReplayPool",
+    "Generation",
+    "Generator",
+    "HFTokenizer",
+    "ReMixConfig",
+    "ReMixTrainer",
+    "ReplayDraw",
+    "ReplaySampler",
+    "ReplaySource",
+    "ReverseTask",
+    "SelectorReplayPool",
+    "Task",
+    "TinyModelConfig",
+    "TransformersGenerator",
+    "VLLMGenerator",
+    "build_tiny_model",
+    "density_ratio",
+    "load_pretrained",
+    "losses",
+    "make_task",
+    "response_logprobs",
     "rollouts_table",
-    "Generation", "Generator", "TransformersGenerator", "VLLMGenerator",
-    "Task", "ReverseTask", "AdditionTask", "make_task",
-    "CharTokenizer", "HFTokenizer", "TinyModelConfig", "build_tiny_model", "load_pretrained",
-    "response_logprobs", "warm_start",
+    "warm_start",
 ]

@@ -66,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .config import ReMixConfig
-    from .models import CharTokenizer, TinyModelConfig, build_tiny_model, load_pretrained, warm_start
+    from .models import (
+        CharTokenizer,
+        TinyModelConfig,
+        build_tiny_model,
+        load_pretrained,
+        warm_start,
+    )
     from .remix import ReMixTrainer
     from .tasks import make_task
 

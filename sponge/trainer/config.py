@@ -127,13 +127,13 @@ class ReMixConfig:
             raise ValueError("invalid ReMixConfig: " + "; ".join(bad))
 
     @classmethod
-    def grpo(cls, **overrides) -> "ReMixConfig":
+    def grpo(cls, **overrides) -> ReMixConfig:
         """On-policy GRPO: no replay, one update per batch, no reincarnation."""
-        base = dict(replay_fraction=0.0, updates_per_batch=1, reincarnate_at=None, run_name="grpo")
+        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "reincarnate_at": None, "run_name": "grpo"}
         base.update(overrides)
         return cls(**base)
 
-    def replace(self, **changes) -> "ReMixConfig":
+    def replace(self, **changes) -> ReMixConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

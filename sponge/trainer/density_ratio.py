@@ -17,8 +17,12 @@ import numpy as np
 import torch
 
 __all__ = [
-    "log_density_ratios", "truncation_cap", "truncate", "effective_sample_size",
-    "self_normalise", "ratio_diagnostics",
+    "effective_sample_size",
+    "log_density_ratios",
+    "ratio_diagnostics",
+    "self_normalise",
+    "truncate",
+    "truncation_cap",
 ]
 
 #: log-ratios are clamped here before exp so a wild ratio is a huge finite number, never inf.

@@ -126,7 +126,7 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, tokenizer, **llm_kwargs):
         try:
-            from vllm import LLM  # noqa: PLC0415 - optional extra, imported only when used
+            from vllm import LLM
         except ImportError as exc:
             raise ImportError("VLLMGenerator needs vLLM: pip install 'sponge[vllm]' on a GPU machine") from exc
         try:
@@ -149,7 +149,7 @@ class VLLMGenerator:
 
     def generate(self, model, prompt_tokens: list[list[int]], max_new_tokens: int,
                  temperature: float = 1.0, seed: int | None = None) -> Generation:
-        from vllm import SamplingParams  # noqa: PLC0415
+        from vllm import SamplingParams
 
         if not self._processed and temperature not in (0, 1):
             raise ValueError("this vLLM reports pre-temperature log-probs; use temperature 1 (or 0)")

@@ -17,8 +17,14 @@ import math
 import torch
 
 __all__ = [
-    "group_advantages", "ppo_clip_loss", "mix_ppg_loss", "kl_k3", "kl_convex", "kl_convex_lambda",
-    "entropy_bonus", "aggregate",
+    "aggregate",
+    "entropy_bonus",
+    "group_advantages",
+    "kl_convex",
+    "kl_convex_lambda",
+    "kl_k3",
+    "mix_ppg_loss",
+    "ppo_clip_loss",
 ]
 
 

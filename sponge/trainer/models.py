@@ -16,8 +16,16 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "Tokenizer", "CharTokenizer", "HFTokenizer", "TinyModelConfig", "build_tiny_model",
-    "load_pretrained", "warm_start", "pack", "response_logprobs", "ResponseScores",
+    "CharTokenizer",
+    "HFTokenizer",
+    "ResponseScores",
+    "TinyModelConfig",
+    "Tokenizer",
+    "build_tiny_model",
+    "load_pretrained",
+    "pack",
+    "response_logprobs",
+    "warm_start",
 ]
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +27,23 @@ import torch
 
 from .config import ReMixConfig
 from .generators import Generator, TransformersGenerator
-from .losses import aggregate, group_advantages, kl_convex, kl_convex_lambda, mix_ppg_loss
+from .losses import (
+    aggregate,
+    group_advantages,
+    kl_convex,
+    kl_convex_lambda,
+    mix_ppg_loss,
+)
 from .metrics import MetricsLog, plot_runs
 from .models import response_logprobs
 from .replay import (
-    DiverseReplayPool, FIFOReplayPool, ReplaySampler, SelectorReplayPool, ReplaySource, padded_list_column, rollouts_table,
+    DiverseReplayPool,
+    FIFOReplayPool,
+    ReplaySampler,
+    ReplaySource,
+    SelectorReplayPool,
+    padded_list_column,
+    rollouts_table,
 )
 
 __all__ = ["ReMixTrainer"]

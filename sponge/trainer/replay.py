@@ -17,8 +17,9 @@ Sources here:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +27,27 @@ import pyarrow.compute as pc
 import torch
 
 from .density_ratio import (
-    log_density_ratios, ratio_diagnostics, self_normalise, truncate, truncation_cap, weights_from_log,
+    log_density_ratios,
+    ratio_diagnostics,
+    self_normalise,
+    truncate,
+    truncation_cap,
+    weights_from_log,
 )
 from .losses import group_advantages
 
 __all__ = [
-    "ReplaySource", "FIFOReplayPool", "DiverseReplayPool", "SelectorReplayPool", "ReplaySampler", "ReplayDraw",
-    "rollouts_table", "padded_list_column", "char_position_embedding", "farthest_point_subset",
     "REPLAY_COLUMNS",
+    "DiverseReplayPool",
+    "FIFOReplayPool",
+    "ReplayDraw",
+    "ReplaySampler",
+    "ReplaySource",
+    "SelectorReplayPool",
+    "char_position_embedding",
+    "farthest_point_subset",
+    "padded_list_column",
+    "rollouts_table",
 ]
 
 #: Columns a replay candidate table must have.
@@ -254,7 +268,7 @@ class SelectorReplayPool(FIFOReplayPool):
         return char_position_embedding(table.column("prompt").to_pylist(), table.column("response").to_pylist())
 
     def _insert(self, table: pa.Table) -> pa.Table:
-        from sponge.selectors import DynamicSelector, FacilityLocation  # noqa: PLC0415 - optional part
+        from sponge.selectors import DynamicSelector, FacilityLocation
 
         if self.drop_zero_advantage and "advantage" in table.column_names:
             table = table.filter(pc.greater(pc.abs(table.column("advantage")), 1e-6))

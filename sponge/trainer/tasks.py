@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Task", "ReverseTask", "AdditionTask", "TASKS", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "ReverseTask", "Task", "make_task"]
 
 
 class Task:
