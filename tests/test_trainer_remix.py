@@ -156,3 +156,19 @@ def test_config_rejects_bad_values():
         make_task("chess")
     with pytest.raises(ValueError, match="alphabet"):
         CharTokenizer("0123").encode_prompt("12x")
+
+
+def test_cli_train_runs_resumes_and_rejects_bad_flags(tmp_path, capsys):
+    from sponge.cli import main
+
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--eval-size", "16", "--prompts-per-step", "2", "--group-size", "4",
+              "--warm-start-steps", "5", "--threads", "1"]
+    assert main(["train", "--algo", "grpo", "--rollout-budget", "16", *common]) == 0
+    assert '"rollouts": 16' in capsys.readouterr().out
+    assert (out / "checkpoint" / "state.pt").exists() and (out / "metrics.csv").exists()
+    assert main(["train", "--algo", "grpo", "--resume", "--rollout-budget", "32", *common]) == 0
+    text = capsys.readouterr().out
+    assert "resumed at policy version 2" in text and '"rollouts": 32' in text
+    assert main(["train", "--replay-fraction", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "replay_fraction must be in [0, 1)" in capsys.readouterr().out
