@@ -68,7 +68,8 @@ def bare_consumer(bootstrap: str, topic: str, messages: int, fetch: dict, interv
     elapsed = time.perf_counter() - t0
     stop.set()
     consumer.close(autocommit=False)
-    out.put({"seconds": elapsed, "messages": seen, "peak_rss": _peak_rss_bytes(), "rss": samples})
+    out.put({"seconds": elapsed, "messages": seen, "peak_rss": _peak_rss_bytes(), "rss": samples,
+             "cpu_seconds": time.process_time()})
 
 
 def service_run(bootstrap: str, topic: str, store_path: str, messages: int, rollouts: int, settings: dict,
@@ -102,6 +103,8 @@ def service_run(bootstrap: str, topic: str, store_path: str, messages: int, roll
     service.close()
     stop.set()
     out.put({"seconds": elapsed, "messages": totals.messages, "ingested": totals.ingested,
+             "process_seconds": totals.process_seconds, "write_seconds": totals.write_seconds,
+             "cpu_seconds": time.process_time(),
              "segments": totals.segments, "peak_rss": _peak_rss_bytes(), "rss": samples,
              "expected": rollouts})
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 bare_rate = args.rollouts / bare["seconds"]
                 print(f"(a) bare consumer: {bare['messages']} messages in {bare['seconds']:.2f}s = "
                       f"{bare['messages'] / bare['seconds']:.0f} msg/s = {bare_rate:.0f} rollouts/s; "
-                      f"peak RSS {bare['peak_rss'] / 2**20:.0f} MiB", flush=True)
+                      f"process CPU {bare['cpu_seconds']:.1f}s; peak RSS {bare['peak_rss'] / 2**20:.0f} MiB", flush=True)
 
             settings = dict(flush_rows=args.flush_rows, max_poll_records=args.max_poll_records,
                             embedding_dim=args.embedding_dim,
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(b) ingest service: {svc['ingested']} rollouts stored ({svc['segments']} segments) in "
                   f"{svc['seconds']:.2f}s = {svc_rate:.0f} rollouts/s; peak RSS {svc['peak_rss'] / 2**20:.0f} MiB",
                   flush=True)
+            print(f"    decode+validate {svc['process_seconds']:.2f}s (poll thread), segment writes "
+                  f"{svc['write_seconds']:.2f}s (writer thread), process CPU {svc['cpu_seconds']:.1f}s "
+                  f"over {svc['seconds']:.1f}s wall; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             print("    " + _rss_summary(svc["rss"]))
             if bare:
                 print(f"ratio b/a = {svc_rate / bare_rate:.2f}  (targets: b/a >= 0.7, b >= 5000 rollouts/s)")

@@ -203,6 +203,10 @@ class IngestTotals:
     dead_letters: int = 0
     segments: int = 0
     flushes: int = 0
+    #: seconds spent decoding, validating and buffering (poll thread)
+    process_seconds: float = 0.0
+    #: seconds spent making batches durable (writer thread: Parquet encode, fsync, dead letters)
+    write_seconds: float = 0.0
 
 
 @dataclass
@@ -319,7 +323,9 @@ class IngestService:
         records = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms if timeout_ms is None else timeout_ms,
                                       max_records=cfg.max_poll_records)
         if records:
+            t0 = time.perf_counter()
             self._ingest(records)
+            self.totals.process_seconds += time.perf_counter() - t0
         if self._should_flush() or (self._pending and self._pending[0][0].done()):
             self.flush(wait=False)
         now = time.monotonic()
@@ -448,6 +454,7 @@ class IngestService:
 
     def _write(self, buffers: dict[tuple[str, int], _PartitionBuffer]) -> list:
         """Make one batch durable (runs on the writer thread): dead letters, then one segment per partition."""
+        t0 = time.perf_counter()
         letters = [letter for b in buffers.values() for letter in b.letters]
         if letters:
             self.store.write_dead_letters(dead_letters_table(letters))
@@ -462,6 +469,7 @@ class IngestService:
             write = self.store.write_segment(rows, topic=topic, partition=partition, offsets=offsets,
                                              first_offset=buf.first_offset, last_offset=buf.last_offset)
             writes.append((write, rows))
+        self.totals.write_seconds += time.perf_counter() - t0  # only this thread writes it
         return writes
 
     def _finish(self, future: Future, buffers: dict, started: float) -> None:
