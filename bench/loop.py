@@ -1,0 +1,162 @@
+"""The curation loop's costs, each measured beside its comparison in the same run.
+
+1. Produce M synthetic rollouts (384-d embeddings, ~300-token responses, GRPO groups of 8)
+   to the embedded broker.
+2. (a) ingest alone (decode, validate, write, commit) and (b) ingest with selection on
+   (the same, plus the dynamic selector and replay snapshots), each its own consumer group
+   over the same messages, one after the other in this process. Printed: rollouts/s of
+   both and the selection cost 1 − b/a (target ≤ 30%).
+3. Replay-sample latency over HTTP for n = 256 (p50/p99 over repeated requests), against a
+   bare /healthz round trip as the floor.
+4. Restart: a fresh curator rebuilt from (b)'s store (seconds for M rollouts).
+5. Scale-out: the rollouts split into two shards by Kafka partition, one selector each, the
+   global subset greedy over the union of the shard solutions; its objective against one
+   selector over all data and against lazy greedy over all data.
+
+    .venv/bin/python bench/loop.py                     # 100k rollouts (a few minutes)
+    .venv/bin/python bench/loop.py --rollouts 20000    # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def drain(poll_once, totals, target: int, timeout_s: float) -> float:
+    """Poll until `target` rollouts are durable; seconds from the first message to the last flush."""
+    t_first = None
+    deadline = time.monotonic() + timeout_s
+    while totals.ingested < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {totals.ingested}/{target} rollouts ingested in {timeout_s}s")
+        poll_once()
+        if t_first is None and totals.messages > 0:
+            t_first = time.perf_counter()
+    return time.perf_counter() - t_first
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rollouts", type=int, default=100_000)
+    parser.add_argument("--rows-per-message", type=int, default=256)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=200, help="replay-sample requests to time")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import httpx
+
+    from sponge.engine.api import ApiConfig
+    from sponge.engine.curation import CurationConfig, Curator
+    from sponge.engine.server import CurationServer, ServerConfig
+    from sponge.engine.service import IngestConfig, IngestService, configure_json_logging
+    from sponge.streams.broker import EmbeddedBroker, create_topic
+    from sponge.streams.synthetic import produce
+
+    configure_json_logging("WARNING")
+    work = Path(tempfile.mkdtemp(prefix="sponge-loop-"))
+    results: dict = {"rollouts": args.rollouts, "k": args.k, "rows_per_message": args.rows_per_message}
+    try:
+        with EmbeddedBroker() as broker:
+            topic = "rollouts"
+            create_topic(broker.bootstrap, topic, partitions=4)
+            create_topic(broker.bootstrap, f"{topic}.dlq", partitions=1)
+            t0 = time.perf_counter()
+            produce(broker.bootstrap, topic, args.rollouts, rows_per_message=args.rows_per_message, progress=True)
+            print(f"produced {args.rollouts} rollouts in {time.perf_counter() - t0:.1f}s")
+
+            def ingest_config(group: str, store: str) -> IngestConfig:
+                return IngestConfig(bootstrap_servers=broker.bootstrap, topic=topic, group_id=group,
+                                    store_path=str(work / store), create_topics=False, session_timeout_ms=6000,
+                                    log_level="WARNING")
+
+            # (a) ingest alone
+            alone = IngestService(ingest_config("alone", "store-a")).start()
+            secs_a = drain(alone.poll_once, alone.totals, args.rollouts, 1800)
+            alone.close()
+            rate_a = args.rollouts / secs_a
+            print(f"(a) ingest alone:          {rate_a:10,.0f} rollouts/s")
+
+            # (b) ingest + selection (HTTP up, as in production)
+            server = CurationServer(ServerConfig(
+                ingest=ingest_config("curated", "store-b"),
+                curation=CurationConfig(k=args.k, retention_window=None), api=ApiConfig(port=0)))
+            server.start()
+            secs_b = drain(server.ingest.poll_once, server.ingest.totals, args.rollouts, 3600)
+            rate_b = args.rollouts / secs_b
+            print(f"(b) ingest + selection:    {rate_b:10,.0f} rollouts/s   "
+                  f"selection cost 1 - b/a = {1 - rate_b / rate_a:.1%} (target <= 30%)")
+            results.update(ingest_alone_per_s=rate_a, ingest_with_selection_per_s=rate_b,
+                           selection_cost=1 - rate_b / rate_a, selector=server.curator.describe())
+
+            # replay-sample latency
+            lat, floor = [], []
+            with httpx.Client(base_url=server.http.url, timeout=30) as http:
+                http.get("/replay/sample", params={"n": 256}).raise_for_status()   # warm the cache
+                for i in range(args.samples):
+                    t = time.perf_counter()
+                    http.get("/healthz").raise_for_status()
+                    floor.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    r = http.get("/replay/sample", params={"n": 256, "weighting": "recency", "seed": i})
+                    r.raise_for_status()
+                    lat.append(time.perf_counter() - t)
+            p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
+            f50, f99 = np.percentile(np.array(floor) * 1000, [50, 99])
+            print(f"replay sample n=256:       p50 {p50:.1f} ms  p99 {p99:.1f} ms   "
+                  f"(/healthz floor p50 {f50:.1f} ms, p99 {f99:.1f} ms)")
+            results.update(sample_p50_ms=p50, sample_p99_ms=p99, healthz_p50_ms=f50, healthz_p99_ms=f99)
+            server.close()
+
+        # restart: rebuild the selector from the store
+        store = server.store
+        restarted = Curator(store, CurationConfig(k=args.k, retention_window=None))
+        secs = restarted.rebuild(progress=True)
+        print(f"restart: selector rebuilt from {store.count():,} stored rollouts in {secs:.1f}s "
+              f"(f = {restarted.value():.2f} vs {server.curator.value():.2f} before)")
+        results.update(rebuild_seconds=secs, rebuild_value=restarted.value(), value_before=server.curator.value())
+
+        results.update(scale_out(store, restarted, args.k))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+def scale_out(store, curator, k: int) -> dict:
+    """Two shard selectors (by partition) merged greedily, against one selector over everything."""
+    import pyarrow.compute as pc
+
+    from sponge.engine.shards import greedy_subset, merge_shard_solutions
+    from sponge.selectors import DynamicSelector
+
+    objective = curator.selector.objective
+    conn = store.connect()
+    rows = conn.sql("SELECT rollout_id, partition, embedding FROM rollouts ORDER BY rollout_id").to_arrow_table()
+    emb = pc.list_flatten(rows.column("embedding").combine_chunks()).to_numpy().reshape(rows.num_rows, -1)
+    part = rows.column("partition").to_numpy()
+    shards = []
+    for members in (np.isin(part, [0, 1]), np.isin(part, [2, 3])):
+        sel = DynamicSelector(objective, k=k, seed=0)
+        ids = np.flatnonzero(members)
+        sel.insert(ids, emb[ids])
+        shards.append(sel.solution())
+    merged_ids, merged_value = merge_shard_solutions(objective, [(s, emb[s]) for s in shards], k)
+    single_value = curator.value()
+    _, greedy_value = greedy_subset(objective, np.arange(len(emb)), emb, k)
+    print(f"scale-out (2 shards):      merged f = {merged_value:.2f}; one selector over all f = {single_value:.2f}; "
+          f"lazy greedy over all f = {greedy_value:.2f}  (merged/greedy = {merged_value / greedy_value:.3f})")
+    return {"merged_value": merged_value, "single_selector_value": single_value, "lazy_greedy_value": greedy_value}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
