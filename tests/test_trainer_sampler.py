@@ -197,6 +197,8 @@ def test_selector_pool_inserts_deletes_with_the_window_and_caps():
 
     rng = np.random.default_rng(0)
     pool = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
+    pool.add(_table(4, 0, [0.5] * 4, advantages=np.zeros(4)))   # no signal at all: nothing kept
+    assert len(pool) == 0 and pool.candidates(1).num_rows == 0
     for v in range(4):
         digits = rng.integers(0, 10, size=(12, 4))
         prompts = ["".join(map(str, d)) + ">" for d in digits]

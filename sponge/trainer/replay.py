@@ -292,7 +292,9 @@ class SelectorReplayPool(FIFOReplayPool):
 
     def add(self, rollouts: pa.Table) -> None:
         _check_columns(rollouts)
-        super().add(self._insert(rollouts))
+        kept = self._insert(rollouts)
+        if kept.num_rows:  # a batch with no learning signal adds nothing
+            super().add(kept)
 
     def candidates(self, current_version: int) -> pa.Table:
         if self.table is None or self.selector is None:
@@ -310,7 +312,7 @@ class SelectorReplayPool(FIFOReplayPool):
     def restore(self, table: pa.Table | None) -> None:
         self.clear()
         if table is not None and table.num_rows:
-            super().add(self._insert(table))
+            self.add(table)
 
 
 @dataclass
