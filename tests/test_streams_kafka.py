@@ -141,3 +141,12 @@ def test_sponge_broker_command_prints_address_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sponge_produce_command_reports_what_it_sent(broker, topic):
+    out = subprocess.run([sys.executable, "-m", "sponge.cli", "produce", "--bootstrap-servers", broker,
+                          "--topic", topic, "--rollouts", "128", "--embedding-dim", "16", "--response-tokens", "20",
+                          "--bad-fraction", "0.5", "--max-message-bytes", "200000"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "128 valid rollouts" in out.stdout and "malformed messages" in out.stdout

@@ -538,10 +538,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, flag in _FLAG_FIELDS.items():
         f = next(x for x in dataclasses.fields(IngestConfig) if x.name == name)
         typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)
-        parser.add_argument(flag, dest=name, type=typ, default=None,
+        # SUPPRESS: an unset flag leaves no attribute, so env and file values are not overridden.
+        parser.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
                             help=f"{docs.get(name, '')} (default {f.default!r}; env SPONGE_{name.upper()})")
     parser.add_argument("--no-create-topics", dest="create_topics", action="store_const", const=False,
-                        default=None, help="do not create the topic and DLQ topic at start")
+                        default=argparse.SUPPRESS, help="do not create the topic and DLQ topic at start")
 
 
 def _field_docs() -> dict[str, str]:
