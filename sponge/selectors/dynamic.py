@@ -284,6 +284,7 @@ class DynamicSelector(Selector):
         self.routed: dict[int, int] = {}  # guess j -> live elements routed to it
         self._answer: tuple[np.ndarray, float] | None = None  # cached read-out, dropped on update
         self.readout_queries = 0
+        self._last_rows = np.empty(0, np.int64)
         if not 0 < eps < 0.5:
             raise ValueError("eps must lie in (0, 0.5)")
         self.eps = float(eps)
@@ -400,11 +401,14 @@ class DynamicSelector(Selector):
                 self._answer = (best.solution_rows().copy(), best.value())
                 if self.refine and len(self.instances) > 1:
                     before = self.oracle.queries
-                    pool = np.unique(np.concatenate([i.solution_rows() for i in self.instances.values()]))
+                    # the pool: every instance's solution, plus what survives of the last answer
+                    kept = self._last_rows[self.table.live[self._last_rows]]
+                    pool = np.unique(np.concatenate([kept] + [i.solution_rows() for i in self.instances.values()]))
                     rows, value = lazy_greedy(self.oracle, pool, self.k)
                     self.readout_queries += self.oracle.queries - before
                     if value > self._answer[1]:
                         self._answer = (rows, value)
+            self._last_rows = self._answer[0]
         return self._answer
 
     def _solution_rows(self) -> np.ndarray:
