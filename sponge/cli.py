@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("sponge.streams.broker", "run the embedded Kafka-compatible broker in the foreground"),
     "produce": ("sponge.streams.synthetic", "send synthetic rollouts (optionally malformed ones) to a topic"),
-    "serve": ("sponge.engine.service", "run the long-running ingest (and curation) service"),
+    "serve": ("sponge.engine.server", "run the service: ingest from Kafka, curate the replay subset, serve replay over HTTP"),
     "sql": ("sponge.engine.sql_cli", "run a read-only SQL query over the rollout store"),
     "train": ("sponge.trainer.cli", "train a tiny model on a toy task with ReMix or GRPO"),
     "demo": ("sponge.demo", "the end-to-end demo: broker, service and trainer on a toy task"),

@@ -60,7 +60,7 @@ class DemoConfig:
     #: Toy task: "reverse" (reverse a digit string) or "add" (small-number addition).
     task: str = "reverse"
     #: Rollouts each training run may generate.
-    rollout_budget: int = 3000
+    rollout_budget: int = 6000
     #: Seed of the model, the tasks and the selector.
     seed: int = 0
     #: Replay subset size the service keeps.
@@ -68,9 +68,9 @@ class DemoConfig:
     #: Also train the on-policy GRPO baseline.
     baseline: bool = True
     #: Supervised warm-start steps before RL (so rewards are not all zero).
-    warm_start_steps: int = 150
+    warm_start_steps: int = 50
     #: Reincarnation step T of ReMix (replay off from here on).
-    reincarnate_at: int = 25
+    reincarnate_at: int = 30
 
 
 class Timeline:

@@ -330,7 +330,8 @@ def test_metrics_are_served_over_http(broker, topic, tmp_path):
 
 def _serve(broker: str, topic: str, store_path: Path, log: Path, **flags) -> subprocess.Popen:
     args = {"bootstrap-servers": broker, "topic": topic, "group": f"g-{topic}", "store": str(store_path),
-            "session-timeout-ms": SESSION_MS, "flush-interval-s": 0.3, "flush-rows": 2000}
+            "session-timeout-ms": SESSION_MS, "flush-interval-s": 0.3, "flush-rows": 2000,
+            "http-port": 0}  # the full service (selector + HTTP) on a free port
     args.update({k.replace("_", "-"): v for k, v in flags.items()})
     cmd = [sys.executable, "-m", "sponge.cli", "serve"]
     for k, v in args.items():

@@ -112,6 +112,7 @@ class Curator:
             rows = rows.filter(pc.is_valid(rows.column("embedding")))
             if rows.num_rows == 0:
                 return
+            oldest = pc.min(rows.column("policy_version")).as_py()
             before = len(self._reference_pool)
             self._collect_references(rows)
             now = len(self._reference_pool)
@@ -129,7 +130,7 @@ class Curator:
                 if rows.num_rows:
                     ids = self._assign_ints(rows.column("rollout_id").to_pylist())
                     self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
-            if self._cutoff() is not None and pc.min(rows.column("policy_version")).as_py() < self._cutoff():
+            if self._cutoff() is not None and oldest < self._cutoff():
                 self._evict_stale()   # rows that arrive already out of the retention window
             self._changed()
 

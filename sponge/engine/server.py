@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,12 +124,42 @@ class CurationServer:
             if config.embed_missing else None
         self.ingest = ingest.IngestService(
             config.ingest, store=self.store, enrich=enrich,
-            on_segment=self.curator.on_segment if self.curator is not None else None)
+            on_segment=self._on_segment if self.curator is not None else None)
+        self._curator_broken_since: float | None = None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
         app = create_app(self.store, self.curator, config.api,
                          metrics_text=self._metrics_text, ready=self.ready)
         self.http = ApiServer(app, config.api)
+
+    def _on_segment(self, write, rows: pa.Table) -> None:
+        """Hand new rows to the curator; a curation failure never stops ingest.
+
+        The rows are durable and committed before this runs, so nothing is lost: the curator
+        is marked broken (readiness says so) and rebuilt from the store a little later.
+        """
+        if self._curator_broken_since is not None:
+            return
+        try:
+            self.curator.on_segment(write, rows)
+        except Exception as exc:  # noqa: BLE001 - any curator bug must not take ingest down
+            log.exception("curation failed; ingest goes on, the selector will be rebuilt from the store")
+            ingest._event(logging.ERROR, "curation failed", error=repr(exc))
+            self._curator_broken_since = time.monotonic()
+            self.ready.clear()
+
+    def _maybe_recover_curator(self, retry_after_s: float = 5.0) -> None:
+        if self._curator_broken_since is None or time.monotonic() - self._curator_broken_since < retry_after_s:
+            return
+        try:
+            seconds = self.curator.rebuild()
+        except Exception as exc:  # noqa: BLE001
+            ingest._event(logging.ERROR, "selector rebuild failed; retrying later", error=repr(exc))
+            self._curator_broken_since = time.monotonic()
+            return
+        ingest._event(logging.INFO, "selector rebuilt after a failure", seconds=round(seconds, 3))
+        self._curator_broken_since = None
+        self.ready.set()
 
     def _metrics_text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -154,6 +185,8 @@ class CurationServer:
         try:
             while not stop_event.is_set():
                 self.ingest.poll_once()
+                if self.curator is not None:
+                    self._maybe_recover_curator()
         finally:
             self.close()
         return self.ingest.totals

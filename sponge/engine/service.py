@@ -250,6 +250,9 @@ class IngestService:
         self._buffered_bytes = 0
         self._oldest = None  # monotonic time the oldest buffered message arrived
         self._last_lag = 0.0
+        self._last_commits: dict = {}  # TopicPartition -> next offset we last committed
+        self._failed_commits: dict = {}  # TopicPartition -> offset whose commit failed, retried later
+        self._admin = None               # admin client for the broker-reset check, made on first use
         self._consumer = None
         self._producer = None
         self._dlq = None
@@ -306,7 +309,9 @@ class IngestService:
             self._pending.clear()
             self._consumer.close()
             self._producer.close(timeout=10)
-            self._consumer = self._producer = self._dlq = None
+            if self._admin is not None:
+                self._admin.close()
+            self._consumer = self._producer = self._dlq = self._admin = None
             _event(logging.INFO, "stopped", **dataclasses.asdict(self.totals))
 
     def __enter__(self) -> "IngestService":
@@ -332,7 +337,55 @@ class IngestService:
         if now - self._last_lag > 2.0:
             self._last_lag = now
             self.metrics.set_lag(self._consumer.lag())
+            self._check_broker_reset()
+            self._retry_failed_commits()
         return len(records)
+
+    def _check_broker_reset(self) -> None:
+        """Notice a broker that came back without its state and re-read its partitions from the start.
+
+        A durable Kafka cluster never does this; the in-memory dev broker does on every restart:
+        its logs start again at offset 0 and it has forgotten the group's commits, so the positions
+        this consumer holds would skip the new records. If a partition we committed to has no
+        committed offset any more, or its log end is now below our position, seek to its beginning
+        (anything re-read is deduplicated by the store).
+        """
+        from kafka.errors import KafkaError
+
+        # Partitions whose offsets the broker should know: committed, or tried (a failed commit
+        # is retried, and must not re-commit old-log offsets into a new log).
+        ours = {tp for tp, off in (*self._last_commits.items(), *self._failed_commits.items()) if off > 0}
+        kafka = self._consumer.kafka
+        forgotten = []
+        try:
+            for tp in self._consumer.assignment():
+                high = kafka.highwater(tp)
+                if high is not None and high < kafka.position(tp, timeout_ms=1000):
+                    forgotten.append(tp)   # the log end moved backwards: the broker's log was reset
+            assigned = [tp for tp in self._consumer.assignment() if tp in ours and tp not in forgotten]
+            if assigned:
+                if self._admin is None:
+                    from kafka import KafkaAdminClient
+
+                    self._admin = KafkaAdminClient(bootstrap_servers=self.config.bootstrap_servers,
+                                                   request_timeout_ms=5000, **self.config.kafka)
+                # Ask the broker itself: the consumer's own committed() answers from its cache.
+                group = self.config.group_id
+                stored = self._admin.list_group_offsets(group).get(group, {})
+                forgotten += [tp for tp in assigned if tp not in stored or stored[tp].offset < 0]
+        except (KafkaError, OSError):
+            return  # broker unreachable right now: check again later
+        except Exception as exc:  # noqa: BLE001 - a failing check must never stop ingest
+            _event(logging.WARNING, "broker-reset check failed", error=repr(exc))
+            return
+        if forgotten:
+            _event(logging.WARNING, "broker lost this group's offsets (restarted empty?); re-reading from the start",
+                   partitions=[f"{tp.topic}/{tp.partition}" for tp in forgotten])
+            for tp in forgotten:
+                self._last_commits.pop(tp, None)
+                self._failed_commits.pop(tp, None)
+            self.flush()
+            kafka.seek_to_beginning(*forgotten)
 
     def _ingest(self, records: list) -> None:
         cfg = self.config
@@ -507,10 +560,25 @@ class IngestService:
 
         try:
             self._consumer.commit(commits)
+            self._last_commits.update(commits)
+            for tp in commits:
+                self._failed_commits.pop(tp, None)
         except (CommitFailedError, KafkaError) as exc:
-            # The group moved on (rebalance): the rows are durable, the new owner replays
-            # them from the last commit and the store drops the duplicates.
-            _event(logging.WARNING, "commit failed", error=str(exc))
+            # The group moved on (rebalance) or the broker is away: the rows are durable, so
+            # nothing is lost. Retry once we own the partitions again; a new owner meanwhile
+            # replays from the last commit and the store drops the duplicates.
+            for tp, offset in commits.items():
+                self._failed_commits[tp] = max(offset, self._failed_commits.get(tp, 0))
+            _event(logging.WARNING, "commit failed; will retry", error=str(exc))
+
+    def _retry_failed_commits(self) -> None:
+        if not self._failed_commits:
+            return
+        owned = self._consumer.assignment()
+        for tp in [tp for tp in self._failed_commits if tp not in owned]:
+            del self._failed_commits[tp]   # someone else owns it now and replays from its last commit
+        if self._failed_commits:
+            self._commit(dict(self._failed_commits))
 
     def _on_revoke(self, partitions: list) -> None:
         _event(logging.INFO, "partitions revoked", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
