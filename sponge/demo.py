@@ -60,7 +60,7 @@ class DemoConfig:
     #: Toy task: "reverse" (reverse a digit string) or "add" (small-number addition).
     task: str = "reverse"
     #: Rollouts each training run may generate.
-    rollout_budget: int = 6000
+    rollout_budget: int = 10000
     #: Seed of the model, the tasks and the selector.
     seed: int = 0
     #: Replay subset size the service keeps.
@@ -187,6 +187,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 deadline = time.monotonic() + 10.0
                 while server.ingest.totals.ingested < published["rollouts"] and time.monotonic() < deadline:
                     time.sleep(0.02)
+                server.worker.drain(max(0.0, deadline - time.monotonic()))
                 client.report_policy_version(version)
 
             trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
@@ -268,6 +269,8 @@ def write_report(out: Path, store, histories: dict[str, list[dict]]) -> dict:
         ax2 = axes[0].twinx()
         ax2.plot(t, _floats(tl, "subset_diversity"), color="tab:orange", label="mean cosine distance")
         ax2.set_ylabel("mean pairwise cosine distance")
+        lines = axes[0].get_lines() + ax2.get_lines()
+        axes[0].legend(lines, [line.get_label() for line in lines], loc="lower right")
         axes[1].plot(t, _floats(tl, "ingest_rate"))
         axes[1].set(xlabel="seconds", ylabel="rollouts / s", title="ingest rate")
         axes[2].plot(t, _floats(tl, "stored_rollouts"), label="live in store")

@@ -84,6 +84,7 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
         producer.flush()
         # Sync point for a deterministic test: the service holds everything generated so far.
         wait_for(lambda: server.ingest.totals.ingested >= published["n"], what="rollouts ingested")
+        assert server.worker.drain(30)
         client.report_policy_version(version)
 
     trainer = ReMixTrainer(model, tok, task, cfg, replay_source=ServiceReplaySource(client, window=1),
@@ -101,6 +102,7 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     assert versions and min(versions) >= 4
     subset = client.subset()
     assert subset.num_rows > 0 and pc.min(subset.column("policy_version")).as_py() >= 4
+    assert server.worker.drain(30)
     assert server.curator.describe()["n_live"] == server.store.count()
     tomb = server.store.sql("SELECT count(*) FROM tombstones WHERE reason LIKE 'retention%'").column(0)[0].as_py()
     assert tomb > 0

@@ -85,6 +85,7 @@ class Curator:
         self._sample_cache: tuple[int, pa.Table] | None = None
         self.rebuild_seconds: float | None = None
         self.evicted_total = 0
+        self._removed_ids: set[str] = set()  # explicit removals (retention is caught by version)
 
     # -- building ---------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> float:
@@ -110,6 +111,10 @@ class Curator:
         """Insert rollouts that are now durable in the store (needs rollout_id, prompt_id, reward, embedding)."""
         with self._lock:
             rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if self._removed_ids:
+                # Removed while these rows waited in the curation queue: keep them out.
+                rows = rows.filter(pc.invert(pc.is_in(rows.column("rollout_id"),
+                                                      pa.array(list(self._removed_ids), pa.string()))))
             if rows.num_rows == 0:
                 return
             oldest = pc.min(rows.column("policy_version")).as_py()
@@ -189,6 +194,7 @@ class Curator:
         with self._lock:
             live = self._count_live(rollout_ids)
             self.store.delete(rollout_ids, reason=reason)
+            self._removed_ids.update(rollout_ids)
             self._forget(rollout_ids)
             self._changed(force=True)
         return live

@@ -4,7 +4,8 @@ It composes the pieces, each usable alone:
 
     IngestService  (Kafka → validated Parquet segments, exactly once by rollout_id)
       └─ embed_missing: rollouts that arrive without an embedding get one (all-MiniLM-L6-v2)
-      └─ on_segment → Curator.add (the dynamic selector keeps the replay subset current)
+      └─ on_segment → CurationWorker (own thread, bounded queue) → Curator.add (the dynamic
+         selector keeps the replay subset current without holding up ingest)
     Curator        (retention on policy-version reports, removal, snapshots, replay samples)
     ApiServer      (HTTP: health, readiness, metrics, replay as Arrow, SQL, policy, removal)
 
@@ -31,6 +32,7 @@ import pyarrow.compute as pc
 from sponge.engine import service as ingest
 from sponge.engine.api import ApiConfig, ApiServer, create_app
 from sponge.engine.curation import CurationConfig, Curator
+from sponge.engine.worker import CurationWorker
 
 HELP = "run the service: ingest rollouts from Kafka, curate the replay subset, serve it over HTTP"
 
@@ -125,41 +127,18 @@ class CurationServer:
         self.ingest = ingest.IngestService(
             config.ingest, store=self.store, enrich=enrich,
             on_segment=self._on_segment if self.curator is not None else None)
-        self._curator_broken_since: float | None = None
+        self.worker = CurationWorker(self.curator, on_health=self._curator_health) if self.curator else None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
         app = create_app(self.store, self.curator, config.api,
                          metrics_text=self._metrics_text, ready=self.ready)
         self.http = ApiServer(app, config.api)
 
-    def _on_segment(self, write, rows: pa.Table) -> None:
-        """Hand new rows to the curator; a curation failure never stops ingest.
+    def _on_segment(self, _write, rows: pa.Table) -> None:
+        self.worker.submit(rows)
 
-        The rows are durable and committed before this runs, so nothing is lost: the curator
-        is marked broken (readiness says so) and rebuilt from the store a little later.
-        """
-        if self._curator_broken_since is not None:
-            return
-        try:
-            self.curator.on_segment(write, rows)
-        except Exception as exc:  # noqa: BLE001 - any curator bug must not take ingest down
-            log.exception("curation failed; ingest goes on, the selector will be rebuilt from the store")
-            ingest._event(logging.ERROR, "curation failed", error=repr(exc))
-            self._curator_broken_since = time.monotonic()
-            self.ready.clear()
-
-    def _maybe_recover_curator(self, retry_after_s: float = 5.0) -> None:
-        if self._curator_broken_since is None or time.monotonic() - self._curator_broken_since < retry_after_s:
-            return
-        try:
-            seconds = self.curator.rebuild()
-        except Exception as exc:  # noqa: BLE001
-            ingest._event(logging.ERROR, "selector rebuild failed; retrying later", error=repr(exc))
-            self._curator_broken_since = time.monotonic()
-            return
-        ingest._event(logging.INFO, "selector rebuilt after a failure", seconds=round(seconds, 3))
-        self._curator_broken_since = None
-        self.ready.set()
+    def _curator_health(self, healthy: bool) -> None:
+        (self.ready.set if healthy else self.ready.clear)()
 
     def _metrics_text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -175,6 +154,7 @@ class CurationServer:
             seconds = self.curator.rebuild()
             ingest._event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
                           rollouts=self.curator.describe()["n_live"])
+            self.worker.start()
         self.ingest.start()
         self.ready.set()
         return self
@@ -185,8 +165,6 @@ class CurationServer:
         try:
             while not stop_event.is_set():
                 self.ingest.poll_once()
-                if self.curator is not None:
-                    self._maybe_recover_curator()
         finally:
             self.close()
         return self.ingest.totals
@@ -196,7 +174,8 @@ class CurationServer:
         try:
             self.ingest.close()
         finally:
-            if self.curator is not None:
+            if self.worker is not None:
+                self.worker.stop()
                 self.curator.snapshot()
             self.http.stop()
 

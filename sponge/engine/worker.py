@@ -1,0 +1,117 @@
+"""Runs the curator on a thread of its own, so ingest never waits for selection.
+
+The ingest loop hands each durable segment's new rows to `submit`; the worker thread
+coalesces whatever has queued into one batch (bigger batches vectorise better) and inserts
+it. The queue is bounded in rows: when selection falls that far behind, `submit` blocks,
+which slows ingest instead of growing memory without bound.
+
+A failure inside the curator never reaches ingest: the rows are already durable, so the
+worker marks itself broken (the service reports not-ready), waits, and rebuilds the
+selector from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import pyarrow as pa
+
+log = logging.getLogger("sponge.curation")
+
+
+class CurationWorker:
+    def __init__(self, curator, max_pending_rows: int = 100_000, retry_after_s: float = 5.0,
+                 on_health=None) -> None:
+        self.curator = curator
+        self.max_pending_rows = max_pending_rows
+        self.retry_after_s = retry_after_s
+        #: called with True/False when the curator becomes healthy/broken
+        self.on_health = on_health
+        self._queue: deque[pa.Table] = deque()
+        self._pending_rows = 0
+        self._busy = False
+        self._cond = threading.Condition()
+        self._stop = False
+        self.broken_since: float | None = None
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, name="sponge-curation", daemon=True)
+
+    def start(self) -> "CurationWorker":
+        self._thread.start()
+        return self
+
+    def submit(self, rows: pa.Table) -> None:
+        """Queue durable rows for selection; blocks while `max_pending_rows` are already queued."""
+        with self._cond:
+            while self._pending_rows >= self.max_pending_rows and not self._stop:
+                self._cond.wait(0.1)
+            self._queue.append(rows)
+            self._pending_rows += rows.num_rows
+            self._cond.notify_all()
+
+    @property
+    def pending_rows(self) -> int:
+        return self._pending_rows
+
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until everything submitted has been handed to the curator; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+        return True
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Finish what is queued, then end the thread."""
+        self.drain(timeout_s)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait(0.5)
+                    if self.broken_since is not None:
+                        break
+                if self._stop and not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+                self._pending_rows = 0
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                if self.broken_since is not None:
+                    self._recover()        # the rebuild reads the store, which holds `batch` too
+                elif batch:
+                    self.curator.add(pa.concat_tables(batch, promote_options="default"))
+                    self.batches += 1
+            except Exception:  # noqa: BLE001 - any curator bug must not take ingest down
+                log.exception("curation failed; ingest goes on, the selector will be rebuilt from the store")
+                self.broken_since = time.monotonic()
+                if self.on_health is not None:
+                    self.on_health(False)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _recover(self) -> None:
+        wait = self.retry_after_s - (time.monotonic() - self.broken_since)
+        if wait > 0:
+            time.sleep(min(wait, 0.5))
+            return
+        seconds = self.curator.rebuild()
+        log.warning("selector rebuilt after a failure in %.2fs", seconds)
+        self.broken_since = None
+        if self.on_health is not None:
+            self.on_health(True)
