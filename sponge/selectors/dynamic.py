@@ -123,38 +123,33 @@ class _Instance:
     # -- insert -----------------------------------------------------------------------------------
 
     def insert(self, rows: np.ndarray) -> None:
-        """Insert rows (in order); each has f({s}) >= thr, i.e. is pickable at level 1."""
-        pos, chunk = 0, 16
-        while pos < len(rows):
-            part = rows[pos: pos + chunk]
-            cap = min(self.top + 1, self.k)  # highest level a new element can reach
-            lv = self._levels(part, np.ones(len(part), np.int64), np.full(len(part), cap + 1))
-            b, j = self._first_promotion(lv)
-            if b < 0:
-                self._place(part, lv)
-                pos += len(part)
-                chunk = min(2 * chunk, 1024)
-                continue
-            self._place(part[:b], lv[:b])
-            self._promote(int(part[b]), j)
-            pos += b + 1
-            chunk = max(8, 2 * (b + 1))
+        """Insert a batch of rows, each with f({s}) >= thr (pickable at level 1).
 
-    def _first_promotion(self, lv: np.ndarray) -> tuple[int, int]:
-        """Simulate the walk's coins for elements inserted one after another with levels lv (the
-        structure unchanged meanwhile): element b joining R_l (l <= lv[b]) becomes u_l with probability
-        1/|R_l| counted with itself. Return the first (b, l) that fires, or (-1, 0)."""
+        The batch is one step of the walk of every row at once. Each new row's level is found against
+        the current S. Then, bottom up: R_l grows from |R_l| old to |R_l| + b_l members (b_l new rows
+        reach level l), and u_l is kept with probability |R_l| / (|R_l| + b_l), else replaced by a new
+        row drawn uniformly from those b_l -- so u_l stays uniform in the grown R_l. The first level
+        whose u is replaced is rebuilt (with everything above it); below it nothing changed. This is
+        the distribution the one-at-a-time walk ends in (both leave every u_i uniform in R_i given
+        S_{i-1}), at the cost of at most one rebuild per batch instead of one per promotion."""
+        if len(rows) == 0:
+            return
+        cap = min(self.top + 1, self.k)  # highest level a new element can reach
+        lv = self._levels(rows, np.ones(len(rows), np.int64), np.full(len(rows), cap + 1))
         top_level = int(lv.max())
-        ls = np.arange(1, top_level + 1)
-        joins = ls[None, :] <= lv[:, None]  # (B, L): element b joins R_l
-        earlier = np.cumsum(joins, axis=0) - joins  # batch elements ahead of b already in R_l
-        size_then = self.r_sizes()[1: top_level + 1][None, :] + earlier + 1
-        fires = joins & (self.rng.random(joins.shape) * size_then < 1.0)
-        hit = np.flatnonzero(fires.any(axis=1))
-        if len(hit) == 0:
-            return -1, 0
-        b = int(hit[0])
-        return b, int(np.argmax(fires[b])) + 1
+        new_at = np.cumsum(np.bincount(lv, minlength=top_level + 1)[::-1])[::-1][1:]  # b_l, l = 1..
+        old_at = self.r_sizes()[1: top_level + 1]
+        fires = self.rng.random(top_level) * (old_at + new_at) < new_at
+        if not fires.any():
+            self._place(rows, lv)
+            return
+        j = int(np.argmax(fires)) + 1
+        reach = np.flatnonzero(lv >= j)
+        pick = int(reach[self.rng.integers(len(reach))])
+        others = np.ones(len(rows), bool)
+        others[pick] = False
+        self._place(rows[others], lv[others])
+        self._promote(int(rows[pick]), j)
 
     def _promote(self, row: int, j: int) -> None:
         """row joins R_1..R_j and becomes u_j; rebuild the levels above j from the old R_j."""
@@ -384,7 +379,10 @@ class DynamicSelector(Selector):
                 inst.build(members)
         if self.dormant_low_guesses and self.instances:
             b = max(i.value() for i in self.instances.values())
-            for j in [j for j in self.instances if self._tau(j) * (1 + self.eps) ** 3 < b]:
+            # the instance holding b stays whatever its tau: dropping it would lower b and could put
+            # guesses below the wake line (tau (1+eps)^2 >= b) without an instance
+            for j in [j for j, inst in self.instances.items()
+                      if self._tau(j) * (1 + self.eps) ** 3 < b and inst.value() < b]:
                 del self.instances[j]
 
     def _best(self) -> _Instance | None:
