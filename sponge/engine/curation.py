@@ -61,6 +61,10 @@ class CurationConfig:
     snapshot_interval_s: float = 1.0
     #: Seed of the selector's own RNG.
     seed: int = 0
+    #: Name of this process's shard when several services share one consumer group and store:
+    #: each keeps a selector over its own partitions and the global subset is greedy over the
+    #: union of all shards' solutions. None = a single selector over everything.
+    shard: str | None = None
 
 
 class Curator:
@@ -86,6 +90,15 @@ class Curator:
         self.rebuild_seconds: float | None = None
         self.evicted_total = 0
         self._removed_ids: set[str] = set()  # explicit removals (retention is caught by version)
+        self._version_of = np.empty(0, dtype=np.int64)  # policy_version of each int id, for local eviction
+        self.partitions: set[int] | None = None          # shard mode: the partitions this process owns
+        self._policy_mtime = 0.0
+        self._merged_cache: tuple | None = None
+        if self.config.shard is not None:
+            if not self.config.shard.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"shard name must be letters, digits, '-' or '_', got {self.config.shard!r}")
+            # Shards must optimise one f: no reference refresh, the first shard's set is everyone's.
+            self.config.min_references = self.config.n_references
 
     # -- building ---------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> float:
@@ -133,8 +146,9 @@ class Curator:
                                     dtype=bool, count=rows.num_rows)
                 rows = rows.filter(pa.array(fresh))
                 if rows.num_rows:
-                    ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+                    ids = self._assign_ints(rows)
                     self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+            self._follow_shared_policy_version()
             if self._cutoff() is not None and oldest < self._cutoff():
                 self._evict_stale()   # rows that arrive already out of the retention window
             self._changed()
@@ -158,7 +172,13 @@ class Curator:
         if self.config.method == "dynamic":
             params["eps"] = self.config.eps
         self.selector = METHODS[self.config.method](objective, **params)
-        save_params(self.selector, self.state_dir)
+        if self.config.shard is not None and (self.state_dir / "selector.json").exists():
+            # Another shard fixed f first: use its references so all shards optimise the same f.
+            saved = load_params(self.state_dir)
+            self._reference_pool = list(saved.objective.references)
+            self.selector = METHODS[self.config.method](saved.objective, **params)
+        else:
+            save_params(self.selector, self.state_dir)
         self._int_of.clear()
         self._str_of.clear()
         bar = None
@@ -166,11 +186,14 @@ class Curator:
             from tqdm import tqdm
 
             bar = tqdm(total=self.store.count(), desc="rebuilding selector", unit="rollout")
-        for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "embedding"]):
+        for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "policy_version",
+                                              "partition", "embedding"]):
             rows = pa.Table.from_batches([batch])
             rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if self.partitions is not None:
+                rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
             if rows.num_rows:
-                ids = self._assign_ints(rows.column("rollout_id").to_pylist())
+                ids = self._assign_ints(rows)
                 self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
             if bar is not None:
                 bar.update(batch.num_rows)
@@ -178,15 +201,22 @@ class Curator:
             bar.close()
         self._changed(force=True)
 
-    def _assign_ints(self, ids: list[str]) -> np.ndarray:
-        out = np.empty(len(ids), dtype=np.int64)
-        for i, rid in enumerate(ids):
-            n = self._next_int
+    def _assign_ints(self, rows: pa.Table) -> np.ndarray:
+        """Selector ids (int64) for new rollouts, remembering each one's policy version."""
+        out = np.arange(self._next_int, self._next_int + rows.num_rows, dtype=np.int64)
+        for n, rid in zip(out.tolist(), rows.column("rollout_id").to_pylist()):
             self._int_of[rid] = n
             self._str_of[n] = rid
-            self._next_int = n + 1
-            out[i] = n
+        self._next_int += rows.num_rows
+        self._version_of = np.concatenate([self._version_of,
+                                           rows.column("policy_version").to_numpy().astype(np.int64)])
         return out
+
+    def set_partitions(self, partitions: set[int]) -> float:
+        """Shard mode: this process now owns `partitions`; rebuild over their rollouts only."""
+        with self._lock:
+            self.partitions = set(partitions)
+        return self.rebuild()
 
     # -- deletions --------------------------------------------------------------------------------
     def remove(self, rollout_ids: list[str], reason: str = "explicit") -> int:
@@ -232,24 +262,95 @@ class Curator:
         stale = self.store.connect().sql(
             f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table()
         stale_ids = stale.column("rollout_id").to_pylist()
-        if not stale_ids:
+        if stale_ids:
+            self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
+        # Also what this selector holds that another shard already tombstoned.
+        known = np.fromiter(self._str_of.keys(), dtype=np.int64, count=len(self._str_of))
+        stale_here = [self._str_of[int(n)] for n in known[self._version_of[known] < cutoff]]
+        if not stale_ids and not stale_here:
             return 0
-        self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
-        self._forget(stale_ids)
+        self._forget(stale_ids + stale_here)
         self._changed(force=True)
         self.evicted_total += len(stale_ids)
         return len(stale_ids)
 
+    def _follow_shared_policy_version(self) -> None:
+        """Shards share the store, so a version reported to any of them is seen by all."""
+        path = self.state_dir / "policy.json"
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime != self._policy_mtime:
+            self._policy_mtime = mtime
+            self.policy_version = max(self.policy_version, self._load_policy_version())
+
     # -- the subset -------------------------------------------------------------------------------
     def subset_ids(self) -> list[str]:
+        """The replay subset: this selector's solution, or in shard mode the merge of all shards'."""
         with self._lock:
-            if self.selector is None:
-                return []
-            return [self._str_of[int(n)] for n in self.selector.solution()]
+            own = self._own_subset_ids()
+            if self.config.shard is None or self.selector is None:
+                return own
+            return self._merged_subset_ids()
+
+    def _own_subset_ids(self) -> list[str]:
+        if self.selector is None:
+            return []
+        return [self._str_of[int(n)] for n in self.selector.solution()]
+
+    def _shard_dir(self) -> Path:
+        return self.state_dir / "shards"
+
+    def _publish_shard_solution(self) -> None:
+        """Write this shard's solution (ids + embeddings) for the others to merge; atomic."""
+        import pyarrow.parquet as pq
+
+        table = self._rows_with_embeddings(self._own_subset_ids())
+        self._shard_dir().mkdir(parents=True, exist_ok=True)
+        tmp = self._shard_dir() / f".{self.config.shard}.parquet.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(self._shard_dir() / f"{self.config.shard}.parquet")
+
+    def _rows_with_embeddings(self, ids: list[str]) -> pa.Table:
+        conn = self.store.connect()
+        conn.register("wanted", pa.table({"rollout_id": pa.array(ids, pa.string())}))
+        return conn.sql("SELECT rollout_id, embedding FROM rollouts JOIN wanted USING (rollout_id) "
+                        "ORDER BY rollout_id").to_arrow_table()
+
+    def _merged_subset_ids(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        from sponge.engine.shards import merge_shard_solutions
+
+        files = sorted(p for p in self._shard_dir().glob("*.parquet")
+                       if p.stem != self.config.shard) if self._shard_dir().exists() else []
+        key = (self.selection_version, tuple((p.name, p.stat().st_mtime_ns) for p in files))
+        if self._merged_cache is not None and self._merged_cache[0] == key:
+            return self._merged_cache[1]
+        tables = [self._rows_with_embeddings(self._own_subset_ids())]
+        for path in files:
+            try:
+                tables.append(pq.read_table(path))
+            except FileNotFoundError:
+                continue
+        union = pa.concat_tables(tables)
+        names = union.column("rollout_id").to_pylist()
+        ids, value = merge_shard_solutions(self.selector.objective,
+                                           [(np.arange(len(names)), _embeddings(union))], self.config.k)
+        merged = [names[int(i)] for i in ids]
+        self._merged_cache = (key, merged, value)
+        return merged
 
     def value(self) -> float:
+        """f(replay subset); in shard mode f of the merged global subset."""
         with self._lock:
-            return 0.0 if self.selector is None else float(self.selector.value())
+            if self.selector is None:
+                return 0.0
+            if self.config.shard is not None:
+                self._merged_subset_ids()
+                return float(self._merged_cache[2])
+            return float(self.selector.value())
 
     def _changed(self, force: bool = False) -> None:
         if self.selector is None:
@@ -259,6 +360,8 @@ class Curator:
             self._last_solution = solution
             self.selection_version += 1
             force = True
+            if self.config.shard is not None:
+                self._publish_shard_solution()
         now = time.monotonic()
         if force and (now - self._last_snapshot >= self.config.snapshot_interval_s or self.selection_version <= 1):
             self.snapshot()
@@ -337,7 +440,8 @@ class Curator:
                     "objective_value": self.value(), "policy_version": self.policy_version,
                     "n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
                     "references": len(self._reference_pool), "evicted_total": self.evicted_total,
-                    "rebuild_seconds": self.rebuild_seconds}
+                    "rebuild_seconds": self.rebuild_seconds, "shard": self.config.shard,
+                    "partitions": sorted(self.partitions) if self.partitions is not None else None}
 
     # -- persistence of the trainer's version -----------------------------------------------------
     def _load_policy_version(self) -> int:

@@ -126,7 +126,8 @@ class CurationServer:
             if config.embed_missing else None
         self.ingest = ingest.IngestService(
             config.ingest, store=self.store, enrich=enrich,
-            on_segment=self._on_segment if self.curator is not None else None)
+            on_segment=self._on_segment if self.curator is not None else None,
+            on_assign=self._on_assign if self.curator is not None and config.curation.shard else None)
         self.worker = CurationWorker(self.curator, on_health=self._curator_health) if self.curator else None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
@@ -136,6 +137,13 @@ class CurationServer:
 
     def _on_segment(self, _write, rows: pa.Table) -> None:
         self.worker.submit(rows)
+
+    def _on_assign(self, partitions: set[int]) -> None:
+        """Shard mode: after a rebalance, finish queued work, then rebuild over the owned partitions."""
+        self.worker.drain()
+        seconds = self.curator.set_partitions(partitions)
+        ingest._event(logging.INFO, "shard selector rebuilt", shard=self.config.curation.shard,
+                      partitions=sorted(partitions), seconds=round(seconds, 3))
 
     def _curator_health(self, healthy: bool) -> None:
         (self.ready.set if healthy else self.ready.clear)()
@@ -194,6 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=CurationConfig.eps, help="approximation slack of the selector")
     g.add_argument("--method", default=CurationConfig.method,
                    help="selection method: dynamic, lazy_greedy, sieve or random")
+    g.add_argument("--shard", default=None,
+                   help="name of this process's shard when several services share a group and a store: "
+                        "each selects over its own partitions, the replay subset merges all shards")
     g.add_argument("--retention-window", type=int, default=CurationConfig.retention_window,
                    help="keep rollouts with policy_version >= current - window (negative: keep all)")
     g.add_argument("--http-host", default=ApiConfig.host, help="HTTP interface")
@@ -208,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     window = args.retention_window
     return ServerConfig(
         ingest=ingest.IngestConfig.load(args.config, overrides=overrides),
-        curation=CurationConfig(k=args.k, eps=args.eps, method=args.method,
+        curation=CurationConfig(k=args.k, eps=args.eps, method=args.method, shard=args.shard,
                                 retention_window=None if window is not None and window < 0 else window),
         api=ApiConfig(host=args.http_host, port=args.http_port, token=args.token or os.environ.get("SPONGE_TOKEN")),
         selection=args.selection, embed_missing=args.embed_missing, embedding_model=args.embedding_model,

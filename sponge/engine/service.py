@@ -233,7 +233,8 @@ class IngestService:
 
     def __init__(self, config: IngestConfig, store=None, on_segment: SegmentCallback | None = None,
                  metrics: IngestMetrics | None = None,
-                 enrich: Callable[[pa.Table], pa.Table] | None = None):
+                 enrich: Callable[[pa.Table], pa.Table] | None = None,
+                 on_assign: Callable[[set[int]], None] | None = None):
         self.config = config
         if store is None:
             from sponge.engine.store import RolloutStore
@@ -244,6 +245,8 @@ class IngestService:
         # Applied to each partition's valid rows just before they are written (e.g. computing
         # embeddings for rollouts that arrived without one); must keep the rollout schema.
         self.enrich = enrich
+        # Called with the topic's partitions this process owns after every rebalance.
+        self.on_assign = on_assign
         self.metrics = metrics or IngestMetrics()
         self.totals = IngestTotals()
         self._buffers: dict[tuple[str, int], _PartitionBuffer] = {}
@@ -586,6 +589,8 @@ class IngestService:
 
     def _on_assign(self, partitions: list) -> None:
         _event(logging.INFO, "partitions assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
+        if self.on_assign is not None:
+            self.on_assign({tp.partition for tp in partitions if tp.topic == self.config.topic})
 
 
 # ---- `sponge serve` ---------------------------------------------------------------------------
