@@ -31,6 +31,17 @@ STORE_FIELDS = (
 )
 
 
+#: A dead letter as the store keeps it (the DLQ topic carries the same facts as headers).
+DEAD_LETTER_SCHEMA = pa.schema([
+    pa.field("topic", pa.string()),
+    pa.field("partition", pa.int32()),
+    pa.field("offset", pa.int64()),
+    pa.field("reason", pa.string()),        # JSON list of violations: field, rule, row, rollout_id
+    pa.field("value", pa.binary()),         # the original message bytes
+    pa.field("received_at", pa.timestamp("ms", tz="UTC")),
+])
+
+
 @functools.lru_cache(maxsize=8)
 def rollout_schema(embedding_dim: int = DEFAULT_EMBEDDING_DIM) -> pa.Schema:
     """The Arrow schema of a rollout with `embedding_dim`-wide embeddings."""

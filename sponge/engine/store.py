@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from sponge.engine.sql import QueryResult, SqlLimits, run_read_only
 from sponge.record import (
+    DEAD_LETTER_SCHEMA,
     DEFAULT_EMBEDDING_DIM,
     rollout_schema,
     stored_schema,
@@ -62,14 +63,6 @@ TOMBSTONE_SCHEMA = pa.schema([
     pa.field("rollout_id", pa.string(), nullable=False),
     pa.field("reason", pa.string()),
     pa.field("deleted_at", pa.timestamp("ms", tz="UTC")),
-])
-DEAD_LETTER_SCHEMA = pa.schema([
-    pa.field("topic", pa.string()),
-    pa.field("partition", pa.int32()),
-    pa.field("offset", pa.int64()),
-    pa.field("reason", pa.string()),
-    pa.field("value", pa.binary()),
-    pa.field("received_at", pa.timestamp("ms", tz="UTC")),
 ])
 REPLAY_SCHEMA = pa.schema([
     pa.field("rollout_id", pa.string(), nullable=False),

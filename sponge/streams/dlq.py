@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from sponge.record import Violation
+from sponge.record import DEAD_LETTER_SCHEMA, Violation
 
 REASON_HEADER = "reason"
 SOURCE_TOPIC_HEADER = "source-topic"
@@ -26,14 +26,6 @@ SOURCE_PARTITION_HEADER = "source-partition"
 SOURCE_OFFSET_HEADER = "source-offset"
 _OWN_HEADERS = {REASON_HEADER, SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER}
 
-DEAD_LETTER_SCHEMA = pa.schema([
-    pa.field("topic", pa.string()),
-    pa.field("partition", pa.int32()),
-    pa.field("offset", pa.int64()),
-    pa.field("reason", pa.string()),
-    pa.field("value", pa.binary()),
-    pa.field("received_at", pa.timestamp("ms", tz="UTC")),
-])
 
 
 def dlq_topic_for(topic: str) -> str:
