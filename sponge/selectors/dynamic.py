@@ -44,6 +44,13 @@ from sponge.selectors.baselines import lazy_greedy
 from sponge.selectors.objectives import CountingOracle, ElementTable, Objective, add_to_coverage
 
 
+Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # (clients, weights, bonus) of some elements
+
+
+def _take(prof: Profile, idx: np.ndarray) -> Profile:
+    return tuple(np.take(x, idx, axis=0) for x in prof)
+
+
 class _Instance:
     """The level structure for one guess tau of OPT."""
 
@@ -104,25 +111,37 @@ class _Instance:
         self.count_at[t] += 1
         self.size += 1
 
-    def _levels(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Highest level in [lo, hi) at which each row is pickable, given that it is pickable at lo and
-        not at hi. Lockstep binary search: ~log2(hi - lo) queries per row, one numpy call per step."""
-        lo, hi = lo.astype(np.int64), hi.astype(np.int64)
-        t = self.table
-        clients, weights, bonus = t.clients[rows], t.weights[rows], t.bonus[rows]
+    def _levels(self, prof: Profile, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Highest level in [lo, hi) at which each element (profiles `prof`) is pickable, given that it
+        is pickable at lo and not at hi. Lockstep binary search: ~log2(hi - lo) queries per element.
+        The elements still open are compacted after each step, so a step is one gain call over
+        contiguous arrays (no re-gathering from the table)."""
+        out = lo.astype(np.int64)
+        hi = hi.astype(np.int64)
+        idx = np.flatnonzero(hi - out > 1)
+        if len(idx) == 0:
+            return out
+        lo_, hi_ = out[idx], hi[idx]
+        cl, w, b = _take(prof, idx) if len(idx) < len(out) else prof
         while True:
-            open_ = np.flatnonzero(hi - lo > 1)
-            if len(open_) == 0:
-                return lo
-            mid = (lo[open_] + hi[open_]) // 2
+            mid = (lo_ + hi_) >> 1
             # pickable at level mid: f(s | S_{mid-1}) >= thr
-            ok = self.oracle.gains_of(clients[open_], weights[open_], bonus[open_], self.cov, mid - 1) >= self.thr
-            lo[open_] = np.where(ok, mid, lo[open_])
-            hi[open_] = np.where(ok, hi[open_], mid)
+            ok = self.oracle.gains_of(cl, w, b, self.cov, mid - 1) >= self.thr
+            lo_ = np.where(ok, mid, lo_)
+            hi_ = np.where(ok, hi_, mid)
+            still = hi_ - lo_ > 1
+            if still.all():
+                continue
+            done = ~still
+            out[idx[done]] = lo_[done]
+            if not still.any():
+                return out
+            idx, lo_, hi_ = idx[still], lo_[still], hi_[still]
+            cl, w, b = (np.compress(still, x, axis=0) for x in (cl, w, b))
 
     # -- insert -----------------------------------------------------------------------------------
 
-    def insert(self, rows: np.ndarray) -> None:
+    def insert(self, rows: np.ndarray, prof: Profile) -> None:
         """Insert a batch of rows, each with f({s}) >= thr (pickable at level 1).
 
         The batch is one step of the walk of every row at once. Each new row's level is found against
@@ -135,7 +154,7 @@ class _Instance:
         if len(rows) == 0:
             return
         cap = min(self.top + 1, self.k)  # highest level a new element can reach
-        lv = self._levels(rows, np.ones(len(rows), np.int64), np.full(len(rows), cap + 1))
+        lv = self._levels(prof, np.ones(len(rows), np.int64), np.full(len(rows), cap + 1))
         top_level = int(lv.max())
         new_at = np.cumsum(np.bincount(lv, minlength=top_level + 1)[::-1])[::-1][1:]  # b_l, l = 1..
         old_at = self.r_sizes()[1: top_level + 1]
@@ -188,40 +207,47 @@ class _Instance:
 
     def _rebuild(self, cands: np.ndarray, known: int) -> None:
         """Re-place `cands` (unplaced; each known pickable at level `known` <= top + 1) above the top,
-        choosing new u's as in a sequential pass over the candidates in uniform random order."""
-        alive = self.rng.permutation(cands)
-        lo = np.full(len(alive), known, np.int64)  # highest level each is known pickable at
-        done_rows, done_lo, done_hi = [], [], []
-        chunk = 16
-        while len(alive) and self.top < self.k:
+        choosing new u's as in a sequential pass over the candidates in uniform random order.
+
+        The pass reads the order in chunks: a chunk costs a query per element not already known to be
+        pickable at the top; the first pickable one becomes the next u, the scan resumes right after
+        it. Elements that fail settle (at a level <= the current top: monotonicity); elements after the
+        pick that passed keep that as a known lower bound and are asked again at the new top. The
+        settled elements' exact levels come from one binary search at the end."""
+        order = self.rng.permutation(cands)
+        prof = self.table.profiles_of(order)  # gathered once; the pass indexes into these
+        n = len(order)
+        lo = np.full(n, known, np.int64)  # highest level each is known pickable at
+        hi = np.full(n, self.k + 1, np.int64)  # lowest level each is known to fail at
+        settled = np.zeros(n, bool)
+        picked = np.zeros(n, bool)
+        pos, chunk = 0, 16
+        while pos < n and self.top < self.k:
             t = self.top
-            part, part_lo = alive[:chunk], lo[:chunk]
-            ok = part_lo > t  # known pickable at t + 1 without asking
+            part = np.arange(pos, min(pos + chunk, n))
+            part = part[~settled[part]]
+            ok = lo[part] > t  # known pickable at t + 1 without asking
             ask = np.flatnonzero(~ok)
             if len(ask):
-                ok[ask] = self.oracle.gains(part[ask], self.cov[t]) >= self.thr
+                ok[ask] = self.oracle.gains_of(*_take(prof, part[ask]), self.cov, t) >= self.thr
             if not ok.any():  # none pickable at t + 1: all settle at levels <= t
-                done_rows.append(part), done_lo.append(part_lo), done_hi.append(np.full(len(part), t + 1))
-                alive, lo = alive[chunk:], lo[chunk:]
+                settled[part], hi[part] = True, t + 1
+                pos += chunk
                 chunk = min(2 * chunk, 4096)
                 continue
             p = int(np.argmax(ok))
-            self._choose(int(part[p]))
-            # everything before p, and after p when it failed at t + 1, settles at a level <= t
-            settle = np.ones(len(part), bool)
-            settle[p] = False
-            settle[p + 1:] = ~ok[p + 1:]
-            done_rows.append(part[settle]), done_lo.append(part_lo[settle])
-            done_hi.append(np.full(int(settle.sum()), t + 1))
-            keep = np.flatnonzero(ok[p + 1:]) + p + 1  # passed at t + 1: known lower bound t + 1
-            alive = np.concatenate([part[keep], alive[chunk:]])
-            lo = np.concatenate([np.full(len(keep), t + 1), lo[chunk:]])
+            u = int(part[p])
+            self._choose(int(order[u]))
+            picked[u] = settled[u] = True
+            fail = part[~ok]  # before the pick all failed; after it, those that failed
+            settled[fail], hi[fail] = True, t + 1
+            lo[part[p + 1:][ok[p + 1:]]] = t + 1
+            pos = u + 1
             chunk = max(8, 2 * (p + 1))
-        if len(alive):  # S is full: the rest settle at levels <= k
-            done_rows.append(alive), done_lo.append(lo), done_hi.append(np.full(len(alive), self.k + 1))
-        if done_rows:
-            rows = np.concatenate(done_rows)
-            self._place(rows, self._levels(rows, np.concatenate(done_lo), np.concatenate(done_hi)))
+        # the rest (S full, or scanned past the end) keep hi = k + 1: their level is at most k
+        lo[picked], hi[picked] = 0, 1  # placed by _choose; no search
+        levels = self._levels(prof, lo, hi)
+        self._place(order[~picked], levels[~picked])
 
     # -- audit (tests) ----------------------------------------------------------------------------
 
@@ -318,13 +344,15 @@ class DynamicSelector(Selector):
             self.guess_hi = np.concatenate([self.guess_hi, np.full(extra, -1, np.int32)])
             for inst in self.instances.values():
                 inst.ensure_capacity(cap)
-        lo, hi = self._guess_range(self.oracle.singletons(rows))
+        prof = self.table.profiles_of(rows)  # gathered once for every instance
+        lo, hi = self._guess_range(self.oracle.gains_of(*prof, np.zeros(self.oracle.n_columns, np.float32)))
         self.guess_lo[rows], self.guess_hi[rows] = lo, hi
         for j in self._guesses_of(lo, hi):
-            mine = rows[(lo <= j) & (j <= hi)]
+            mask = (lo <= j) & (j <= hi)
+            mine = rows[mask]
             self.routed[j] = self.routed.get(j, 0) + len(mine)
-            if j in self.instances:
-                self.instances[j].insert(mine)
+            if j in self.instances and len(mine):
+                self.instances[j].insert(mine, tuple(np.compress(mask, x, axis=0) for x in prof))
             # a guess with no instance yet is built (or left dormant) by _refresh_guesses
         self._refresh_guesses()
 

@@ -183,8 +183,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def marginal_gains(weights: np.ndarray, bonus: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """f(s | S) for each row s, given covered[i, j] = cov_S[clients[i, j]] (same shape as weights)."""
-    return np.maximum(weights - covered, 0.0).sum(axis=1, dtype=np.float64) + bonus
+    """f(s | S) for each row s, given covered[i, j] = cov_S[clients[i, j]] (same shape as weights).
+
+    float32 throughout; the row sums go through einsum, several times faster than a reduction over
+    the short last axis (and, unlike a BLAS matrix-vector product, never spawns threads that fight
+    faiss's OpenMP threads for the cores)."""
+    excess = np.subtract(weights, covered, dtype=np.float32)
+    np.maximum(excess, np.float32(0.0), out=excess)
+    return np.einsum("...j->...", excess) + bonus
 
 
 def add_to_coverage(cov: np.ndarray, clients: np.ndarray, weights: np.ndarray) -> None:
@@ -208,7 +214,7 @@ class ElementTable:
         self.width, self.sink = width, sink
         self.capacity = 0
         self.ids = np.empty(0, np.int64)
-        self.clients = np.empty((0, width), np.int32)
+        self.clients = np.empty((0, width), np.intp)  # intp: the fast index type for np.take
         self.weights = np.empty((0, width), np.float32)
         self.bonus = np.empty(0, np.float32)
         self.live = np.empty(0, bool)
@@ -222,7 +228,7 @@ class ElementTable:
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
         self.ids = np.concatenate([self.ids, np.full(extra, -1, np.int64)])
-        self.clients = np.concatenate([self.clients, np.full((extra, self.width), self.sink, np.int32)])
+        self.clients = np.concatenate([self.clients, np.full((extra, self.width), self.sink, np.intp)])
         self.weights = np.concatenate([self.weights, np.zeros((extra, self.width), np.float32)])
         self.bonus = np.concatenate([self.bonus, np.zeros(extra, np.float32)])
         self.live = np.concatenate([self.live, np.zeros(extra, bool)])
@@ -267,6 +273,11 @@ class ElementTable:
         self.ids[rows] = -1
         self._free.extend(rows.tolist())
 
+    def profiles_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(clients, weights, bonus) of rows, gathered (np.take: several times faster than fancy indexing)."""
+        return (np.take(self.clients, rows, axis=0), np.take(self.weights, rows, axis=0),
+                np.take(self.bonus, rows))
+
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(self.live)
 
@@ -285,18 +296,18 @@ class CountingOracle:
     def gains(self, rows: np.ndarray, cov: np.ndarray, prefix: np.ndarray | int | None = None) -> np.ndarray:
         """f(s | S) for each row s. `cov` is one coverage vector, or a (contiguous) matrix of coverage
         vectors of nested partial solutions with `prefix[i]` choosing the row of cov used for rows[i]."""
-        t = self.table
-        return self.gains_of(t.clients[rows], t.weights[rows], t.bonus[rows], cov, prefix)
+        return self.gains_of(*self.table.profiles_of(rows), cov, prefix)
 
     def gains_of(self, clients: np.ndarray, weights: np.ndarray, bonus: np.ndarray, cov: np.ndarray,
                  prefix: np.ndarray | int | None = None) -> np.ndarray:
         """`gains` for profiles already gathered (callers that ask about the same rows repeatedly)."""
         if cov.ndim == 1:
-            covered = cov[clients]
-        else:  # flat index into the matrix: about twice as fast as 2-d fancy indexing
-            offset = np.asarray(prefix, np.int64) * cov.shape[1]
-            covered = cov.ravel()[offset[..., None] + clients] if np.ndim(offset) else \
-                cov[int(prefix)][clients]
+            covered = np.take(cov, clients)
+        elif np.ndim(prefix):  # flat index into the matrix: much faster than 2-d fancy indexing
+            offset = np.asarray(prefix, np.intp) * cov.shape[1]
+            covered = np.take(cov.ravel(), np.add(clients, offset[:, None]))
+        else:
+            covered = np.take(cov[int(prefix)], clients)
         self.queries += len(clients)
         return marginal_gains(weights, bonus, covered)
 
