@@ -11,26 +11,35 @@ OPT <= f(S) + k * tau/(2k), f(S) >= (1 - eps)/2 * OPT). The answer is the best i
 element reaches log_{1+eps}(2k) instances.
 
 **Levels, per instance.** thr = tau/(2k). Level i >= 1 holds R_i and a chosen u_i in R_i; S_i =
-{u_1..u_i}. An element is *pickable at level i* if i <= k and f(s | S_{i-1}) >= thr; since S only
-grows, pickability is monotone in i, so R_i = {s : level(s) >= i} where level(s) is the highest level
-at which s is pickable -- the sets nest by construction. The invariant: u_i is uniformly random in R_i.
-The top t = |S|; R_{t+1} is empty (an element pickable above the top would have become u_{t+1}).
+{u_1..u_i}. An element is *pickable at level i* if i <= k and f(s | S_{i-1}) >= thr; pickability is
+monotone in i (S only grows, gains only shrink), so R_i = {s : s pickable at level i} nest. The
+invariant: u_i is uniformly random in R_i (given S_{i-1}). The top t = |S|; R_{t+1} is empty unless
+t = k (an element pickable above the top would have become u_{t+1}).
 
-**Insert s.** Binary-search level(s) against S (O(log k) queries), then walk up: joining R_i, s
-becomes u_i with probability 1/|R_i| (keeps u_i uniform), and then the levels above i are rebuilt.
+**Uniform choices through random keys.** Every element draws a uniform key once, when inserted (one
+key per element, shared by the instances). Each instance keeps u_i = the element of R_i with the
+smallest key. Keys are i.i.d. and hidden from the (oblivious) update sequence, so u_i is uniform in
+R_i, and the structure is exactly what a rebuild over a fresh uniformly random order produces -- the
+same distribution as the walk with coins of probability 1/|R_i| described in ALGORITHMS.md, which it
+implements. Since u_{i+1} is in R_i and u_i is R_i's smallest key, the u's keys increase with i.
+What the keys buy: an element whose key is above u_i's can never be u_i, so
 
-**Delete s.** Leave every R_i. If s = u_i, rebuild from level i; u_i being uniform in R_i, an oblivious
-deletion hits it with probability 1/|R_i|, which is why expected work per update stays small.
+* **insert s** needs one query at most: with l = the first level whose u has a larger key than s, s
+  changes the structure iff it is pickable at level l (then it is the new u_l and the levels above are
+  rebuilt); if l = k + 1 (S full, key above every u) nothing is asked at all;
+* **delete s** changes nothing unless s = u_i; then level i is rebuilt;
+* **rebuild from level j** scans the members in key order from u_{j-1}'s key, asking each whether it
+  is pickable at the current top + 1: the first that is becomes the next u. The scan stops when S is
+  full, so it reads only the members whose key is below u_k's (a small fraction when R_i are large),
+  not all of R_j: an element's exact level is never needed, only where it stands against the u's.
 
-**Rebuild above level t.** Candidates (known to be in R_t / R_{t+1}) in uniform random order: the
-first one pickable at the top becomes the next u; each candidate that is not pickable at the current
-top settles at its level, found by binary search over the (now fixed) prefixes. Candidates are
-evaluated in vectorised chunks; a chunk costs a query per element, and elements past the first pick in
-a chunk keep what their evaluation proved (a failure settles them, a pass is a known lower bound).
-
-Expected queries per update: O(log k) per instance for the level search, plus O(level(s) log k) for
-the rebuilds a random choice triggers -- independent of n. (The paper's multi-pick levels bring the
-rebuild term to polylog(k) as well; the single-pick levels above are the ones ALGORITHMS.md specifies.)
+A failed test is remembered (`fail_at[s] = l`: s is not pickable at level l, i.e. against S_{l-1})
+while S_{l-1} stands, so a rescan skips what it already knows (and, by monotonicity, s fails at every
+level above l too). A batch of inserts is applied at once: every new element is tested against the
+unchanged structure, and the lowest level any of them takes over (the smallest key among those that
+pass there) is rebuilt, once. Expected queries per update: the insert's single test, plus rebuilds
+triggered with probability 1/|R_i| per level that cost about the members scanned between u_i's and
+u_k's keys.
 """
 
 from __future__ import annotations
@@ -43,7 +52,6 @@ from sponge.selectors.base import Selector
 from sponge.selectors.baselines import lazy_greedy
 from sponge.selectors.objectives import CountingOracle, ElementTable, Objective, add_to_coverage
 
-
 Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # (clients, weights, bonus) of some elements
 
 
@@ -51,48 +59,59 @@ def _take(prof: Profile, idx: np.ndarray) -> Profile:
     return tuple(np.take(x, idx, axis=0) for x in prof)
 
 
+class _KeyOrder:
+    """Every live element's random key, and the live rows sorted by key (shared by the instances)."""
+
+    def __init__(self, capacity: int):
+        self.key = np.zeros(capacity)  # per row
+        self.rows = np.empty(0, np.int64)  # live rows, by increasing key
+        self.keys = np.empty(0)  # their keys
+
+    def add(self, rows: np.ndarray, keys: np.ndarray, capacity: int) -> None:
+        if len(self.key) < capacity:
+            self.key = np.concatenate([self.key, np.zeros(capacity - len(self.key))])
+        self.key[rows] = keys
+        srt = np.argsort(keys)
+        at = np.searchsorted(self.keys, keys[srt])
+        self.rows = np.insert(self.rows, at, rows[srt])
+        self.keys = np.insert(self.keys, at, keys[srt])
+
+    def remove(self, rows: np.ndarray) -> None:
+        gone = np.zeros(len(self.key), bool)
+        gone[rows] = True
+        keep = ~gone[self.rows]
+        self.rows, self.keys = self.rows[keep], self.keys[keep]
+
+
 class _Instance:
     """The level structure for one guess tau of OPT."""
 
     def __init__(self, tau: float, k: int, table: ElementTable, oracle: CountingOracle,
-                 rng: np.random.Generator, rebuilds: np.ndarray):
+                 order: _KeyOrder, rebuilds: np.ndarray):
         self.tau, self.k, self.thr = tau, k, tau / (2 * k)
-        self.table, self.oracle, self.rng, self.rebuilds = table, oracle, rng, rebuilds
-        self.level = np.full(table.capacity, -1, np.int16)  # -1: not in this instance
-        self.count_at = np.zeros(k + 2, np.int64)  # members whose level is exactly l
+        self.table, self.oracle, self.order, self.rebuilds = table, oracle, order, rebuilds
+        self.member = np.zeros(table.capacity, bool)  # routed to this instance
+        self.fail_at = np.zeros(table.capacity, np.int16)  # l > 0: known not pickable at level l; 0: unknown
         self.size = 0
         self.top = 0
         self.chosen = np.full(k + 1, -1, np.int64)  # chosen[i] = row of u_i, i = 1..top
+        self.chosen_key = np.full(k + 1, -np.inf)  # their keys (chosen_key[0] = -inf)
         self.prefix_value = np.zeros(k + 1)  # f(S_i)
         self.cov = np.zeros((min(k, 8) + 1, oracle.n_columns), np.float32)  # cov[i] = coverage of S_i
 
     # -- small helpers ----------------------------------------------------------------------------
 
     def ensure_capacity(self, capacity: int) -> None:
-        if len(self.level) < capacity:
-            self.level = np.concatenate([self.level, np.full(capacity - len(self.level), -1, np.int16)])
+        if len(self.member) < capacity:
+            extra = capacity - len(self.member)
+            self.member = np.concatenate([self.member, np.zeros(extra, bool)])
+            self.fail_at = np.concatenate([self.fail_at, np.zeros(extra, np.int16)])
 
     def value(self) -> float:
         return float(self.prefix_value[self.top])
 
     def solution_rows(self) -> np.ndarray:
         return self.chosen[1: self.top + 1]
-
-    def r_sizes(self) -> np.ndarray:
-        """|R_l| for l = 0..k+1 (suffix sums of count_at)."""
-        return np.cumsum(self.count_at[::-1])[::-1]
-
-    def _place(self, rows: np.ndarray, levels: np.ndarray) -> None:
-        self.level[rows] = levels
-        self.count_at += np.bincount(levels, minlength=self.k + 2)
-        self.size += len(rows)
-
-    def _unplace(self, rows: np.ndarray) -> np.ndarray:
-        levels = self.level[rows]
-        self.count_at -= np.bincount(levels, minlength=self.k + 2)
-        self.level[rows] = -1
-        self.size -= len(rows)
-        return levels
 
     def _choose(self, row: int) -> None:
         """u_{top+1} <- row (row is pickable at top + 1)."""
@@ -106,182 +125,130 @@ class _Instance:
         add_to_coverage(self.cov[t], self.table.clients[row], self.table.weights[row])
         self.prefix_value[t] = self.prefix_value[t - 1] + gain
         self.chosen[t] = row
+        self.chosen_key[t] = self.order.key[row]
         self.top = t
-        self.level[row] = t
-        self.count_at[t] += 1
-        self.size += 1
 
-    def _levels(self, prof: Profile, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Highest level in [lo, hi) at which each element (profiles `prof`) is pickable, given that it
-        is pickable at lo and not at hi. Lockstep binary search: ~log2(hi - lo) queries per element.
-        The elements still open are compacted after each step, so a step is one gain call over
-        contiguous arrays (no re-gathering from the table)."""
-        out = lo.astype(np.int64)
-        hi = hi.astype(np.int64)
-        idx = np.flatnonzero(hi - out > 1)
-        if len(idx) == 0:
-            return out
-        lo_, hi_ = out[idx], hi[idx]
-        cl, w, b = _take(prof, idx) if len(idx) < len(out) else prof
-        while True:
-            mid = (lo_ + hi_) >> 1
-            # pickable at level mid: f(s | S_{mid-1}) >= thr
-            ok = self.oracle.gains_of(cl, w, b, self.cov, mid - 1) >= self.thr
-            lo_ = np.where(ok, mid, lo_)
-            hi_ = np.where(ok, hi_, mid)
-            still = hi_ - lo_ > 1
-            if still.all():
-                continue
-            done = ~still
-            out[idx[done]] = lo_[done]
-            if not still.any():
-                return out
-            idx, lo_, hi_ = idx[still], lo_[still], hi_[still]
-            cl, w, b = (np.compress(still, x, axis=0) for x in (cl, w, b))
+    def _truncate(self, t: int) -> None:
+        """Keep S_t; forget the failed tests made against the prefixes that go (S_t and below stay,
+        so a test at level <= t + 1 stays valid)."""
+        self.chosen[t + 1:] = -1
+        self.chosen_key[t + 1:] = -np.inf
+        self.top = t
+        stale = self.fail_at > t + 1
+        self.fail_at[stale] = 0
 
     # -- insert -----------------------------------------------------------------------------------
 
     def insert(self, rows: np.ndarray, prof: Profile) -> None:
-        """Insert a batch of rows, each with f({s}) >= thr (pickable at level 1).
-
-        The batch is one step of the walk of every row at once. Each new row's level is found against
-        the current S. Then, bottom up: R_l grows from |R_l| old to |R_l| + b_l members (b_l new rows
-        reach level l), and u_l is kept with probability |R_l| / (|R_l| + b_l), else replaced by a new
-        row drawn uniformly from those b_l -- so u_l stays uniform in the grown R_l. The first level
-        whose u is replaced is rebuilt (with everything above it); below it nothing changed. This is
-        the distribution the one-at-a-time walk ends in (both leave every u_i uniform in R_i given
-        S_{i-1}), at the cost of at most one rebuild per batch instead of one per promotion."""
+        """Insert a batch of rows, each with f({s}) >= thr (pickable at level 1). One test per row at
+        most: at l = the first level whose u has a larger key (none is asked when l = k + 1)."""
         if len(rows) == 0:
             return
-        cap = min(self.top + 1, self.k)  # highest level a new element can reach
-        lv = self._levels(prof, np.ones(len(rows), np.int64), np.full(len(rows), cap + 1))
-        top_level = int(lv.max())
-        new_at = np.cumsum(np.bincount(lv, minlength=top_level + 1)[::-1])[::-1][1:]  # b_l, l = 1..
-        old_at = self.r_sizes()[1: top_level + 1]
-        fires = self.rng.random(top_level) * (old_at + new_at) < new_at
-        if not fires.any():
-            self._place(rows, lv)
+        self.member[rows] = True
+        self.size += len(rows)
+        t = self.top
+        keys = self.order.key[rows]
+        lv = np.searchsorted(self.chosen_key[1: t + 1], keys) + 1  # keys increase with the level
+        ok = lv == 1  # pickable at level 1: known from the routing
+        ask = np.flatnonzero((lv > 1) & (lv <= min(t + 1, self.k)))
+        if len(ask):
+            ok[ask] = self.oracle.gains_of(*_take(prof, ask), self.cov, lv[ask] - 1) >= self.thr
+            failed = ask[~ok[ask]]
+            self.fail_at[rows[failed]] = lv[failed]
+        if not ok.any():
             return
-        j = int(np.argmax(fires)) + 1
-        reach = np.flatnonzero(lv >= j)
-        pick = int(reach[self.rng.integers(len(reach))])
-        others = np.ones(len(rows), bool)
-        others[pick] = False
-        self._place(rows[others], lv[others])
-        self._promote(int(rows[pick]), j)
-
-    def _promote(self, row: int, j: int) -> None:
-        """row joins R_1..R_j and becomes u_j; rebuild the levels above j from the old R_j."""
-        cands = np.flatnonzero(self.level >= j)
-        self._unplace(cands)
+        j = int(lv[ok].min())
+        cand = np.flatnonzero(ok & (lv == j))
+        new_u = int(rows[cand[np.argmin(keys[cand])]])  # the smallest key pickable at j: u_j
+        self.rebuilds[j] += 1
         self._truncate(j - 1)
-        self._choose(row)
-        self.rebuilds[j + 1] += 1
-        self._rebuild(cands, known=j)
+        self._choose(new_u)
+        self._extend()
 
     def build(self, rows: np.ndarray) -> None:
         """Build the structure from scratch over rows (all pickable at level 1)."""
-        self._rebuild(rows, known=1)
+        self.member[rows] = True
+        self.size += len(rows)
+        self._extend()
 
     # -- delete -----------------------------------------------------------------------------------
 
     def delete(self, rows: np.ndarray) -> None:
         """Remove rows (all members); rebuild from the lowest level whose u was deleted."""
-        levels = self.level[rows].astype(np.int64)
-        was_chosen = (levels >= 1) & (self.chosen[levels] == rows)
-        self._unplace(rows)
-        if not was_chosen.any():
+        self.member[rows] = False
+        self.fail_at[rows] = 0
+        self.size -= len(rows)
+        hit = np.flatnonzero(np.isin(self.chosen[1: self.top + 1], rows))
+        if len(hit) == 0:
             return
-        j = int(levels[was_chosen].min())
-        cands = np.flatnonzero(self.level >= j)  # R_j without the deleted: still pickable at j
-        self._unplace(cands)
-        self._truncate(j - 1)
+        j = int(hit[0]) + 1
         self.rebuilds[j] += 1
-        self._rebuild(cands, known=j)
-
-    def _truncate(self, t: int) -> None:
-        self.chosen[t + 1:] = -1
-        self.top = t
+        self._truncate(j - 1)
+        self._extend()
 
     # -- rebuild ----------------------------------------------------------------------------------
 
-    def _rebuild(self, cands: np.ndarray, known: int) -> None:
-        """Re-place `cands` (unplaced; each known pickable at level `known` <= top + 1) above the top,
-        choosing new u's as in a sequential pass over the candidates in uniform random order.
-
-        The pass reads the order in chunks: a chunk costs a query per element not already known to be
-        pickable at the top; the first pickable one becomes the next u, the scan resumes right after
-        it. Elements that fail settle (at a level <= the current top: monotonicity); elements after the
-        pick that passed keep that as a known lower bound and are asked again at the new top. The
-        settled elements' exact levels come from one binary search at the end."""
-        order = self.rng.permutation(cands)
-        prof = self.table.profiles_of(order)  # gathered once; the pass indexes into these
-        n = len(order)
-        lo = np.full(n, known, np.int64)  # highest level each is known pickable at
-        hi = np.full(n, self.k + 1, np.int64)  # lowest level each is known to fail at
-        settled = np.zeros(n, bool)
-        picked = np.zeros(n, bool)
-        pos, chunk = 0, 16
-        while pos < n and self.top < self.k:
+    def _extend(self) -> None:
+        """Scan the members with keys above u_top's in key order; each one pickable at top + 1 becomes
+        the next u, until S is full or the members run out. Read in chunks of the key order: a chunk
+        costs one query per member in it not already known to fail; after a pick the scan resumes
+        right behind it (members after the pick that passed are asked again, at the new top)."""
+        order = self.order
+        pos = int(np.searchsorted(order.keys, self.chosen_key[self.top], side="right"))
+        chunk = 64
+        while self.top < self.k and pos < len(order.rows):
             t = self.top
-            part = np.arange(pos, min(pos + chunk, n))
-            part = part[~settled[part]]
-            ok = lo[part] > t  # known pickable at t + 1 without asking
-            ask = np.flatnonzero(~ok)
-            if len(ask):
-                ok[ask] = self.oracle.gains_of(*_take(prof, part[ask]), self.cov, t) >= self.thr
-            if not ok.any():  # none pickable at t + 1: all settle at levels <= t
-                settled[part], hi[part] = True, t + 1
-                pos += chunk
-                chunk = min(2 * chunk, 4096)
+            seg = order.rows[pos: pos + chunk]
+            fa = self.fail_at[seg]
+            idx = np.flatnonzero(self.member[seg] & ((fa == 0) | (fa > t + 1)))  # fa <= t+1: fails at t+1
+            ok = self.oracle.gains_of(*self.table.profiles_of(seg[idx]), self.cov, t) >= self.thr
+            if not ok.any():
+                self.fail_at[seg[idx]] = t + 1
+                pos += len(seg)
+                chunk = min(2 * chunk, 8192)
                 continue
             p = int(np.argmax(ok))
-            u = int(part[p])
-            self._choose(int(order[u]))
-            picked[u] = settled[u] = True
-            fail = part[~ok]  # before the pick all failed; after it, those that failed
-            settled[fail], hi[fail] = True, t + 1
-            lo[part[p + 1:][ok[p + 1:]]] = t + 1
-            pos = u + 1
-            chunk = max(8, 2 * (p + 1))
-        # the rest (S full, or scanned past the end) keep hi = k + 1: their level is at most k
-        lo[picked], hi[picked] = 0, 1  # placed by _choose; no search
-        levels = self._levels(prof, lo, hi)
-        self._place(order[~picked], levels[~picked])
+            self.fail_at[seg[idx[:p]]] = t + 1
+            after = idx[p + 1:]
+            self.fail_at[seg[after[~ok[p + 1:]]]] = t + 1  # valid: S_t stays under the new u
+            self._choose(int(seg[idx[p]]))
+            pos += int(idx[p]) + 1
+            chunk = max(64, 2 * int(idx[p]))
 
     # -- audit (tests) ----------------------------------------------------------------------------
 
     def check(self, live_rows: np.ndarray) -> None:
-        """Recompute everything by brute force and assert the structure matches it."""
+        """Recompute everything by brute force and assert the structure matches it: u_i is the
+        smallest-key element of R_i (so u_i in R_i), R_{top+1} is empty when |S| < k, remembered
+        failures are true, the prefix coverages and values are right."""
         k, thr, t = self.k, self.thr, self.top
-        members = np.flatnonzero(self.level >= 0)
+        members = np.flatnonzero(self.member)
         assert set(members.tolist()) <= set(live_rows.tolist()), "a deleted element is still a member"
         assert self.size == len(members)
-        assert np.array_equal(self.count_at, np.bincount(self.level[members], minlength=k + 2))
-        assert np.all(self.level[members] >= 1), "a member below level 1 (routing guarantees f({s}) >= thr)"
         assert 0 <= t <= k, "|S| > k"
+        key = self.order.key
         cov = np.zeros(self.oracle.n_columns, np.float32)
         value = 0.0
+        rest = members.copy()  # members not in S_{i-1}
         for i in range(1, t + 1):
             u = self.chosen[i]
-            assert u >= 0 and self.level[u] == i, f"u_{i} is not in R_{i} \\ R_{i+1}"
+            assert u >= 0 and self.member[u], f"u_{i} is not a member"
             assert np.array_equal(self.cov[i - 1], cov), f"coverage of S_{i - 1} is stale"
-            r_i = members[self.level[members] >= i]
-            g = self.oracle.gains(r_i, cov)
-            assert np.all(g >= thr), f"an element of R_{i} is not pickable at level {i}"
+            assert self.chosen_key[i] == key[u]
+            g = self.oracle.gains(rest, cov)
+            r_i = rest[g >= thr]
+            assert len(r_i) and u == r_i[np.argmin(key[r_i])], f"u_{i} is not the smallest key of R_{i}"
             value += self.oracle.gains(np.array([u]), cov)[0]
             add_to_coverage(cov, self.table.clients[u], self.table.weights[u])
-            # elements not in R_i but in R_{i-1} must fail at level i
-            below = members[self.level[members] == i - 1] if i > 1 else np.empty(0, np.int64)
-            below = below[below != self.chosen[i - 1]]  # u_{i-1} itself is in S_{i-1}, not a candidate
-            if len(below):
-                assert np.all(self.oracle.gains(below, self.cov[i - 1]) < thr), f"R_{i} misses elements"
-        if t < k:
-            at_top = members[self.level[members] == t]
-            at_top = at_top[at_top != self.chosen[t]]
-            if len(at_top):
-                assert np.all(self.oracle.gains(at_top, cov) < thr), "R_{top+1} should be empty"
+            rest = rest[rest != u]
+        if t < k and len(rest):
+            assert np.all(self.oracle.gains(rest, cov) < thr), "R_{top+1} should be empty"
         assert np.all(self.chosen[t + 1:] == -1)
+        fa = self.fail_at[members]
+        assert np.all(fa <= t + 1), "a remembered failure above top + 1"
+        for lvl in np.unique(fa[fa > 0]).tolist():
+            rows = members[fa == lvl]
+            assert np.all(self.oracle.gains(rows, self.cov[lvl - 1]) < thr), f"a wrong failure at level {lvl}"
         assert math.isclose(value, self.prefix_value[t], rel_tol=1e-5, abs_tol=1e-6)
 
 
@@ -312,6 +279,7 @@ class DynamicSelector(Selector):
         self._log_base = math.log1p(eps)
         self.instances: dict[int, _Instance] = {}
         self.rebuilds = np.zeros(k + 2, np.int64)  # rebuilds by the level they start from
+        self.order = _KeyOrder(self.table.capacity)
         self.guess_lo = np.zeros(self.table.capacity, np.int32)  # instance range [lo, hi] per row
         self.guess_hi = np.full(self.table.capacity, -1, np.int32)
 
@@ -344,6 +312,7 @@ class DynamicSelector(Selector):
             self.guess_hi = np.concatenate([self.guess_hi, np.full(extra, -1, np.int32)])
             for inst in self.instances.values():
                 inst.ensure_capacity(cap)
+        self.order.add(rows, self.rng.random(len(rows)), cap)
         prof = self.table.profiles_of(rows)  # gathered once for every instance
         lo, hi = self._guess_range(self.oracle.gains_of(*prof, np.zeros(self.oracle.n_columns, np.float32)))
         self.guess_lo[rows], self.guess_hi[rows] = lo, hi
@@ -358,6 +327,7 @@ class DynamicSelector(Selector):
 
     def _deleting(self, rows: np.ndarray) -> None:
         self._answer = None
+        self.order.remove(rows)  # first: no rebuild below may scan a leaving row
         lo, hi = self.guess_lo[rows], self.guess_hi[rows]
         for j in self._guesses_of(lo, hi):
             mine = rows[(lo <= j) & (j <= hi)]
@@ -401,7 +371,7 @@ class DynamicSelector(Selector):
             live = self.table.live
             for j in sorted(wake):
                 inst = self.instances[j] = _Instance(float(self._tau(j)), self.k, self.table, self.oracle,
-                                                     self.rng, self.rebuilds)
+                                                     self.order, self.rebuilds)
                 members = np.flatnonzero(live & (self.guess_lo[: len(live)] <= j) & (j <= self.guess_hi[: len(live)]))
                 self.rebuilds[1] += 1
                 inst.build(members)
@@ -459,7 +429,7 @@ class DynamicSelector(Selector):
         return out
 
     def check_invariants(self) -> None:
-        """Assert every instance's structure (R_i nesting, u_i in R_i, |S| <= k, levels, values, routing)
+        """Assert every instance's structure (u_i the smallest key of R_i, |S| <= k, values, routing)
         against a brute-force recomputation. Slow; for tests."""
         live = self.table.live_rows()
         before = self.oracle.queries
@@ -467,9 +437,11 @@ class DynamicSelector(Selector):
         lo, hi = self._guess_range(single)
         assert np.array_equal(lo[hi >= lo], self.guess_lo[live][hi >= lo])
         assert np.array_equal(hi, self.guess_hi[live])
+        assert np.array_equal(np.sort(self.order.rows), live), "key order out of step with the live rows"
+        assert np.all(np.diff(self.order.keys) >= 0) and np.array_equal(self.order.keys, self.order.key[self.order.rows])
         for j, inst in self.instances.items():
             expect = live[(lo <= j) & (j <= hi)]
-            assert np.array_equal(np.flatnonzero(inst.level >= 0), np.sort(expect)), f"routing of instance {j}"
+            assert np.array_equal(np.flatnonzero(inst.member), np.sort(expect)), f"routing of instance {j}"
             inst.check(live)
         routed = hi >= lo
         count: dict[int, int] = {}
