@@ -4,8 +4,9 @@ Update sequences are fixed in advance by a seed and applied in batches of B upda
 element inserted or deleted):
 
 * sliding   -- n elements live; each batch inserts B new ones and deletes the B oldest
-* drain     -- insert n, then delete them in decreasing singleton value (the adversarial order for
-               methods that keep the best elements)
+* drain     -- insert n, then delete the top 20% of them (--drain-fraction) in decreasing singleton
+               value, B per batch (the adversarial order for methods that keep the best elements); the
+               same fraction at every n, so the 10x-n comparison compares like with like
 * random    -- from n live, each batch is B inserts or B deletes with probability 1/2
 
 Per method and setting: oracle queries per update (mean, p99 over batches), f(S_t) / f(lazy greedy on
@@ -93,8 +94,10 @@ def minilm_embeddings(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def make_sequence(kind: str, n: int, steps: int, batch: int, singles: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
-    """(ids inserted before timing, timed batches). Element ids index the data array."""
+                  rng: np.random.Generator, drain_fraction: float = 0.2
+                  ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """(ids inserted before timing, timed batches). Element ids index the data array. `steps` sets the
+    length of the sliding and random sequences; the drain deletes `drain_fraction` of n whatever n."""
     warm = np.arange(n)
     seq: list[tuple[str, np.ndarray]] = []
     if kind == "sliding":
@@ -102,9 +105,9 @@ def make_sequence(kind: str, n: int, steps: int, batch: int, singles: np.ndarray
             seq.append(("ins", np.arange(n + s * batch, n + (s + 1) * batch)))
             seq.append(("del", np.arange(s * batch, (s + 1) * batch)))
     elif kind == "drain":
-        order = np.argsort(-singles[:n], kind="stable")
-        for s in range(min(steps, n // batch)):
-            seq.append(("del", order[s * batch: (s + 1) * batch]))
+        order = np.argsort(-singles[:n], kind="stable")[: max(1, round(drain_fraction * n))]
+        for s in range(0, len(order), batch):
+            seq.append(("del", order[s: s + batch]))
     elif kind == "random":
         live, nxt = list(range(n)), n
         for _ in range(steps):
@@ -164,7 +167,7 @@ def run_method(method: str, objective, x, warm, seq, k, eps, seed, sample_every,
     tracemalloc.stop()  # (tracing slows numpy-heavy code; the timed phase runs untraced)
     per_update, ratios, busy, done = [], [], 0.0, 0
     for step, (op, ids) in enumerate(seq):
-        sampled = step % sample_every == sample_every - 1
+        sampled = step % sample_every == sample_every - 1 or step == len(seq) - 1
         if method == "lazy_greedy" and not sampled:
             # a rerun per update is too slow at scale: apply the update untimed, rerun only when sampled
             (sel.insert(ids, x[ids]) if op == "ins" else sel.delete(ids))
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--references", type=int, default=1024, help="facility-location reference set size")
     p.add_argument("--m", type=int, default=16, help="reference neighbours per element")
     p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--drain-fraction", type=float, default=0.2,
+                   help="share of the n elements the drain sequence deletes (top singleton values first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=None, help="time budget per method and setting")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         objective, x = cache[key]
         prof = objective.profile(x[:n])
         singles = prof.weights.sum(1) + prof.bonus
-        warm, seq = make_sequence(seq_name, n, steps, args.batch, singles, np.random.default_rng(args.seed + 1))
+        warm, seq = make_sequence(seq_name, n, steps, args.batch, singles, np.random.default_rng(args.seed + 1),
+                                  args.drain_fraction)
         for method in args.methods:
             r = run_method(method, objective, x, warm, seq, k, args.eps, args.seed, sample_every, budget,
                            data, seq_name, n, args.batch)
@@ -298,7 +304,7 @@ def render(results: list[Result], sizes: list[int], args) -> str:
         if method == "dynamic" and lg is not None:
             lines.append(f"- {data} {seq} n={n} k={k}: {lg.q_mean / r.q_mean:.1f}x fewer")
     lines += ["", f"batch = {args.batch} updates per call; eps = {args.eps}; |C| = {args.references}; "
-              f"m = {args.m}; seed = {args.seed}"]
+              f"m = {args.m}; seed = {args.seed}; drain deletes the top {args.drain_fraction:.0%} of n"]
     return "\n".join(lines) + "\n"
 
 

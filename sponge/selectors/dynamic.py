@@ -16,8 +16,9 @@ monotone in i (S only grows, gains only shrink), so R_i = {s : s pickable at lev
 invariant: u_i is uniformly random in R_i (given S_{i-1}). The top t = |S|; R_{t+1} is empty unless
 t = k (an element pickable above the top would have become u_{t+1}).
 
-**Uniform choices through random keys.** Every element draws a uniform key once, when inserted (one
-key per element, shared by the instances). Each instance keeps u_i = the element of R_i with the
+**Uniform choices through random keys.** Every element draws a uniform key once per instance, when it
+joins the instance (independent across instances: shared keys would make every instance prefer the
+same elements, and the read-out pool of their solutions less diverse). Each instance keeps u_i = the element of R_i with the
 smallest key. Keys are i.i.d. and hidden from the (oblivious) update sequence, so u_i is uniform in
 R_i, and the structure is exactly what a rebuild over a fresh uniformly random order produces -- the
 same distribution as the walk with coins of probability 1/|R_i| described in ALGORITHMS.md, which it
@@ -60,7 +61,7 @@ def _take(prof: Profile, idx: np.ndarray) -> Profile:
 
 
 class _KeyOrder:
-    """Every live element's random key, and the live rows sorted by key (shared by the instances)."""
+    """One instance's random key per member, and its members sorted by key."""
 
     def __init__(self, capacity: int):
         self.key = np.zeros(capacity)  # per row
@@ -87,9 +88,10 @@ class _Instance:
     """The level structure for one guess tau of OPT."""
 
     def __init__(self, tau: float, k: int, table: ElementTable, oracle: CountingOracle,
-                 order: _KeyOrder, rebuilds: np.ndarray):
+                 rng: np.random.Generator, rebuilds: np.ndarray):
         self.tau, self.k, self.thr = tau, k, tau / (2 * k)
-        self.table, self.oracle, self.order, self.rebuilds = table, oracle, order, rebuilds
+        self.table, self.oracle, self.rng, self.rebuilds = table, oracle, rng, rebuilds
+        self.order = _KeyOrder(table.capacity)
         self.member = np.zeros(table.capacity, bool)  # routed to this instance
         self.fail_at = np.zeros(table.capacity, np.int16)  # l > 0: known not pickable at level l; 0: unknown
         self.size = 0
@@ -144,8 +146,7 @@ class _Instance:
         most: at l = the first level whose u has a larger key (none is asked when l = k + 1)."""
         if len(rows) == 0:
             return
-        self.member[rows] = True
-        self.size += len(rows)
+        self._join(rows)
         t = self.top
         keys = self.order.key[rows]
         lv = np.searchsorted(self.chosen_key[1: t + 1], keys) + 1  # keys increase with the level
@@ -167,9 +168,13 @@ class _Instance:
 
     def build(self, rows: np.ndarray) -> None:
         """Build the structure from scratch over rows (all pickable at level 1)."""
+        self._join(rows)
+        self._extend()
+
+    def _join(self, rows: np.ndarray) -> None:
         self.member[rows] = True
         self.size += len(rows)
-        self._extend()
+        self.order.add(rows, self.rng.random(len(rows)), self.table.capacity)
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -178,6 +183,7 @@ class _Instance:
         self.member[rows] = False
         self.fail_at[rows] = 0
         self.size -= len(rows)
+        self.order.remove(rows)
         hit = np.flatnonzero(np.isin(self.chosen[1: self.top + 1], rows))
         if len(hit) == 0:
             return
@@ -200,7 +206,7 @@ class _Instance:
             t = self.top
             seg = order.rows[pos: pos + chunk]
             fa = self.fail_at[seg]
-            idx = np.flatnonzero(self.member[seg] & ((fa == 0) | (fa > t + 1)))  # fa <= t+1: fails at t+1
+            idx = np.flatnonzero((fa == 0) | (fa > t + 1))  # 0 < fa <= t + 1: known to fail at t + 1
             ok = self.oracle.gains_of(*self.table.profiles_of(seg[idx]), self.cov, t) >= self.thr
             if not ok.any():
                 self.fail_at[seg[idx]] = t + 1
@@ -224,6 +230,8 @@ class _Instance:
         k, thr, t = self.k, self.thr, self.top
         members = np.flatnonzero(self.member)
         assert set(members.tolist()) <= set(live_rows.tolist()), "a deleted element is still a member"
+        assert np.array_equal(np.sort(self.order.rows), members), "key order out of step with the members"
+        assert np.all(np.diff(self.order.keys) >= 0) and np.array_equal(self.order.keys, self.order.key[self.order.rows])
         assert self.size == len(members)
         assert 0 <= t <= k, "|S| > k"
         key = self.order.key
@@ -279,7 +287,6 @@ class DynamicSelector(Selector):
         self._log_base = math.log1p(eps)
         self.instances: dict[int, _Instance] = {}
         self.rebuilds = np.zeros(k + 2, np.int64)  # rebuilds by the level they start from
-        self.order = _KeyOrder(self.table.capacity)
         self.guess_lo = np.zeros(self.table.capacity, np.int32)  # instance range [lo, hi] per row
         self.guess_hi = np.full(self.table.capacity, -1, np.int32)
 
@@ -312,7 +319,6 @@ class DynamicSelector(Selector):
             self.guess_hi = np.concatenate([self.guess_hi, np.full(extra, -1, np.int32)])
             for inst in self.instances.values():
                 inst.ensure_capacity(cap)
-        self.order.add(rows, self.rng.random(len(rows)), cap)
         prof = self.table.profiles_of(rows)  # gathered once for every instance
         lo, hi = self._guess_range(self.oracle.gains_of(*prof, np.zeros(self.oracle.n_columns, np.float32)))
         self.guess_lo[rows], self.guess_hi[rows] = lo, hi
@@ -327,7 +333,6 @@ class DynamicSelector(Selector):
 
     def _deleting(self, rows: np.ndarray) -> None:
         self._answer = None
-        self.order.remove(rows)  # first: no rebuild below may scan a leaving row
         lo, hi = self.guess_lo[rows], self.guess_hi[rows]
         for j in self._guesses_of(lo, hi):
             mine = rows[(lo <= j) & (j <= hi)]
@@ -371,7 +376,7 @@ class DynamicSelector(Selector):
             live = self.table.live
             for j in sorted(wake):
                 inst = self.instances[j] = _Instance(float(self._tau(j)), self.k, self.table, self.oracle,
-                                                     self.order, self.rebuilds)
+                                                     self.rng, self.rebuilds)
                 members = np.flatnonzero(live & (self.guess_lo[: len(live)] <= j) & (j <= self.guess_hi[: len(live)]))
                 self.rebuilds[1] += 1
                 inst.build(members)
@@ -437,8 +442,6 @@ class DynamicSelector(Selector):
         lo, hi = self._guess_range(single)
         assert np.array_equal(lo[hi >= lo], self.guess_lo[live][hi >= lo])
         assert np.array_equal(hi, self.guess_hi[live])
-        assert np.array_equal(np.sort(self.order.rows), live), "key order out of step with the live rows"
-        assert np.all(np.diff(self.order.keys) >= 0) and np.array_equal(self.order.keys, self.order.key[self.order.rows])
         for j, inst in self.instances.items():
             expect = live[(lo <= j) & (j <= hi)]
             assert np.array_equal(np.flatnonzero(inst.member), np.sort(expect)), f"routing of instance {j}"
