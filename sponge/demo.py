@@ -193,14 +193,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
                                    replay_source=source, output_dir=out / "runs" / "remix-curated",
                                    on_rollouts=publish, on_policy_version=report_version)
-            histories["remix-curated"] = trainer.train()
+            histories["remix-curated"] = trainer.history   # filled as it trains: an interrupt keeps it
+            trainer.train()
             producer.flush()
             if cfg.baseline:
                 print("[4/5] on-policy GRPO baseline from the same weights and seed")
                 grpo = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task,
                                     ReMixConfig.grpo(rollout_budget=cfg.rollout_budget, seed=cfg.seed),
                                     output_dir=out / "runs" / "grpo")
-                histories["grpo"] = grpo.train()
+                histories["grpo"] = grpo.history
+                grpo.train()
         except KeyboardInterrupt:
             interrupted = True
             print("\ninterrupted: stopping the service and writing the report from what was recorded")
@@ -238,6 +240,7 @@ def write_report(out: Path, store, histories: dict[str, list[dict]]) -> dict:
     conn = duckdb.connect()
     results: dict = {}
 
+    histories = {name: hist for name, hist in histories.items() if hist}
     if histories:
         curves = conn.sql(QUERIES["success_vs_rollouts"].format(report=out)).to_arrow_table()
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -329,8 +332,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ctrl-C and SIGTERM both stop the demo cleanly, even when started from a shell that
+    # ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cfg = DemoConfig(out=args.out, task=args.task, rollout_budget=args.rollout_budget, seed=args.seed, k=args.k,
                      baseline=args.baseline, warm_start_steps=args.warm_start_steps,
                      reincarnate_at=args.reincarnate_at)
