@@ -34,7 +34,7 @@ def running_server(broker, topic, tmp_path):
                             store_path=str(tmp_path / "store"), flush_interval_s=0.2, session_timeout_ms=6000,
                             create_topics=False, log_level="WARNING"),
         curation=CurationConfig(k=8, n_references=32, retention_window=1, snapshot_interval_s=0.0),
-        api=ApiConfig(port=0))
+        api=ApiConfig(port=0), compact_interval_s=1.0)
     server = CurationServer(config)
     stop = threading.Event()
     thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
@@ -106,4 +106,7 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     assert server.curator.describe()["n_live"] == server.store.count()
     tomb = server.store.sql("SELECT count(*) FROM tombstones WHERE reason LIKE 'retention%'").column(0)[0].as_py()
     assert tomb > 0
+    # Compaction (every second here) reclaims the evicted rows from the segment files.
+    wait_for(lambda: (lambda st: st["stored_rows"] == st["rows"])(server.store.stats()), 30,
+             what="compaction to drop evicted rows from disk")
     client.close()

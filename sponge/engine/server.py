@@ -52,6 +52,9 @@ class ServerConfig:
     embed_missing: bool = True
     #: Local sentence-embedding model; None = the bundled all-MiniLM-L6-v2.
     embedding_model: str | None = None
+    #: Rewrite segments without tombstoned rows this often (seconds; 0 = never). Retention
+    #: tombstones rows at once; compaction reclaims their disk space later.
+    compact_interval_s: float = 300.0
 
 
 class MissingEmbeddings:
@@ -131,9 +134,23 @@ class CurationServer:
         self.worker = CurationWorker(self.curator, on_health=self._curator_health) if self.curator else None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
+        self._last_compaction = time.monotonic()
         app = create_app(self.store, self.curator, config.api,
                          metrics_text=self._metrics_text, ready=self.ready)
         self.http = ApiServer(app, config.api)
+
+    def _maybe_compact(self) -> None:
+        interval = self.config.compact_interval_s
+        now = time.monotonic()
+        if interval <= 0 or now - self._last_compaction < interval:
+            return
+        self._last_compaction = now
+        result = self.store.compact()
+        if result.segments_rewritten or result.segments_removed:
+            ingest._event(logging.INFO, "compacted", seconds=round(time.monotonic() - now, 3),
+                          rows_removed=result.rows_removed, segments_rewritten=result.segments_rewritten,
+                          segments_removed=result.segments_removed,
+                          bytes_freed=result.bytes_before - result.bytes_after)
 
     def _on_segment(self, _write, rows: pa.Table) -> None:
         self.worker.submit(rows)
@@ -173,6 +190,7 @@ class CurationServer:
         try:
             while not stop_event.is_set():
                 self.ingest.poll_once()
+                self._maybe_compact()
         finally:
             self.close()
         return self.ingest.totals
@@ -207,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each selects over its own partitions, the replay subset merges all shards")
     g.add_argument("--retention-window", type=int, default=CurationConfig.retention_window,
                    help="keep rollouts with policy_version >= current - window (negative: keep all)")
+    g.add_argument("--compact-interval-s", type=float, default=ServerConfig.compact_interval_s,
+                   help="rewrite segments without tombstoned rows this often (0 = never)")
     g.add_argument("--http-host", default=ApiConfig.host, help="HTTP interface")
     g.add_argument("--http-port", type=int, default=ApiConfig.port, help="HTTP port (0 = any free port)")
     g.add_argument("--token", default=None, help="bearer token required by the HTTP API (env SPONGE_TOKEN)")
@@ -223,6 +243,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 retention_window=None if window is not None and window < 0 else window),
         api=ApiConfig(host=args.http_host, port=args.http_port, token=args.token or os.environ.get("SPONGE_TOKEN")),
         selection=args.selection, embed_missing=args.embed_missing, embedding_model=args.embedding_model,
+        compact_interval_s=args.compact_interval_s,
     )
 
 
