@@ -115,14 +115,15 @@ class _Instance:
     def solution_rows(self) -> np.ndarray:
         return self.chosen[1: self.top + 1]
 
-    def _choose(self, row: int) -> None:
-        """u_{top+1} <- row (row is pickable at top + 1)."""
+    def _choose(self, row: int, gain: float | None = None) -> None:
+        """u_{top+1} <- row (row is pickable at top + 1; `gain` = f(row | S_top) if already known)."""
         t = self.top + 1
         if t >= len(self.cov):
             grown = np.zeros((min(2 * len(self.cov), self.k + 1), self.cov.shape[1]), np.float32)
             grown[: len(self.cov)] = self.cov
             self.cov = grown
-        gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
+        if gain is None:
+            gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
         self.cov[t] = self.cov[t - 1]
         add_to_coverage(self.cov[t], self.table.clients[row], self.table.weights[row])
         self.prefix_value[t] = self.prefix_value[t - 1] + gain
@@ -207,7 +208,8 @@ class _Instance:
             seg = order.rows[pos: pos + chunk]
             fa = self.fail_at[seg]
             idx = np.flatnonzero((fa == 0) | (fa > t + 1))  # 0 < fa <= t + 1: known to fail at t + 1
-            ok = self.oracle.gains_of(*self.table.profiles_of(seg[idx]), self.cov, t) >= self.thr
+            gains = self.oracle.gains_of(*self.table.profiles_of(seg[idx]), self.cov[t])
+            ok = gains >= self.thr
             if not ok.any():
                 self.fail_at[seg[idx]] = t + 1
                 pos += len(seg)
@@ -217,7 +219,7 @@ class _Instance:
             self.fail_at[seg[idx[:p]]] = t + 1
             after = idx[p + 1:]
             self.fail_at[seg[after[~ok[p + 1:]]]] = t + 1  # valid: S_t stays under the new u
-            self._choose(int(seg[idx[p]]))
+            self._choose(int(seg[idx[p]]), float(gains[p]))
             pos += int(idx[p]) + 1
             chunk = max(64, 2 * int(idx[p]))
 
