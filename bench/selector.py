@@ -32,8 +32,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sponge.selectors import (DynamicSelector, FacilityLocation, LazyGreedyRerun, RandomSubset,
-                              SieveStreamingRerun, lazy_greedy)
+from sponge.selectors import (
+    DynamicSelector,
+    FacilityLocation,
+    LazyGreedyRerun,
+    RandomSubset,
+    SieveStreamingRerun,
+    lazy_greedy,
+)
 from sponge.selectors.objectives import CountingOracle
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,7 +73,7 @@ _STYLES = ["Therefore {s} {v} {o}.", "We conclude that {s} {v} {o}, as required.
 
 def generated_texts(rng: np.random.Generator, n: int) -> list[str]:
     """Short synthetic math 'rollouts' from a seeded grammar (no downloads)."""
-    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
+    pick = lambda xs: xs[rng.integers(len(xs))]
     return [pick(_STYLES).format(s=pick(_SUBJECTS), v=pick(_VERBS), o=pick(_OBJECTS)) + f" (step {i % 97})"
             for i in range(n)]
 
@@ -286,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(results: list[Result], sizes: list[int], args) -> str:
-    lines = ["| data | sequence | n | k | method | queries/update mean | p99 | f/f(LG) mean | min | updates/s | "
-             "peak MiB | note |", "|" + "---|" * 12]
+    lines = [("| data | sequence | n | k | method | queries/update mean | p99 | f/f(LG) mean | min | updates/s | "
+              "peak MiB | note |"), "|" + "---|" * 12]
     for r in results:
         lines.append(f"| {r.data} | {r.sequence} | {r.n} | {r.k} | {r.method} | {r.q_mean:.1f} | {r.q_p99:.1f} | "
                      f"{r.ratio_mean:.3f} | {r.ratio_min:.3f} | {r.updates_per_s:.0f} | {r.peak_mib:.1f} | {r.note} |")
@@ -303,8 +309,8 @@ def render(results: list[Result], sizes: list[int], args) -> str:
         lg = by.get((data, seq, k, "lazy_greedy", n))
         if method == "dynamic" and lg is not None:
             lines.append(f"- {data} {seq} n={n} k={k}: {lg.q_mean / r.q_mean:.1f}x fewer")
-    lines += ["", f"batch = {args.batch} updates per call; eps = {args.eps}; |C| = {args.references}; "
-              f"m = {args.m}; seed = {args.seed}; drain deletes the top {args.drain_fraction:.0%} of n"]
+    lines += ["", (f"batch = {args.batch} updates per call; eps = {args.eps}; |C| = {args.references}; "
+              f"m = {args.m}; seed = {args.seed}; drain deletes the top {args.drain_fraction:.0%} of n")]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,12 @@ sieve-streaming rerun, random subset).
 """
 
 from sponge.selectors.base import Selector, load_params, save_params
-from sponge.selectors.baselines import LazyGreedyRerun, RandomSubset, SieveStreamingRerun, lazy_greedy
+from sponge.selectors.baselines import (
+    LazyGreedyRerun,
+    RandomSubset,
+    SieveStreamingRerun,
+    lazy_greedy,
+)
 from sponge.selectors.dynamic import DynamicSelector
 from sponge.selectors.objectives import FacilityLocation, Objective, SetCoverage
 
@@ -19,6 +24,17 @@ METHODS: dict[str, type[Selector]] = {
     cls.method: cls for cls in (DynamicSelector, LazyGreedyRerun, SieveStreamingRerun, RandomSubset)
 }
 
-__all__ = ["Selector", "DynamicSelector", "LazyGreedyRerun", "SieveStreamingRerun", "RandomSubset",
-           "FacilityLocation", "SetCoverage", "Objective", "lazy_greedy", "save_params", "load_params",
-           "METHODS"]
+__all__ = [
+    "METHODS",
+    "DynamicSelector",
+    "FacilityLocation",
+    "LazyGreedyRerun",
+    "Objective",
+    "RandomSubset",
+    "Selector",
+    "SetCoverage",
+    "SieveStreamingRerun",
+    "lazy_greedy",
+    "load_params",
+    "save_params",
+]

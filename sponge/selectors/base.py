@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sponge.selectors.objectives import OBJECTIVES, CountingOracle, ElementTable, Objective
+from sponge.selectors.objectives import (
+    OBJECTIVES,
+    CountingOracle,
+    ElementTable,
+    Objective,
+)
 
 
 def as_ids(ids) -> np.ndarray:

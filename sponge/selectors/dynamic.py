@@ -51,7 +51,12 @@ import numpy as np
 
 from sponge.selectors.base import Selector
 from sponge.selectors.baselines import lazy_greedy
-from sponge.selectors.objectives import CountingOracle, ElementTable, Objective, add_to_coverage
+from sponge.selectors.objectives import (
+    CountingOracle,
+    ElementTable,
+    Objective,
+    add_to_coverage,
+)
 
 Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # (clients, weights, bonus) of some elements
 
@@ -269,7 +274,11 @@ class DynamicSelector(Selector):
         objective: the monotone submodular objective (e.g. FacilityLocation(references, m=16)).
         k: most elements in the solution.
         eps: accuracy: OPT guesses are (1 + eps)^j; the guarantee is f(S) >= (1/2 - eps) OPT at every step.
-        seed: seed of this selector's RNG (the uniform choices and rebuild orders).
+        seed: seed of this selector's RNG (the random keys that make the uniform choices).
+        refine: read out lazy greedy over the pool of every instance's solution (and what survives of
+            the last answer) when it beats the best instance; its queries are counted apart.
+        dormant_low_guesses: keep no instance for guesses far below the best value found (see
+            `_refresh_guesses`); they never hold the answer and cost the most.
     """
 
     method = "dynamic"
@@ -367,7 +376,7 @@ class DynamicSelector(Selector):
         guarantee, tau* in [OPT, (1+eps) OPT), is always kept. Why it pays: guesses far below OPT fill
         S with k barely-filtered elements and almost every element climbs all k levels there, so they
         cost the most rebuild work while never holding the answer. The price: a guess woken up after b
-        falls is built from scratch (O(|V_j| log k) queries), so an adversary alternately inserting and
+        falls is built from scratch (a key-order scan: up to |V_j| queries), so an adversary alternately inserting and
         deleting one dominant element could force that every few updates."""
         if not self.dormant_low_guesses:
             wake = [j for j in self.routed if j not in self.instances]

@@ -56,7 +56,7 @@ class Objective(ABC):
 
     @classmethod
     @abstractmethod
-    def from_params(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> "Objective":
+    def from_params(cls, scalars: dict, arrays: dict[str, np.ndarray]) -> Objective:
         """Inverse of `params`."""
 
 
