@@ -41,6 +41,11 @@ unchanged structure, and the lowest level any of them takes over (the smallest k
 pass there) is rebuilt, once. Expected queries per update: the insert's single test, plus rebuilds
 triggered with probability 1/|R_i| per level that cost about the members scanned between u_i's and
 u_k's keys.
+
+**Re-drawing keys.** Persistent keys make an instance's solution move only when an update forces a
+rebuild, which starves the read-out's refinement (lazy greedy over all instances' solutions) of new
+candidates. So, on a budget (`rekey_share`), one instance at a time draws all-new keys and is rebuilt:
+a fresh sample, independent of the old one, so the uniform-choice invariant is untouched.
 """
 
 from __future__ import annotations
@@ -177,6 +182,18 @@ class _Instance:
         self._join(rows)
         self._extend()
 
+    def rekey(self) -> None:
+        """Draw every member a fresh key and rebuild from level 1: a new sample of the structure,
+        independent of the old one (so anything may trigger it without biasing the uniform choices)."""
+        members = self.rng.permutation(self.order.rows)
+        spacings = self.rng.exponential(size=len(members) + 1)
+        keys = np.cumsum(spacings)[:-1] / spacings.sum()  # sorted i.i.d. uniforms, in O(n)
+        self.order.rows, self.order.keys = members, keys
+        self.order.key[members] = keys
+        self.rebuilds[1] += 1
+        self._truncate(0)
+        self._extend()
+
     def _join(self, rows: np.ndarray) -> None:
         self.member[rows] = True
         self.size += len(rows)
@@ -279,13 +296,20 @@ class DynamicSelector(Selector):
             the last answer) when it beats the best instance; its queries are counted apart.
         dormant_low_guesses: keep no instance for guesses far below the best value found (see
             `_refresh_guesses`); they never hold the answer and cost the most.
+        rekey_share: re-draw one instance's keys (a scan of about its size in queries) each time the
+            updates have spent size / rekey_share queries since the last re-draw (see `_maybe_rekey`).
+            For read-out quality, not the guarantee; 0 turns it off: 15-35% more updates/s in the
+            service pattern, f/f(lazy greedy) 1-2 points lower at n = 10^5.
     """
 
     method = "dynamic"
 
     def __init__(self, objective: Objective, k: int = 64, eps: float = 0.2, seed: int = 0,
-                 refine: bool = True, dormant_low_guesses: bool = True):
+                 refine: bool = True, dormant_low_guesses: bool = True, rekey_share: float = 0.5):
         super().__init__(objective, k, seed)
+        self.rekey_share = float(rekey_share)
+        self._rekey_at = -10**9  # the guess re-drawn last
+        self._rekey_mark = 0  # update queries when it was
         self.refine = bool(refine)
         self.dormant_low_guesses = bool(dormant_low_guesses)
         self.routed: dict[int, int] = {}  # guess j -> live elements routed to it
@@ -303,7 +327,7 @@ class DynamicSelector(Selector):
 
     def params(self) -> dict:
         return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine,
-                "dormant_low_guesses": self.dormant_low_guesses}
+                "dormant_low_guesses": self.dormant_low_guesses, "rekey_share": self.rekey_share}
 
     def _tau(self, j: np.ndarray | int):
         return np.power(1.0 + self.eps, j)
@@ -341,6 +365,7 @@ class DynamicSelector(Selector):
                 self.instances[j].insert(mine, tuple(np.compress(mask, x, axis=0) for x in prof))
             # a guess with no instance yet is built (or left dormant) by _refresh_guesses
         self._refresh_guesses()
+        self._maybe_rekey()
 
     def _deleting(self, rows: np.ndarray) -> None:
         self._answer = None
@@ -360,6 +385,25 @@ class DynamicSelector(Selector):
 
     def _deleted(self) -> None:
         self._refresh_guesses()
+        self._maybe_rekey()
+
+    def _maybe_rekey(self) -> None:
+        """Spend about `rekey_share` of the update work on re-drawing whole instances (round robin).
+
+        Why: an instance's keys are drawn once, so between the rebuilds its updates force, its solution
+        barely moves, and the read-out (lazy greedy over the instances' solutions plus the last answer)
+        keeps seeing the same few hundred elements. A re-draw is a fresh sample, as valid as the old
+        one, and feeds the read-out new candidates; it costs one scan of the instance's members."""
+        spent = self.oracle.queries - self.readout_queries - self._rekey_mark
+        if self.rekey_share <= 0 or not self.instances:
+            return
+        js = sorted(self.instances)
+        nxt = next((j for j in js if j > self._rekey_at), js[0])
+        if spent * self.rekey_share < self.instances[nxt].size:
+            return
+        self._rekey_at = nxt
+        self.instances[nxt].rekey()
+        self._rekey_mark = self.oracle.queries - self.readout_queries
 
     @staticmethod
     def _guesses_of(lo: np.ndarray, hi: np.ndarray) -> range:
