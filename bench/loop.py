@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -156,7 +155,7 @@ def scale_out(store, curator, k: int) -> dict:
         ids = np.flatnonzero(members)
         sel.insert(ids, emb[ids])
         shards.append(sel.solution())
-    merged_ids, merged_value = merge_shard_solutions(objective, [(s, emb[s]) for s in shards], k)
+    _, merged_value = merge_shard_solutions(objective, [(s, emb[s]) for s in shards], k)
     single_value = curator.value()
     _, greedy_value = greedy_subset(objective, np.arange(len(emb)), emb, k)
     print(f"scale-out (2 shards):      merged f = {merged_value:.2f}; one selector over all f = {single_value:.2f}; "

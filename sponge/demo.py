@@ -83,7 +83,7 @@ class Timeline:
         self._thread = threading.Thread(target=self._loop, name="demo-timeline", daemon=True)
         self._t0 = time.monotonic()
 
-    def start(self) -> "Timeline":
+    def start(self) -> Timeline:
         self._thread.start()
         return self
 

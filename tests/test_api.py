@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -107,7 +106,7 @@ def test_sql_reads_the_views(client):
 
 
 def test_policy_report_evicts_and_replay_source_filters(client, service):
-    _, store, curator = service
+    _, store, _ = service
     source = ServiceReplaySource(client, window=1)
     result = client.report_policy_version(2)        # window 1: keep versions >= 1
     assert result["policy_version"] == 2 and result["evicted"] == 160
@@ -122,7 +121,7 @@ def test_policy_report_evicts_and_replay_source_filters(client, service):
 
 
 def test_explicit_removal(client, service):
-    _, store, curator = service
+    _, _, curator = service
     victim = curator.subset_ids()[0]
     assert client.remove([victim], reason="bad label") == 1
     assert victim not in curator.subset_ids()

@@ -107,6 +107,9 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     tomb = server.store.sql("SELECT count(*) FROM tombstones WHERE reason LIKE 'retention%'").column(0)[0].as_py()
     assert tomb > 0
     # Compaction (every second here) reclaims the evicted rows from the segment files.
-    wait_for(lambda: (lambda st: st["stored_rows"] == st["rows"])(server.store.stats()), 30,
-             what="compaction to drop evicted rows from disk")
+    def compacted() -> bool:
+        stats = server.store.stats()
+        return stats["stored_rows"] == stats["rows"]
+
+    wait_for(compacted, 30, what="compaction to drop evicted rows from disk")
     client.close()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from sponge.engine.api import ApiConfig
 from sponge.engine.client import ServiceClient
 from sponge.engine.curation import CurationConfig, Curator

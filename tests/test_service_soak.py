@@ -19,12 +19,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from test_ingest_service import _serve, _wait
 
 from sponge.engine.store import RolloutStore
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
-
-from test_ingest_service import _serve, _wait  # noqa: E402
 
 pytestmark = pytest.mark.soak
 
@@ -41,7 +40,7 @@ def _service_url(log: Path) -> str | None:
 
 def _lag(metrics_text: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(r'^sponge_ingest_consumer_lag\{[^}]*\} (\S+)$',
-                                                       metrics_text, re.M))
+                                                       metrics_text, re.MULTILINE))
 
 
 def test_soak_steady_stream_bounded_by_retention(broker, topic, tmp_path):

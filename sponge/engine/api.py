@@ -56,7 +56,7 @@ class RemoveRequest(BaseModel):
     reason: str = Field("explicit", min_length=1, max_length=200)
 
 
-def create_app(store: "RolloutStore", curator: "Curator | None", config: ApiConfig,
+def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
                metrics_text: Any = None, ready: threading.Event | None = None) -> FastAPI:
     """Build the FastAPI app over a store and (optionally) a curator.
 
@@ -75,7 +75,7 @@ def create_app(store: "RolloutStore", curator: "Curator | None", config: ApiConf
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def need_curator() -> "Curator":
+    def need_curator() -> Curator:
         if curator is None:
             raise HTTPException(status_code=409, detail="selection is disabled in this service")
         return curator
@@ -184,7 +184,7 @@ class ApiServer:
         self.host = config.host
         self.port = config.port
 
-    def start(self, timeout_s: float = 10.0) -> "ApiServer":
+    def start(self, timeout_s: float = 10.0) -> ApiServer:
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:

@@ -70,7 +70,7 @@ class CurationConfig:
 class Curator:
     """The selector over the store's live rollouts, safe to call from the ingest loop and HTTP threads."""
 
-    def __init__(self, store: "RolloutStore", config: CurationConfig | None = None) -> None:
+    def __init__(self, store: RolloutStore, config: CurationConfig | None = None) -> None:
         self.store = store
         self.config = config or CurationConfig()
         if self.config.method not in METHODS:

@@ -172,7 +172,7 @@ class CurationServer:
             self.curation_metrics.observe(self.curator.describe())
         return self.ingest.metrics.render(), CONTENT_TYPE_LATEST
 
-    def start(self) -> "CurationServer":
+    def start(self) -> CurationServer:
         self.http.start()
         ingest._event(logging.INFO, "http", url=self.http.url)
         if self.curator is not None:

@@ -39,7 +39,7 @@ class CurationWorker:
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name="sponge-curation", daemon=True)
 
-    def start(self) -> "CurationWorker":
+    def start(self) -> CurationWorker:
         self._thread.start()
         return self
 
@@ -95,7 +95,7 @@ class CurationWorker:
                 elif batch:
                     self.curator.add(pa.concat_tables(batch, promote_options="default"))
                     self.batches += 1
-            except Exception:  # noqa: BLE001 - any curator bug must not take ingest down
+            except Exception:
                 log.exception("curation failed; ingest goes on, the selector will be rebuilt from the store")
                 self.broken_since = time.monotonic()
                 if self.on_health is not None:
