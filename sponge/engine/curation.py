@@ -17,6 +17,7 @@ rollouts seen and saved beside the store, so a restart optimises the same f.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -98,7 +99,7 @@ class Curator:
             if not self.config.shard.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"shard name must be letters, digits, '-' or '_', got {self.config.shard!r}")
             # Shards must optimise one f: no reference refresh, the first shard's set is everyone's.
-            self.config.min_references = self.config.n_references
+            self.config = dataclasses.replace(self.config, min_references=self.config.n_references)
 
     # -- building ---------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> float:
