@@ -5,14 +5,15 @@ The `Curator` sits between the store and a selector from `sponge.selectors`:
 - every newly stored rollout goes into the selector (embedding + a quality bonus for rollouts
   whose GRPO group has non-zero reward variance, the only groups that carry a learning signal);
 - deletions reach the selector from retention (policy_version older than current − window, applied
-  when the trainer reports its version), explicit removal and compaction;
+  when the trainer reports its version) and explicit removal; compaction only rewrites segments
+  without rows that are already tombstoned, so it never changes the live set;
 - the current subset is persisted as a store snapshot (`replay_subset` view) with its objective
   value and a selection version that bumps whenever the subset changes;
 - replay samples are drawn from the subset with a weight column that travels with the rows.
 
 The selector's state is derived: on restart `rebuild()` re-inserts the live rollouts from the store.
-The objective's reference vectors (facility-location clients) are sampled once from the first
-rollouts seen and saved beside the store, so a restart optimises the same f.
+The objective's reference vectors (facility-location clients) are the first rollouts' embeddings
+seen, saved beside the store, so a restart optimises the same f.
 """
 
 from __future__ import annotations
