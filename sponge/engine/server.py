@@ -145,7 +145,11 @@ class CurationServer:
         if interval <= 0 or now - self._last_compaction < interval:
             return
         self._last_compaction = now
-        result = self.store.compact()
+        try:
+            result = self.store.compact()
+        except Exception as exc:  # noqa: BLE001 - disk housekeeping must never stop ingest
+            ingest._event(logging.ERROR, "compaction failed; will retry", error=repr(exc))
+            return
         if result.segments_rewritten or result.segments_removed:
             ingest._event(logging.INFO, "compacted", seconds=round(time.monotonic() - now, 3),
                           rows_removed=result.rows_removed, segments_rewritten=result.segments_rewritten,
