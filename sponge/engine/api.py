@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pyarrow as pa
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -83,6 +84,12 @@ def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
+
+    @app.exception_handler(duckdb.IOException)
+    async def store_io_error(_: Request, exc: duckdb.IOException) -> JSONResponse:
+        # A segment file vanished under a reader (compaction rewrote the store meanwhile): transient.
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                            content={"detail": f"the store changed during the request, retry: {exc}"})
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -103,6 +103,11 @@ class Curator:
             self.config = dataclasses.replace(self.config, min_references=self.config.n_references)
 
     # -- building ---------------------------------------------------------------------------------
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every curator operation; hold it to change the store's files under the curator."""
+        return self._lock
+
     def rebuild(self, progress: bool = False) -> float:
         """Rebuild the selector from the store's live rollouts; returns the seconds it took."""
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ flushes, commits and closes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -146,7 +147,9 @@ class CurationServer:
             return
         self._last_compaction = now
         try:
-            result = self.store.compact()
+            # Under the curator's lock: its queries list segment files and must not see one vanish.
+            with self.curator.lock if self.curator is not None else contextlib.nullcontext():
+                result = self.store.compact()
         except Exception as exc:  # noqa: BLE001 - disk housekeeping must never stop ingest
             ingest._event(logging.ERROR, "compaction failed; will retry", error=repr(exc))
             return
