@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from helpers import wait_for
 
 from sponge.engine.api import ApiConfig
 from sponge.engine.client import ServiceClient, ServiceReplaySource
@@ -17,14 +17,6 @@ from sponge.engine.server import CurationServer, ServerConfig
 from sponge.engine.service import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import synthetic_rollouts
-
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ Each keeps a selector over its own partitions; the replay subset is greedy over 
 from __future__ import annotations
 
 import threading
-import time
+
+from helpers import wait_for
 
 from sponge.engine.api import ApiConfig
 from sponge.engine.client import ServiceClient
@@ -13,14 +14,6 @@ from sponge.engine.server import CurationServer, ServerConfig
 from sponge.engine.service import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_two_shards_split_the_partitions_and_merge_their_subsets(broker, topic, tmp_path):

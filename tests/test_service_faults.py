@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from sponge.engine.api import ApiConfig
 from sponge.engine.curation import CurationConfig, Curator
@@ -17,14 +18,6 @@ from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 SMALL = SyntheticConfig(response_tokens=40)
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def send(bootstrap: str, topic: str, rows) -> None:
