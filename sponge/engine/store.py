@@ -24,6 +24,7 @@ plain hive-partitioned Parquet for Spark, Trino, Polars or Ray Data.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -78,6 +79,26 @@ _GLOB_CHARS = set("*?[]{}")
 
 class StoreError(ValueError):
     """A store operation was given something it cannot store; the message names what."""
+
+
+def _retry_if_a_segment_vanished(method):
+    """Re-run a read whose segment file disappeared between listing and opening.
+
+    Compaction removes segments left empty; a reader that listed the files a moment before
+    then fails to open one. Nothing is wrong with the store, so the read is simply repeated.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        for attempt in range(3):
+            try:
+                return method(*args, **kwargs)
+            except duckdb.IOException as exc:
+                if "No such file" not in str(exc) or attempt == 2:
+                    raise
+                time.sleep(0.05)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -556,6 +577,7 @@ class RolloutStore:
             conn.execute(statement)
         return conn
 
+    @_retry_if_a_segment_vanished
     def query(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> QueryResult:
         """Run user SQL read-only within the configured bounds; returns the table and whether it was cut."""
         base = self.config.sql_limits
@@ -593,6 +615,7 @@ class RolloutStore:
         finally:
             conn.close()
 
+    @_retry_if_a_segment_vanished
     def rollout_ids(self) -> pa.Array:
         """The ids of all live (not tombstoned) rollouts."""
         conn = self.connect()
@@ -602,6 +625,7 @@ class RolloutStore:
             conn.close()
         return column.combine_chunks().cast(pa.string())
 
+    @_retry_if_a_segment_vanished
     def count(self) -> int:
         """Number of live rollouts."""
         conn = self.connect()
@@ -610,6 +634,7 @@ class RolloutStore:
         finally:
             conn.close()
 
+    @_retry_if_a_segment_vanished
     def stats(self) -> dict:
         """Segment count, live rows, stored rows, tombstones, dead letters and bytes on disk."""
         conn = self.connect()
