@@ -139,15 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def scale_out(store, curator, k: int) -> dict:
     """Two shard selectors (by partition) merged greedily, against one selector over everything."""
-    import pyarrow.compute as pc
-
+    from sponge.engine.curation import embedding_matrix
     from sponge.engine.shards import greedy_subset, merge_shard_solutions
     from sponge.selectors import DynamicSelector
 
     objective = curator.selector.objective
     conn = store.connect()
     rows = conn.sql("SELECT rollout_id, partition, embedding FROM rollouts ORDER BY rollout_id").to_arrow_table()
-    emb = pc.list_flatten(rows.column("embedding").combine_chunks()).to_numpy().reshape(rows.num_rows, -1)
+    emb = embedding_matrix(rows)
     part = rows.column("partition").to_numpy()
     shards = []
     for members in (np.isin(part, [0, 1]), np.isin(part, [2, 3])):

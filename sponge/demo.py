@@ -110,14 +110,16 @@ class Timeline:
 
 def _subset_diversity(curator) -> float:
     """Mean pairwise cosine distance inside the replay subset (0 = identical, 1 = orthogonal)."""
+    from sponge.engine.curation import embedding_matrix
+
     ids = curator.subset_ids()
     if len(ids) < 2:
         return float("nan")
     conn = curator.store.connect()
     conn.register("ids", pa.table({"rollout_id": pa.array(ids, pa.string())}))
     emb = conn.sql("SELECT embedding FROM rollouts JOIN ids USING (rollout_id)").to_arrow_table()
-    x = np.asarray(emb.column("embedding").to_pylist(), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    x = embedding_matrix(emb)
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
     sims = x @ x.T
     n = len(x)
     return float(1.0 - (sims.sum() - np.trace(sims)) / (n * (n - 1)))

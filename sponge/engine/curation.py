@@ -154,7 +154,7 @@ class Curator:
                 rows = rows.filter(pa.array(fresh))
                 if rows.num_rows:
                     ids = self._assign_ints(rows)
-                    self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+                    self.selector.insert(ids, embedding_matrix(rows), quality=_group_has_signal(rows))
             self._follow_shared_policy_version()
             if self._cutoff() is not None and oldest < self._cutoff():
                 self._evict_stale()   # rows that arrive already out of the retention window
@@ -169,7 +169,7 @@ class Curator:
         room = self.config.n_references - len(self._reference_pool)
         if room > 0:
             valid = rows.filter(pc.is_valid(rows.column("embedding")))
-            self._reference_pool.extend(_embeddings(valid.slice(0, room)))
+            self._reference_pool.extend(embedding_matrix(valid.slice(0, room)))
 
     def _start_selector(self, progress: bool = False) -> None:
         """A new selector over the current reference pool, filled with every live rollout in the store."""
@@ -201,7 +201,7 @@ class Curator:
                 rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
             if rows.num_rows:
                 ids = self._assign_ints(rows)
-                self.selector.insert(ids, _embeddings(rows), quality=_group_has_signal(rows))
+                self.selector.insert(ids, embedding_matrix(rows), quality=_group_has_signal(rows))
             if bar is not None:
                 bar.update(batch.num_rows)
         if bar is not None:
@@ -344,7 +344,7 @@ class Curator:
         union = pa.concat_tables(tables)
         names = union.column("rollout_id").to_pylist()
         ids, value = merge_shard_solutions(self.selector.objective,
-                                           [(np.arange(len(names)), _embeddings(union))], self.config.k)
+                                           [(np.arange(len(names)), embedding_matrix(union))], self.config.k)
         merged = [names[int(i)] for i in ids]
         self._merged_cache = (key, merged, value)
         return merged
@@ -464,7 +464,8 @@ class Curator:
 
 
 
-def _embeddings(rows: pa.Table) -> np.ndarray:
+def embedding_matrix(rows: pa.Table) -> np.ndarray:
+    """The `embedding` column as an (n, d) float32 array, without per-row Python."""
     column = rows.column("embedding").combine_chunks()
     dim = column.type.list_size
     return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
