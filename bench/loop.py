@@ -2,11 +2,12 @@
 
 1. Produce M synthetic rollouts (384-d embeddings, ~300-token responses, GRPO groups of 8)
    to the embedded broker.
-2. (a) ingest alone (decode, validate, write, commit) and (b) ingest with selection on
-   (the same, plus the dynamic selector on its worker thread and replay snapshots), each its
-   own consumer group over the same messages, one after the other in this process. (b) ends
-   when every rollout is durable *and* inside the selector. Printed: rollouts/s of both and
-   the selection cost 1 − b/a (target ≤ 30%).
+2. (a) ingest alone (decode, validate, write, commit) and (b) the curation server: the same
+   ingest, plus the dynamic selector (in its own process, fed by a curation thread) and replay
+   snapshots, with HTTP up. Each run is its own consumer group over the same messages; (a) and
+   (b) alternate `--repeats` times so the machine's noise hits both alike. (b) ends when every
+   rollout is durable *and* inside the selector. Printed: rollouts/s and CPU per rollout of
+   each run, and the selection cost 1 − b/a per pair and its median (target ≤ 30%).
 3. Replay-sample latency over HTTP for n = 256 (p50/p99 over repeated requests), against a
    bare /healthz round trip as the floor.
 4. Restart: a fresh curator rebuilt from (b)'s store (seconds for M rollouts).
@@ -43,11 +44,56 @@ def drain(poll_once, totals, target: int, timeout_s: float) -> float:
     return time.perf_counter() - t_first
 
 
+def cpu_seconds() -> np.ndarray:
+    """CPU seconds (user + system) of [this process, its live children (the selector's process)]."""
+    import psutil
+
+    me = psutil.Process()
+    children = 0.0
+    for child in me.children(recursive=True):
+        try:
+            children += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return np.array([sum(me.cpu_times()[:2]), children])
+
+
+def run_alone(config, rollouts: int) -> tuple[float, np.ndarray]:
+    """(a): plain ingest; returns (rollouts/s, [CPU us/rollout, 0])."""
+    from sponge.engine.service import IngestService
+
+    service = IngestService(config).start()
+    cpu0 = cpu_seconds()
+    secs = drain(service.poll_once, service.totals, rollouts, 1800)
+    cpu = cpu_seconds() - cpu0
+    service.close()
+    return rollouts / secs, np.array([cpu.sum(), 0.0]) / rollouts * 1e6
+
+
+def run_curated(config, rollouts: int, close: bool):
+    """(b): the curation server (ingest + selector process + HTTP); ends when every rollout is
+    durable *and* inside the selector. Returns (rollouts/s, stored/s, [CPU us/rollout in all,
+    in the selector process], the server if still open)."""
+    from sponge.engine.server import CurationServer
+
+    server = CurationServer(config).start()
+    cpu0 = cpu_seconds()
+    secs_stored = drain(server.ingest.poll_once, server.ingest.totals, rollouts, 3600)
+    t_stored = time.perf_counter()
+    server.worker.drain(3600)   # sustained means selected too, not just queued for selection
+    secs = secs_stored + (time.perf_counter() - t_stored)
+    cpu = cpu_seconds() - cpu0
+    if close:
+        server.close()
+    return rollouts / secs, rollouts / secs_stored, np.array([cpu.sum(), cpu[1]]) / rollouts * 1e6, server
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=int, default=100_000)
     parser.add_argument("--rows-per-message", type=int, default=256)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating (a)/(b) pairs; the median is reported")
     parser.add_argument("--samples", type=int, default=200, help="replay-sample requests to time")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -56,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sponge.engine.api import ApiConfig
     from sponge.engine.curation import CurationConfig, Curator
-    from sponge.engine.server import CurationServer, ServerConfig
-    from sponge.engine.service import IngestConfig, IngestService, configure_json_logging
+    from sponge.engine.server import ServerConfig
+    from sponge.engine.service import IngestConfig, configure_json_logging
     from sponge.streams.broker import EmbeddedBroker, create_topic
     from sponge.streams.synthetic import produce
 
@@ -78,29 +124,39 @@ def main(argv: list[str] | None = None) -> int:
                                     store_path=str(work / store), create_topics=False, session_timeout_ms=6000,
                                     log_level="WARNING")
 
-            # (a) ingest alone
-            alone = IngestService(ingest_config("alone", "store-a")).start()
-            secs_a = drain(alone.poll_once, alone.totals, args.rollouts, 1800)
-            alone.close()
-            rate_a = args.rollouts / secs_a
-            print(f"(a) ingest alone:          {rate_a:10,.0f} rollouts/s")
-
-            # (b) ingest + selection (HTTP up, as in production)
-            server = CurationServer(ServerConfig(
-                ingest=ingest_config("curated", "store-b"),
-                curation=CurationConfig(k=args.k, retention_window=None), api=ApiConfig(port=0)))
-            server.start()
-            secs_stored = drain(server.ingest.poll_once, server.ingest.totals, args.rollouts, 3600)
-            t_stored = time.perf_counter()
-            server.worker.drain(3600)   # sustained means selected too, not just queued for selection
-            secs_b = secs_stored + (time.perf_counter() - t_stored)
-            rate_b = args.rollouts / secs_b
+            # (a) and (b) alternate, `repeats` times each: the machine's noise then hits both alike,
+            # and the figure is the median of the paired ratios.
+            pairs = []
+            for rep in range(args.repeats):
+                rate_a, cpu_a = run_alone(ingest_config(f"alone-{rep}", f"store-a{rep}"), args.rollouts)
+                shutil.rmtree(work / f"store-a{rep}", ignore_errors=True)
+                last = rep == args.repeats - 1
+                if not last:
+                    server_config = ServerConfig(ingest=ingest_config(f"curated-{rep}", f"store-b{rep}"),
+                                                 curation=CurationConfig(k=args.k, retention_window=None),
+                                                 api=ApiConfig(port=0))
+                    rate_b, stored_b, cpu_b, _ = run_curated(server_config, args.rollouts, close=True)
+                    shutil.rmtree(work / f"store-b{rep}", ignore_errors=True)
+                else:   # the last server stays up for the latency and restart measurements
+                    server_config = ServerConfig(ingest=ingest_config(f"curated-{rep}", "store-b"),
+                                                 curation=CurationConfig(k=args.k, retention_window=None),
+                                                 api=ApiConfig(port=0))
+                    rate_b, stored_b, cpu_b, server = run_curated(server_config, args.rollouts, close=False)
+                pairs.append((rate_a, rate_b, stored_b, 1 - rate_b / rate_a))
+                print(f"[{rep + 1}/{args.repeats}] (a) ingest alone {rate_a:8,.0f}/s (CPU {cpu_a[0]:.0f} us/rollout)  "
+                      f"(b) ingest + selection {rate_b:8,.0f}/s stored and selected, {stored_b:,.0f}/s stored "
+                      f"(CPU {cpu_b[0]:.0f} us/rollout, {cpu_b[1]:.0f} of it in the selector process)  "
+                      f"cost {1 - rate_b / rate_a:.1%}")
+            rate_a, rate_b, stored_b, cost = np.median(np.array(pairs), axis=0)
+            costs = [p[3] for p in pairs]
+            print(f"(a) ingest alone:          {rate_a:10,.0f} rollouts/s (median of {args.repeats})")
             print(f"(b) ingest + selection:    {rate_b:10,.0f} rollouts/s stored and selected "
-                  f"({args.rollouts / secs_stored:,.0f}/s stored)   "
-                  f"selection cost 1 - b/a = {1 - rate_b / rate_a:.1%} (target <= 30%)")
+                  f"({stored_b:,.0f}/s stored)\n"
+                  f"selection cost 1 - b/a:    {cost:10.1%} median of the pairs (each: "
+                  f"{', '.join(f'{c:.1%}' for c in costs)}; target <= 30%)")
             results.update(ingest_alone_per_s=rate_a, ingest_with_selection_per_s=rate_b,
-                           stored_with_selection_per_s=args.rollouts / secs_stored,
-                           selection_cost=1 - rate_b / rate_a, selector=server.curator.describe())
+                           stored_with_selection_per_s=stored_b, selection_cost=cost,
+                           selection_cost_each=costs, selector=server.curator.describe())
 
             # replay-sample latency
             lat, floor = [], []
@@ -119,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"replay sample n=256:       p50 {p50:.1f} ms  p99 {p99:.1f} ms   "
                   f"(/healthz floor p50 {f50:.1f} ms, p99 {f99:.1f} ms)")
             results.update(sample_p50_ms=p50, sample_p99_ms=p99, healthz_p50_ms=f50, healthz_p99_ms=f99)
+            value_before = server.curator.value()
             server.close()
 
         # restart: rebuild the selector from the store
@@ -126,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         restarted = Curator(store, CurationConfig(k=args.k, retention_window=None))
         secs = restarted.rebuild(progress=True)
         print(f"restart: selector rebuilt from {store.count():,} stored rollouts in {secs:.1f}s "
-              f"(f = {restarted.value():.2f} vs {server.curator.value():.2f} before)")
-        results.update(rebuild_seconds=secs, rebuild_value=restarted.value(), value_before=server.curator.value())
+              f"(f = {restarted.value():.2f} vs {value_before:.2f} before)")
+        results.update(rebuild_seconds=secs, rebuild_value=restarted.value(), value_before=value_before)
 
         results.update(scale_out(store, restarted, args.k))
+        restarted.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from sponge.engine.curation import CurationConfig, Curator
+from sponge.engine.curation import CurationConfig, Curator, _group_has_signal, embedding_matrix
+from sponge.engine.shards import greedy_subset
 from sponge.engine.store import RolloutStore
-from sponge.selectors import lazy_greedy
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 
@@ -50,9 +50,10 @@ def test_subset_is_kept_and_snapshotted(store):
 
 
 def lazy_greedy_value(cur: Curator) -> float:
-    sel = cur.selector
-    rows = sel.table.live_rows()
-    _, value = lazy_greedy(sel.oracle, rows, cur.config.k)
+    """Lazy greedy over every live rollout in the store, on the curator's objective."""
+    live = cur.store.connect().sql("SELECT prompt_id, reward, embedding FROM rollouts").to_arrow_table()
+    _, value = greedy_subset(cur.selector.objective, np.arange(live.num_rows), embedding_matrix(live),
+                             cur.config.k, quality=_group_has_signal(live))
     return value
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sponge.selectors import METHODS, FacilityLocation, Selector, load_params, save_params
+from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, load_params, save_params
+from sponge.selectors.process import HostedSelector, SelectorHost
 
 if TYPE_CHECKING:
     from sponge.engine.store import RolloutStore
@@ -67,6 +69,15 @@ class CurationConfig:
     #: each keeps a selector over its own partitions and the global subset is greedy over the
     #: union of all shards' solutions. None = a single selector over everything.
     shard: str | None = None
+    #: Run the selector in a child process (sponge.selectors.process): its CPU work then has a core
+    #: and a GIL of its own instead of taking turns with ingest's decoding and Parquet writing.
+    #: False keeps it in this process (cheaper to start; what a single-threaded script wants).
+    selector_process: bool = True
+    #: The selector takes new rollouts in batches of at least this many rows ...
+    batch_rows: int = 16_384
+    #: ... or of whatever has waited this long (the most a stored rollout waits to be selectable).
+    #: A batch costs about one partial rebuild per instance whatever its size, so bigger is cheaper.
+    batch_wait_s: float = 1.0
 
 
 class Curator:
@@ -78,9 +89,12 @@ class Curator:
         if self.config.method not in METHODS:
             raise ValueError(f"unknown selection method {self.config.method!r}; choose from {sorted(METHODS)}")
         self.state_dir = Path(store.root) / "selector"
-        self.selector: Selector | None = None
+        self.selector: Selector | HostedSelector | None = None
+        self._host = SelectorHost() if self.config.selector_process else None
         self.policy_version = self._load_policy_version()
-        self.selection_version = 0
+        self._selection_version = 0
+        self._snapshot_version = -1      # the selection version the last snapshot holds
+        self._dirty = False              # the live set changed since the solution was last read
         self._lock = threading.RLock()
         self._int_of: dict[str, int] = {}
         self._str_of: dict[int, str] = {}
@@ -88,7 +102,7 @@ class Curator:
         self._reference_pool: list[np.ndarray] = []
         self._last_solution = np.empty(0, dtype=np.int64)
         self._last_snapshot = 0.0
-        self._sample_cache: tuple[int, pa.Table] | None = None
+        self._sample_cache: tuple[tuple, pa.Table] | None = None
         self.rebuild_seconds: float | None = None
         self.evicted_total = 0
         self._removed_ids: set[str] = set()  # explicit removals (retention is caught by version)
@@ -96,6 +110,7 @@ class Curator:
         self.partitions: set[int] | None = None          # shard mode: the partitions this process owns
         self._policy_mtime = 0.0
         self._merged_cache: tuple | None = None
+        self._at_close: dict | None = None   # describe() as it was when close() ended the selector
         if self.config.shard is not None:
             if not self.config.shard.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"shard name must be letters, digits, '-' or '_', got {self.config.shard!r}")
@@ -112,7 +127,7 @@ class Curator:
         """Rebuild the selector from the store's live rollouts; returns the seconds it took."""
         t0 = time.perf_counter()
         with self._lock:
-            self.selector = None
+            self.selector, self._at_close = None, None
             self._reference_pool = []
             if (self.state_dir / "selector.json").exists():
                 saved = load_params(self.state_dir)
@@ -130,7 +145,8 @@ class Curator:
     def add(self, rows: pa.Table) -> None:
         """Insert rollouts that are now durable in the store (needs rollout_id, prompt_id, reward, embedding)."""
         with self._lock:
-            rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if rows.column("embedding").null_count:
+                rows = rows.filter(pc.is_valid(rows.column("embedding")))
             if self._removed_ids:
                 # Removed while these rows waited in the curation queue: keep them out.
                 rows = rows.filter(pc.invert(pc.is_in(rows.column("rollout_id"),
@@ -151,7 +167,8 @@ class Curator:
                 # segment hook has not run yet (one flush writes several partitions).
                 fresh = np.fromiter((r not in self._int_of for r in rows.column("rollout_id").to_pylist()),
                                     dtype=bool, count=rows.num_rows)
-                rows = rows.filter(pa.array(fresh))
+                if not fresh.all():
+                    rows = rows.filter(pa.array(fresh))
                 if rows.num_rows:
                     ids = self._assign_ints(rows)
                     self.selector.insert(ids, embedding_matrix(rows), quality=_group_has_signal(rows))
@@ -178,16 +195,12 @@ class Curator:
         params = {"k": self.config.k, "seed": self.config.seed}
         if self.config.method == "dynamic":
             params["eps"] = self.config.eps
-        self.selector = METHODS[self.config.method](objective, **params)
-        if self.config.shard is not None and (self.state_dir / "selector.json").exists():
-            # Another shard fixed f first: use its references so all shards optimise the same f.
-            saved = load_params(self.state_dir)
-            self._reference_pool = list(saved.objective.references)
-            self.selector = METHODS[self.config.method](saved.objective, **params)
-        else:
-            save_params(self.selector, self.state_dir)
+        objective = self._fix_objective(objective, params)
+        self.selector = self._new_selector(objective, params)
         self._int_of.clear()
         self._str_of.clear()
+        self._last_solution = np.empty(0, dtype=np.int64)   # ints are reassigned: old answers mean nothing
+        self._dirty = True
         bar = None
         if progress:
             from tqdm import tqdm
@@ -196,7 +209,8 @@ class Curator:
         for batch in self.store.scan(columns=["rollout_id", "prompt_id", "reward", "policy_version",
                                               "partition", "embedding"]):
             rows = pa.Table.from_batches([batch])
-            rows = rows.filter(pc.is_valid(rows.column("embedding")))
+            if rows.column("embedding").null_count:
+                rows = rows.filter(pc.is_valid(rows.column("embedding")))
             if self.partitions is not None:
                 rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
             if rows.num_rows:
@@ -207,6 +221,41 @@ class Curator:
         if bar is not None:
             bar.close()
         self._changed(force=True)
+
+    def _fix_objective(self, objective: Objective, params: dict) -> Objective:
+        """Save f's parameters beside the store; in shard mode the first shard to get here fixes f
+        for all (an exclusive claim file, so two shards starting at once cannot both win) and the
+        others load it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.state_dir / "selector.json"
+        if self.config.shard is not None:
+            try:
+                os.close(os.open(self.state_dir / "objective.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                deadline = time.monotonic() + 30.0   # the claimant writes it right after claiming
+                while not saved.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if saved.exists():
+                    objective = load_params(self.state_dir).objective
+                    self._reference_pool = list(objective.references)
+                    return objective
+        save_params(METHODS[self.config.method](objective, **params), self.state_dir)
+        return objective
+
+    def _new_selector(self, objective: Objective, params: dict) -> Selector | HostedSelector:
+        if self._host is not None:
+            return self._host.new_selector(self.config.method, objective, **params)
+        return METHODS[self.config.method](objective, **params)
+
+    def close(self) -> None:
+        """End the selector's child process (if any). The selector goes with it (`describe` then reports
+        its state at close); `rebuild` makes a new one."""
+        with self._lock:
+            if self.selector is not None:
+                self._at_close = self.describe()
+            if self._host is not None:
+                self._host.close()
+            self.selector = None
 
     def _assign_ints(self, rows: pa.Table) -> np.ndarray:
         """Selector ids (int64) for new rollouts, remembering each one's policy version."""
@@ -296,6 +345,7 @@ class Curator:
     def subset_ids(self) -> list[str]:
         """The replay subset: this selector's solution, or in shard mode the merge of all shards'."""
         with self._lock:
+            self._refresh()
             own = self._own_subset_ids()
             if self.config.shard is None or self.selector is None:
                 return own
@@ -304,7 +354,7 @@ class Curator:
     def _own_subset_ids(self) -> list[str]:
         if self.selector is None:
             return []
-        return [self._str_of[int(n)] for n in self.selector.solution()]
+        return [self._str_of[int(n)] for n in self._last_solution]   # read by _refresh
 
     def _shard_dir(self) -> Path:
         return self.state_dir / "shards"
@@ -332,7 +382,7 @@ class Curator:
 
         files = sorted(p for p in self._shard_dir().glob("*.parquet")
                        if p.stem != self.config.shard) if self._shard_dir().exists() else []
-        key = (self.selection_version, tuple((p.name, p.stat().st_mtime_ns) for p in files))
+        key = (self._selection_version, tuple((p.name, p.stat().st_mtime_ns) for p in files))
         if self._merged_cache is not None and self._merged_cache[0] == key:
             return self._merged_cache[1]
         tables = [self._rows_with_embeddings(self._own_subset_ids())]
@@ -359,18 +409,53 @@ class Curator:
                 return float(self._merged_cache[2])
             return float(self.selector.value())
 
+    @property
+    def selection_version(self) -> int:
+        """Bumps whenever the replay subset changes (read now: any pending change is looked at first)."""
+        with self._lock:
+            self._refresh()
+            return self._selection_version
+
     def _changed(self, force: bool = False) -> None:
+        """The live set changed. The selector's answer is read (a lazy greedy over its instances'
+        solutions) only when a snapshot is due, when forced, or when someone asks for the subset:
+        reading it after every batch costs more than the batch itself at 10^5 rollouts."""
         if self.selector is None:
             return
+        self._dirty = True
+        if self.config.shard is not None:
+            self._refresh()   # the other shards merge the solution this publishes: keep it current
+        if force or self._snapshot_due():
+            self._publish(always=force)
+
+    def tick(self) -> None:
+        """Write the snapshot of a change that arrived since the last one, once it is due.
+        The curation worker calls this when idle, so the last batch before a pause is published."""
+        with self._lock:
+            if self.selector is not None and self._snapshot_due():
+                self._refresh()
+                if self._snapshot_version != self._selection_version:
+                    self.snapshot()
+
+    def _snapshot_due(self) -> bool:
+        return (time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+                or self._snapshot_version < 0)
+
+    def _refresh(self) -> None:
+        """Read the selector's solution if the live set changed; bump the version if the subset moved."""
+        if not self._dirty or self.selector is None:
+            return
+        self._dirty = False
         solution = np.sort(self.selector.solution())
         if not np.array_equal(solution, self._last_solution):
             self._last_solution = solution
-            self.selection_version += 1
-            force = True
+            self._selection_version += 1
             if self.config.shard is not None:
                 self._publish_shard_solution()
-        now = time.monotonic()
-        if force and (now - self._last_snapshot >= self.config.snapshot_interval_s or self.selection_version <= 1):
+
+    def _publish(self, always: bool = False) -> None:
+        self._refresh()
+        if always or self._snapshot_version != self._selection_version:
             self.snapshot()
 
     def snapshot(self) -> None:
@@ -380,10 +465,11 @@ class Curator:
                 return
             stats = self.selector.stats()
             self.store.write_replay_snapshot(
-                self.subset_ids(), objective_value=self.value(), selection_version=self.selection_version,
+                self.subset_ids(), objective_value=self.value(), selection_version=self._selection_version,
                 extra={"method": self.config.method, "n_live": stats.get("n_live"),
                        "queries": stats.get("queries"), "policy_version": self.policy_version})
             self._last_snapshot = time.monotonic()
+            self._snapshot_version = self._selection_version
 
     def sample(self, n: int, weighting: str = "uniform", seed: int | None = None) -> pa.Table:
         """Draw n rows from the subset (with replacement) with probability ∝ weight.
@@ -420,9 +506,10 @@ class Curator:
             return self._subset_rows()
 
     def _subset_rows(self) -> pa.Table:
-        if self._sample_cache is not None and self._sample_cache[0] == self.selection_version:
-            return self._sample_cache[1]
         ids = self.subset_ids()
+        key = (self._selection_version, tuple(ids))   # in shard mode other shards move the subset too
+        if self._sample_cache is not None and self._sample_cache[0] == key:
+            return self._sample_cache[1]
         conn = self.store.connect()
         conn.register("subset_ids", pa.table({"rollout_id": pa.array(ids, pa.string())}))
         # The GRPO advantage of a curated rollout comes from its whole stored group, not from
@@ -437,11 +524,13 @@ class Curator:
             SELECT {columns}, CAST((r.reward - g.mean) / (coalesce(g.std, 0) + 1e-6) AS FLOAT) AS advantage
             FROM rollouts r JOIN subset_ids USING (rollout_id) JOIN groups g USING (prompt_id)
             ORDER BY r.rollout_id""").to_arrow_table()
-        self._sample_cache = (self.selection_version, rows)
+        self._sample_cache = (key, rows)
         return rows
 
     def describe(self) -> dict:
         with self._lock:
+            if self.selector is None and self._at_close is not None:
+                return dict(self._at_close)
             stats = self.selector.stats() if self.selector is not None else {}
             return {"method": self.config.method, "k": self.config.k, "selection_version": self.selection_version,
                     "objective_value": self.value(), "policy_version": self.policy_version,

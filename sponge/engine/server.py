@@ -132,7 +132,9 @@ class CurationServer:
             config.ingest, store=self.store, enrich=enrich,
             on_segment=self._on_segment if self.curator is not None else None,
             on_assign=self._on_assign if self.curator is not None and config.curation.shard else None)
-        self.worker = CurationWorker(self.curator, on_health=self._curator_health) if self.curator else None
+        self.worker = CurationWorker(self.curator, on_health=self._curator_health,
+                                     batch_rows=config.curation.batch_rows,
+                                     batch_wait_s=config.curation.batch_wait_s) if self.curator else None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
         self._last_compaction = time.monotonic()
@@ -207,10 +209,14 @@ class CurationServer:
         try:
             self.ingest.close()
         finally:
-            if self.worker is not None:
-                self.worker.stop()
-                self.curator.snapshot()
-            self.http.stop()
+            try:
+                if self.worker is not None:
+                    self.worker.stop()
+                    self.curator.snapshot()
+            finally:
+                self.http.stop()
+                if self.curator is not None:
+                    self.curator.close()
 
 
 # ---- command line --------------------------------------------------------------------------------

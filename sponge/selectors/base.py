@@ -122,7 +122,10 @@ def save_params(selector: Selector, directory: str | Path) -> Path:
     meta = {"method": selector.method, "params": selector.params(),
             "objective": type(selector.objective).__name__, "objective_params": scalars}
     np.savez(d / "objective_arrays.npz", **arrays)
-    (d / "selector.json").write_text(json.dumps(meta, indent=2))
+    # selector.json last and atomically: a reader that sees it finds the arrays complete
+    tmp = d / ".selector.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(d / "selector.json")
     return d
 
 

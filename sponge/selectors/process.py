@@ -1,0 +1,228 @@
+"""A selector that runs in a child process, behind the Selector interface.
+
+Why: selection is CPU work done in many short numpy calls, and between them it holds the GIL.
+Inside the ingest service it shares one interpreter with Kafka decoding, validation and Parquet
+writing, so on a small machine the two take turns on one core instead of using two. In a child
+process the selector has a core (and a GIL) of its own; the service's curation thread only ships
+batches to it and waits, and waiting releases the GIL.
+
+    host = SelectorHost()                                  # the child starts on first use
+    sel = host.new_selector("dynamic", objective, k=64, eps=0.2, seed=0)
+    sel.insert(ids, vectors, quality)                      # pipelined: returns once sent
+    sel.solution(); sel.value(); sel.stats()               # wait for everything sent before
+    host.close()
+
+The host keeps one selector at a time: `new_selector` replaces it (the curator rebuilds from the
+store often enough that a fresh interpreter per rebuild would cost more than the rebuild).
+
+Inserts and deletes are sent without waiting for an answer, so the parent can read the next batch
+from the store while the child works on this one. The child never answers them: an error one
+raises is kept and raised by the next call that does wait (solution, value, stats, sync), and
+from then on that selector is broken (its state is unknown) until `new_selector` replaces it.
+A child that dies is noticed the same way (a closed pipe) and restarted by the next `new_selector`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from sponge.selectors.objectives import OBJECTIVES, Objective
+
+
+class SelectorProcessError(RuntimeError):
+    """The hosted selector failed (the child's traceback is in the message) or its process is gone."""
+
+
+class SelectorHost:
+    """Owns the child process that hosts one selector at a time."""
+
+    def __init__(self, start_timeout_s: float = 60.0) -> None:
+        self.start_timeout_s = start_timeout_s
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._generation = 0
+        # One conversation at a time: a pipelined insert must not interleave with a waiting call.
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> Connection:
+        if self._process is not None and self._process.is_alive():
+            return self._conn
+        self._stop_child()
+        ctx = mp.get_context("spawn")   # fork would copy the parent's Kafka/faiss/torch threads' locks
+        parent, child = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_serve, args=(child,), name="sponge-selector", daemon=True)
+        process.start()
+        child.close()
+        if not parent.poll(self.start_timeout_s):
+            process.kill()
+            raise SelectorProcessError(f"the selector process did not start within {self.start_timeout_s}s")
+        parent.recv()  # the child's "ready"
+        self._process, self._conn = process, parent
+        self._finalizer = weakref.finalize(self, _shutdown, process, parent)
+        return parent
+
+    def _stop_child(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._process = self._conn = self._finalizer = None
+
+    def close(self) -> None:
+        """End the child process (the hosted selector goes with it)."""
+        with self._lock:
+            self._stop_child()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # -- the hosted selector ------------------------------------------------------------------------
+
+    def new_selector(self, method: str, objective: Objective, **params) -> HostedSelector:
+        """Replace the hosted selector with a new, empty one (restarting the child if it died)."""
+        scalars, arrays = objective.params()
+        with self._lock:
+            conn = self._ensure_started()
+            self._generation += 1
+            try:
+                conn.send(("new", (method, type(objective).__name__, scalars, arrays, params)))
+                _answer(conn)
+            except (OSError, EOFError) as exc:
+                self._stop_child()
+                raise SelectorProcessError(f"the selector process went away: {exc!r}") from exc
+        return HostedSelector(self, self._generation, method, objective, params)
+
+    def _call(self, generation: int, op: str, args: tuple, wait: bool):
+        with self._lock:
+            if generation != self._generation:
+                raise SelectorProcessError("this selector was replaced by a newer one in its process")
+            if self._conn is None:
+                raise SelectorProcessError("the selector process is closed")
+            try:
+                self._conn.send((op, args))
+                return _answer(self._conn) if wait else None
+            except (OSError, EOFError) as exc:
+                self._stop_child()
+                raise SelectorProcessError(f"the selector process went away: {exc!r}") from exc
+
+
+class HostedSelector:
+    """The Selector interface, forwarded to the host's child process (see the module docstring)."""
+
+    def __init__(self, host: SelectorHost, generation: int, method: str, objective: Objective, params: dict):
+        self._host, self._generation = host, generation
+        #: a local copy of the objective (for saving parameters and merging shard solutions)
+        self.objective = objective
+        self.method = method
+        self.k = int(params.get("k", 64))
+        self._params = dict(params)
+
+    def params(self) -> dict:
+        return dict(self._params)
+
+    def insert(self, ids, vectors, quality: np.ndarray | None = None) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors)
+        quality = None if quality is None else np.ascontiguousarray(quality)
+        self._host._call(self._generation, "insert", (ids, vectors, quality), wait=False)
+
+    def delete(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids):
+            self._host._call(self._generation, "delete", (ids,), wait=False)
+
+    def sync(self) -> None:
+        """Wait until everything sent has been applied; raises what any of it raised."""
+        self._host._call(self._generation, "sync", (), wait=True)
+
+    def solution(self) -> np.ndarray:
+        return self._host._call(self._generation, "solution", (), wait=True)
+
+    def value(self) -> float:
+        return self._host._call(self._generation, "value", (), wait=True)
+
+    def stats(self) -> dict:
+        return self._host._call(self._generation, "stats", (), wait=True)
+
+    def __len__(self) -> int:
+        return int(self.stats()["n_live"])
+
+
+def _answer(conn: Connection):
+    status, payload = conn.recv()
+    if status == "error":
+        raise SelectorProcessError(f"the selector process raised:\n{payload}")
+    return payload
+
+
+def _shutdown(process: mp.process.BaseProcess, conn: Connection) -> None:
+    try:
+        conn.send(("exit", ()))
+    except (OSError, EOFError):
+        pass
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+    conn.close()
+
+
+# ---- the child ------------------------------------------------------------------------------------
+
+def _serve(conn: Connection) -> None:
+    """The child's loop: apply what arrives; answer only the calls that wait."""
+    import faiss
+
+    from sponge.selectors import METHODS
+
+    # One thread: the point of this process is one core beside the parent's work, and idle OpenMP
+    # threads spin-wait, burning the cores the parent needs.
+    faiss.omp_set_num_threads(1)
+    conn.send(("ok", "ready"))
+    selector = None
+    failure: str | None = None   # the first error of a pipelined call, until the next waiting call
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return   # the parent is gone
+        if op == "exit":
+            return
+        try:
+            if op == "new":
+                method, objective_name, scalars, arrays, params = args
+                objective = OBJECTIVES[objective_name].from_params(scalars, arrays)
+                selector, failure = METHODS[method](objective, **params), None
+                conn.send(("ok", None))
+            elif failure is not None:
+                if op in ("sync", "solution", "value", "stats"):
+                    conn.send(("error", failure))
+                # pipelined calls after a failure are dropped: the selector is already broken
+            elif op == "insert":
+                selector.insert(*args)
+            elif op == "delete":
+                selector.delete(*args)
+            elif op == "sync":
+                conn.send(("ok", None))
+            elif op == "solution":
+                conn.send(("ok", selector.solution()))
+            elif op == "value":
+                conn.send(("ok", float(selector.value())))
+            elif op == "stats":
+                conn.send(("ok", selector.stats()))
+            else:
+                conn.send(("error", f"unknown operation {op!r}"))
+        except Exception:
+            failure = traceback.format_exc()
+            if op not in ("insert", "delete"):
+                conn.send(("error", failure))
