@@ -52,6 +52,49 @@ def test_tombstones_hide_rows_and_survive_compaction(tmp_path):
     assert store.compact().rows_removed == 0  # nothing left to do
 
 
+def test_compaction_removes_dead_segments_whole_and_changes_files_only_inside_the_guard(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(90, dim=DIM, policy_versions=(0, 1, 2))   # one segment file per version
+    write(store, table, first=0)
+    versions = table.column("policy_version").to_pylist()
+    ids = table.column("rollout_id").to_pylist()
+    stale = [i for i, v in zip(ids, versions) if v == 0]               # retention: version 0 whole
+    some = [i for i, v in zip(ids, versions) if v == 1][:5]           # explicit removal: a few of version 1
+    store.delete(stale + some, reason="retention")
+
+    class CountingGuard:
+        """Stands in for the curator's lock: records that files changed only while it was held."""
+        def __init__(self):
+            self.held, self.entries, self.changes_outside = False, 0, 0
+
+        def __enter__(self):
+            self.held, self.entries = True, self.entries + 1
+
+        def __exit__(self, *exc):
+            self.held = False
+
+    guard = CountingGuard()
+    real_unlink = store_module.Path.unlink
+
+    def watched_unlink(path, *args, **kwargs):
+        if "policy_version=" in str(path) and not guard.held:
+            guard.changes_outside += 1
+        return real_unlink(path, *args, **kwargs)
+
+    store_module.Path.unlink = watched_unlink
+    try:
+        result = store.compact(guard=guard)
+    finally:
+        store_module.Path.unlink = real_unlink
+    assert result.segments_removed == 1 and result.segments_rewritten == 1
+    assert result.rows_removed == len(stale) + len(some)
+    assert guard.entries == 2 and guard.changes_outside == 0   # one entry for the removals, one per rewrite
+    assert not (tmp_path / "rollouts" / "policy_version=0").exists() or not any(
+        (tmp_path / "rollouts" / "policy_version=0").glob("*.parquet"))
+    assert sorted(ids_in_files(tmp_path)) == sorted(set(ids) - set(stale) - set(some))
+    assert store.count() == 90 - len(stale) - len(some)
+
+
 def test_deleted_rollouts_never_come_back_through_a_replay(tmp_path):
     store = RolloutStore(tmp_path, embedding_dim=DIM)
     table = make_rollouts(20, dim=DIM)

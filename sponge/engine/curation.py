@@ -127,6 +127,8 @@ class Curator:
         """Rebuild the selector from the store's live rollouts; returns the seconds it took."""
         t0 = time.perf_counter()
         with self._lock:
+            if self._host is not None:
+                self._host.start()   # now, not in the middle of the first batch after a restart
             self.selector, self._at_close = None, None
             self._reference_pool = []
             if (self.state_dir / "selector.json").exists():

@@ -17,7 +17,6 @@ flushes, commits and closes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -138,25 +137,34 @@ class CurationServer:
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
         self.ready = threading.Event()
         self._last_compaction = time.monotonic()
+        self._compaction: threading.Thread | None = None
         app = create_app(self.store, self.curator, config.api,
                          metrics_text=self._metrics_text, ready=self.ready)
         self.http = ApiServer(app, config.api)
 
     def _maybe_compact(self) -> None:
+        """Start a compaction on its own thread when one is due (ingest never waits for it)."""
         interval = self.config.compact_interval_s
         now = time.monotonic()
         if interval <= 0 or now - self._last_compaction < interval:
             return
+        if self._compaction is not None and self._compaction.is_alive():
+            return
         self._last_compaction = now
+        self._compaction = threading.Thread(target=self._compact, name="sponge-compaction", daemon=True)
+        self._compaction.start()
+
+    def _compact(self) -> None:
+        t0 = time.monotonic()
         try:
-            # Under the curator's lock: its queries list segment files and must not see one vanish.
-            with self.curator.lock if self.curator is not None else contextlib.nullcontext():
-                result = self.store.compact()
+            # Files change under the curator's lock: its queries list segment files and must not
+            # see one vanish. compact() holds it only while files change, not while it searches.
+            result = self.store.compact(guard=self.curator.lock if self.curator is not None else None)
         except Exception as exc:  # noqa: BLE001 - disk housekeeping must never stop ingest
             ingest._event(logging.ERROR, "compaction failed; will retry", error=repr(exc))
             return
         if result.segments_rewritten or result.segments_removed:
-            ingest._event(logging.INFO, "compacted", seconds=round(time.monotonic() - now, 3),
+            ingest._event(logging.INFO, "compacted", seconds=round(time.monotonic() - t0, 3),
                           rows_removed=result.rows_removed, segments_rewritten=result.segments_rewritten,
                           segments_removed=result.segments_removed,
                           bytes_freed=result.bytes_before - result.bytes_after)
@@ -206,6 +214,8 @@ class CurationServer:
 
     def close(self) -> None:
         self.ready.clear()
+        if self._compaction is not None:
+            self._compaction.join()
         try:
             self.ingest.close()
         finally:

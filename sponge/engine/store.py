@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -382,48 +382,87 @@ class RolloutStore:
             self._index.add(h1[fresh], h2[fresh])
         return len(ids)
 
-    def compact(self) -> CompactionResult:
-        """Rewrite segments that hold tombstoned rows without them; merge small tombstone files.
+    def compact(self, guard: AbstractContextManager | None = None) -> CompactionResult:
+        """Remove segments whose rows are all tombstoned, rewrite those with some; merge small
+        tombstone files.
 
-        Each rewrite is atomic (temporary file + rename, under the partition's lock); a segment
-        left with no rows is removed. Tombstones stay, so deleted ids remain refused.
+        Finding the segments to change is one DuckDB query and takes no lock. Files change only
+        inside `guard` (a lock that readers listing segment files hold, e.g. the curator's) and
+        the partition locks: once for all the segments removed whole (the common case: retention
+        tombstones whole policy versions, and a segment holds one), once per segment rewritten.
+        Each rewrite is atomic (temporary file + rename). Tombstones stay, so deleted ids remain
+        refused.
         """
         self.remove_stale_temp_files()
-        with self._lock:
-            conn = self.connect()
-            try:
-                dead_ids = conn.sql("SELECT DISTINCT rollout_id FROM tombstones").to_arrow_table().column(0)
-                files = [row[0] for row in conn.execute(
-                    f"SELECT DISTINCT filename FROM read_parquet({_sql_str(self._segment_glob())}, filename=true) "
-                    "WHERE rollout_id IN (SELECT rollout_id FROM tombstones)"
-                ).fetchall()] if self._segment_files() else []
-            finally:
-                conn.close()
-            dead_ids = dead_ids.combine_chunks() if isinstance(dead_ids, pa.ChunkedArray) else dead_ids
-            rewritten = removed = rows_removed = bytes_before = bytes_after = 0
-            for file in sorted(files):
-                path = Path(file)
-                match = _SEGMENT_RE.match(path.name)
-                if match is None or not path.exists():
-                    continue
-                with self._partition_lock(match["topic"], int(match["partition"])):
-                    bytes_before += path.stat().st_size
-                    table = pq.read_table(path, schema=self._file_schema)
-                    keep = pc.invert(pc.is_in(table.column("rollout_id"), value_set=dead_ids))
-                    kept = table.filter(keep)
-                    rows_removed += table.num_rows - kept.num_rows
-                    if kept.num_rows == 0:
+        guard = guard if guard is not None else nullcontext()
+        whole, partial = self._segments_with_tombstones()
+        removed = rewritten = rows_removed = bytes_before = bytes_after = 0
+        if whole:
+            with guard, self._lock, ExitStack() as locks:
+                for topic, partition in sorted({(t, p) for _, t, p, _ in whole}):
+                    locks.enter_context(self._partition_lock(topic, partition))
+                for path, _, _, rows in whole:
+                    try:
+                        size = path.stat().st_size
                         path.unlink()
-                        _fsync_dir(path.parent)
-                        self._known_files.pop(str(path), None)
-                        removed += 1
-                    else:
-                        self._write_parquet(kept, path)
-                        self._remember_file(path)
-                        bytes_after += path.stat().st_size
-                        rewritten += 1
+                    except FileNotFoundError:
+                        continue   # another process compacted it first
+                    self._known_files.pop(str(path), None)
+                    bytes_before += size
+                    rows_removed += rows
+                    removed += 1
+                for directory in {path.parent for path, *_ in whole}:
+                    _fsync_dir(directory)   # one fsync per directory, not per file
+        if partial:
+            dead_ids = self._tombstoned_ids()
+            for path, topic, partition, _ in partial:
+                with guard, self._lock, self._partition_lock(topic, partition):
+                    if not path.exists():
+                        continue
+                    size = path.stat().st_size
+                    table = pq.read_table(path, schema=self._file_schema)
+                    kept = table.filter(pc.invert(pc.is_in(table.column("rollout_id"), value_set=dead_ids)))
+                    self._write_parquet(kept, path)
+                    self._remember_file(path)
+                    bytes_before += size
+                    bytes_after += path.stat().st_size
+                    rows_removed += table.num_rows - kept.num_rows
+                    rewritten += 1
+        with self._lock:
             merged = self._merge_tombstone_files()
         return CompactionResult(rewritten, removed, rows_removed, merged, bytes_before, bytes_after)
+
+    @_retry_if_a_segment_vanished
+    def _segments_with_tombstones(self) -> tuple[list, list]:
+        """Segments holding tombstoned rows as (path, topic, partition, dead rows): (all dead, some dead)."""
+        if not self._segment_files():
+            return [], []
+        conn = self.connect()
+        try:
+            counts = conn.execute(
+                f"SELECT s.filename, count(*) AS n, count(t.rollout_id) AS dead "
+                f"FROM read_parquet({_sql_str(self._segment_glob())}, filename=true) s "
+                "LEFT JOIN (SELECT DISTINCT rollout_id FROM tombstones) t USING (rollout_id) "
+                "GROUP BY s.filename HAVING count(t.rollout_id) > 0").fetchall()
+        finally:
+            conn.close()
+        whole, partial = [], []
+        for file, n, dead in sorted(counts):
+            path = Path(file)
+            match = _SEGMENT_RE.match(path.name)
+            if match is None:
+                continue
+            entry = (path, match["topic"], int(match["partition"]), int(dead))
+            (whole if dead == n else partial).append(entry)
+        return whole, partial
+
+    def _tombstoned_ids(self) -> pa.Array:
+        conn = self.connect()
+        try:
+            ids = conn.sql("SELECT DISTINCT rollout_id FROM tombstones").to_arrow_table().column(0)
+        finally:
+            conn.close()
+        return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
     def _merge_tombstone_files(self) -> int:
         files = sorted(p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet"))

@@ -55,6 +55,7 @@ import math
 import numpy as np
 
 from sponge.selectors.base import Selector
+from sponge.selectors.kernels import scan_levels
 from sponge.selectors.baselines import lazy_greedy
 from sponge.selectors.objectives import (
     CountingOracle,
@@ -129,9 +130,7 @@ class _Instance:
         """u_{top+1} <- row (row is pickable at top + 1; `gain` = f(row | S_top) if already known)."""
         t = self.top + 1
         if t >= len(self.cov):
-            grown = np.zeros((min(2 * len(self.cov), self.k + 1), self.cov.shape[1]), np.float32)
-            grown[: len(self.cov)] = self.cov
-            self.cov = grown
+            self._grow_cov()
         if gain is None:
             gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
         self.cov[t] = self.cov[t - 1]
@@ -140,6 +139,12 @@ class _Instance:
         self.chosen[t] = row
         self.chosen_key[t] = self.order.key[row]
         self.top = t
+
+    def _grow_cov(self) -> None:
+        """Coverage rows are added as levels fill (k + 1 rows of |C| floats each can be large)."""
+        grown = np.zeros((min(2 * len(self.cov), self.k + 1), self.cov.shape[1]), np.float32)
+        grown[: len(self.cov)] = self.cov
+        self.cov = grown
 
     def _truncate(self, t: int) -> None:
         """Keep S_t; forget the failed tests made against the prefixes that go (S_t and below stay,
@@ -219,31 +224,23 @@ class _Instance:
 
     def _extend(self) -> None:
         """Scan the members with keys above u_top's in key order; each one pickable at top + 1 becomes
-        the next u, until S is full or the members run out. Read in chunks of the key order: a chunk
-        costs one query per member in it not already known to fail; after a pick the scan resumes
-        right behind it (members after the pick that passed are asked again, at the new top)."""
+        the next u, until S is full or the members run out (kernels.scan_levels, one compiled pass;
+        a member known to fail at top + 1 is skipped without a query)."""
         order = self.order
         pos = int(np.searchsorted(order.keys, self.chosen_key[self.top], side="right"))
-        chunk = 64
-        while self.top < self.k and pos < len(order.rows):
-            t = self.top
-            seg = order.rows[pos: pos + chunk]
-            fa = self.fail_at[seg]
-            idx = np.flatnonzero((fa == 0) | (fa > t + 1))  # 0 < fa <= t + 1: known to fail at t + 1
-            gains = self.oracle.gains_of(*self.table.profiles_of(seg[idx]), self.cov[t])
-            ok = gains >= self.thr
-            if not ok.any():
-                self.fail_at[seg[idx]] = t + 1
-                pos += len(seg)
-                chunk = min(2 * chunk, 8192)
+        table = self.table
+        while True:
+            top, pos, queries = scan_levels(order.rows, pos, self.fail_at, table.clients, table.weights,
+                                            table.bonus, self.cov, self.prefix_value, self.chosen,
+                                            self.top, self.k, self.thr)
+            self.oracle.queries += queries
+            if top > self.top:
+                self.chosen_key[self.top + 1: top + 1] = order.key[self.chosen[self.top + 1: top + 1]]
+                self.top = top
+            if top < self.k and pos < len(order.rows) and top + 1 >= len(self.cov):
+                self._grow_cov()   # the kernel stopped for want of a row for the next level
                 continue
-            p = int(np.argmax(ok))
-            self.fail_at[seg[idx[:p]]] = t + 1
-            after = idx[p + 1:]
-            self.fail_at[seg[after[~ok[p + 1:]]]] = t + 1  # valid: S_t stays under the new u
-            self._choose(int(seg[idx[p]]), float(gains[p]))
-            pos += int(idx[p]) + 1
-            chunk = max(64, 2 * int(idx[p]))
+            return
 
     # -- audit (tests) ----------------------------------------------------------------------------
 
@@ -404,6 +401,7 @@ class DynamicSelector(Selector):
         self._rekey_at = nxt
         self.instances[nxt].rekey()
         self._rekey_mark = self.oracle.queries - self.readout_queries
+        self._refresh_guesses()   # the new sample's value may lower the best value b: wake guesses
 
     @staticmethod
     def _guesses_of(lo: np.ndarray, hi: np.ndarray) -> range:

@@ -185,12 +185,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def marginal_gains(weights: np.ndarray, bonus: np.ndarray, covered: np.ndarray) -> np.ndarray:
     """f(s | S) for each row s, given covered[i, j] = cov_S[clients[i, j]] (same shape as weights).
 
-    float32 throughout; the row sums go through einsum, several times faster than a reduction over
-    the short last axis (and, unlike a BLAS matrix-vector product, never spawns threads that fight
-    faiss's OpenMP threads for the cores)."""
+    The excesses are float32, their row sums float64 (as in the compiled scan of kernels.py, so
+    both sides of a threshold test agree up to float64 rounding, not float32's). The row sums go
+    through einsum, several times faster than a reduction over the short last axis (and, unlike a
+    BLAS matrix-vector product, never spawns threads that fight faiss's OpenMP threads)."""
     excess = np.subtract(weights, covered, dtype=np.float32)
     np.maximum(excess, np.float32(0.0), out=excess)
-    return np.einsum("...j->...", excess) + bonus
+    return np.einsum("...j->...", excess, dtype=np.float64) + bonus
 
 
 def add_to_coverage(cov: np.ndarray, clients: np.ndarray, weights: np.ndarray) -> None:

@@ -24,7 +24,9 @@ A child that dies is noticed the same way (a closed pipe) and restarted by the n
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import socket
+import subprocess
+import sys
 import threading
 import traceback
 import weakref
@@ -44,7 +46,7 @@ class SelectorHost:
 
     def __init__(self, start_timeout_s: float = 60.0) -> None:
         self.start_timeout_s = start_timeout_s
-        self._process: mp.process.BaseProcess | None = None
+        self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._generation = 0
         # One conversation at a time: a pipelined insert must not interleave with a waiting call.
@@ -53,22 +55,39 @@ class SelectorHost:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
+    def start(self) -> SelectorHost:
+        """Start the child now (its imports and compiled kernels loaded) rather than on first use."""
+        with self._lock:
+            self._ensure_started()
+        return self
+
     def _ensure_started(self) -> Connection:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             return self._conn
         self._stop_child()
-        ctx = mp.get_context("spawn")   # fork would copy the parent's Kafka/faiss/torch threads' locks
-        parent, child = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_serve, args=(child,), name="sponge-selector", daemon=True)
-        process.start()
-        child.close()
-        if not parent.poll(self.start_timeout_s):
+        # A fresh interpreter running this module, not multiprocessing's spawn: spawn re-imports
+        # the parent's __main__, which re-runs any user script without a __main__ guard. (And
+        # fork would copy the locks of the parent's Kafka/faiss/torch threads.)
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "sponge.selectors.process", str(theirs.fileno())],
+                                       pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        if not conn.poll(self.start_timeout_s):
             process.kill()
+            conn.close()
             raise SelectorProcessError(f"the selector process did not start within {self.start_timeout_s}s")
-        parent.recv()  # the child's "ready"
-        self._process, self._conn = process, parent
-        self._finalizer = weakref.finalize(self, _shutdown, process, parent)
-        return parent
+        try:
+            conn.recv()  # the child's "ready"
+        except EOFError as exc:
+            process.wait(5)
+            conn.close()
+            raise SelectorProcessError(f"the selector process exited at start (code {process.returncode})") from exc
+        self._process, self._conn = process, conn
+        self._finalizer = weakref.finalize(self, _shutdown, process, conn)
+        return conn
 
     def _stop_child(self) -> None:
         if self._finalizer is not None:
@@ -165,15 +184,16 @@ def _answer(conn: Connection):
     return payload
 
 
-def _shutdown(process: mp.process.BaseProcess, conn: Connection) -> None:
+def _shutdown(process: subprocess.Popen, conn: Connection) -> None:
     try:
         conn.send(("exit", ()))
     except (OSError, EOFError):
         pass
-    process.join(5)
-    if process.is_alive():
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
         process.kill()
-        process.join(5)
+        process.wait(5)
     conn.close()
 
 
@@ -184,10 +204,12 @@ def _serve(conn: Connection) -> None:
     import faiss
 
     from sponge.selectors import METHODS
+    from sponge.selectors.kernels import warm_up
 
     # One thread: the point of this process is one core beside the parent's work, and idle OpenMP
     # threads spin-wait, burning the cores the parent needs.
     faiss.omp_set_num_threads(1)
+    warm_up()
     conn.send(("ok", "ready"))
     selector = None
     failure: str | None = None   # the first error of a pipelined call, until the next waiting call
@@ -226,3 +248,7 @@ def _serve(conn: Connection) -> None:
             failure = traceback.format_exc()
             if op not in ("insert", "delete"):
                 conn.send(("error", failure))
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))
