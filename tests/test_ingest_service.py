@@ -317,7 +317,13 @@ def test_metrics_are_served_over_http(broker, topic, tmp_path):
     try:
         port = running.service.metrics.serve(0)
         _wait(lambda: running.healthy() and _count(tmp_path / "store") == 64, 60, "rollouts stored")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        # The counter moves just after the segment is renamed into place: wait for it, not the file.
+        _wait(lambda: "sponge_ingest_rollouts_total 64.0" in scrape(), 30, "the rollouts counter")
+        body = scrape()
     finally:
         running.service.metrics.stop()
         running.stop()
