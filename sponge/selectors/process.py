@@ -24,6 +24,7 @@ A child that dies is noticed the same way (a closed pipe) and restarted by the n
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -69,9 +70,11 @@ class SelectorHost:
         # the parent's __main__, which re-runs any user script without a __main__ guard. (And
         # fork would copy the locks of the parent's Kafka/faiss/torch threads.)
         ours, theirs = socket.socketpair()
+        # The child imports sponge from where this process did (a script may have extended sys.path).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
             process = subprocess.Popen([sys.executable, "-m", "sponge.selectors.process", str(theirs.fileno())],
-                                       pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                       pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
         conn = Connection(ours.detach())
