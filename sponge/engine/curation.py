@@ -37,6 +37,9 @@ from sponge.selectors.process import HostedSelector, SelectorHost
 if TYPE_CHECKING:
     from sponge.engine.store import RolloutStore
 
+#: Columns `Curator.add` reads: the curation queue holds only these (not the text and token columns).
+SELECTION_COLUMNS = ["rollout_id", "prompt_id", "reward", "policy_version", "embedding"]
+
 #: Columns a replay sample carries (plus `advantage`, and `weight`, `sample_prob` for samples).
 SAMPLE_COLUMNS = ["rollout_id", "prompt_id", "prompt", "response", "prompt_tokens", "response_tokens",
                   "behavior_logprobs", "reward", "policy_version"]

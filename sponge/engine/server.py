@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from sponge.engine import service as ingest
 from sponge.engine.api import ApiConfig, ApiServer, create_app
-from sponge.engine.curation import CurationConfig, Curator
+from sponge.engine.curation import SELECTION_COLUMNS, CurationConfig, Curator
 from sponge.engine.worker import CurationWorker
 
 HELP = "run the service: ingest rollouts from Kafka, curate the replay subset, serve it over HTTP"
@@ -170,7 +170,7 @@ class CurationServer:
                           bytes_freed=result.bytes_before - result.bytes_after)
 
     def _on_segment(self, _write, rows: pa.Table) -> None:
-        self.worker.submit(rows)
+        self.worker.submit(rows.select(SELECTION_COLUMNS))   # zero-copy; the queue holds no text
 
     def _on_assign(self, partitions: set[int]) -> None:
         """Shard mode: after a rebalance, finish queued work, then rebuild over the owned partitions."""
