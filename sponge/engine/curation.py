@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sponge.engine.idmap import RolloutIdMap
 from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, load_params, save_params
 from sponge.selectors.process import HostedSelector, SelectorHost
 
@@ -99,9 +100,7 @@ class Curator:
         self._snapshot_version = -1      # the selection version the last snapshot holds
         self._dirty = False              # the live set changed since the solution was last read
         self._lock = threading.RLock()
-        self._int_of: dict[str, int] = {}
-        self._str_of: dict[int, str] = {}
-        self._next_int = 0
+        self._ids = RolloutIdMap()   # rollout_id <-> the selector's int ids (and each one's version)
         self._reference_pool: list[np.ndarray] = []
         self._last_solution = np.empty(0, dtype=np.int64)
         self._last_snapshot = 0.0
@@ -109,7 +108,6 @@ class Curator:
         self.rebuild_seconds: float | None = None
         self.evicted_total = 0
         self._removed_ids: set[str] = set()  # explicit removals (retention is caught by version)
-        self._version_of = np.empty(0, dtype=np.int64)  # policy_version of each int id, for local eviction
         self.partitions: set[int] | None = None          # shard mode: the partitions this process owns
         self._policy_mtime = 0.0
         self._merged_cache: tuple | None = None
@@ -170,8 +168,7 @@ class Curator:
             elif self.selector is not None:
                 # A reference refresh rescans the store, which may already hold rows whose
                 # segment hook has not run yet (one flush writes several partitions).
-                fresh = np.fromiter((r not in self._int_of for r in rows.column("rollout_id").to_pylist()),
-                                    dtype=bool, count=rows.num_rows)
+                fresh = self._ids.lookup(rows.column("rollout_id")) < 0
                 if not fresh.all():
                     rows = rows.filter(pa.array(fresh))
                 if rows.num_rows:
@@ -202,8 +199,8 @@ class Curator:
             params["eps"] = self.config.eps
         objective = self._fix_objective(objective, params)
         self.selector = self._new_selector(objective, params)
-        self._int_of.clear()
-        self._str_of.clear()
+        self._ids.close()
+        self._ids = RolloutIdMap()
         self._last_solution = np.empty(0, dtype=np.int64)   # ints are reassigned: old answers mean nothing
         self._dirty = True
         bar = None
@@ -264,14 +261,7 @@ class Curator:
 
     def _assign_ints(self, rows: pa.Table) -> np.ndarray:
         """Selector ids (int64) for new rollouts, remembering each one's policy version."""
-        out = np.arange(self._next_int, self._next_int + rows.num_rows, dtype=np.int64)
-        for n, rid in zip(out.tolist(), rows.column("rollout_id").to_pylist()):
-            self._int_of[rid] = n
-            self._str_of[n] = rid
-        self._next_int += rows.num_rows
-        self._version_of = np.concatenate([self._version_of,
-                                           rows.column("policy_version").to_numpy().astype(np.int64)])
-        return out
+        return self._ids.assign(rows.column("rollout_id"), rows.column("policy_version").to_numpy())
 
     def set_partitions(self, partitions: set[int]) -> float:
         """Shard mode: this process now owns `partitions`; rebuild over their rollouts only."""
@@ -296,12 +286,15 @@ class Curator:
         return int(conn.sql("SELECT count(*) FROM rollouts JOIN (SELECT DISTINCT rollout_id FROM ids) "
                             "USING (rollout_id)").fetchall()[0][0])
 
-    def _forget(self, rollout_ids: list[str]) -> None:
-        known = [self._int_of.pop(r) for r in rollout_ids if r in self._int_of]
-        for n in known:
-            del self._str_of[n]
-        if known and self.selector is not None:
-            self.selector.delete(np.asarray(known, dtype=np.int64))
+    def _forget(self, rollout_ids) -> None:
+        ints = np.unique(self._ids.lookup(rollout_ids))
+        self._forget_ints(ints[ints >= 0])
+
+    def _forget_ints(self, ints: np.ndarray) -> None:
+        ints = ints[self._ids.alive[ints]]
+        if len(ints) and self.selector is not None:
+            self._ids.forget(ints)
+            self.selector.delete(ints)
 
     def report_policy_version(self, version: int) -> int:
         """The trainer now generates with `version`; evict what falls out of the window. Returns evictions."""
@@ -320,17 +313,16 @@ class Curator:
         cutoff = self._cutoff()
         if cutoff is None or cutoff <= 0:
             return 0
-        stale = self.store.connect().sql(
-            f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table()
-        stale_ids = stale.column("rollout_id").to_pylist()
-        if stale_ids:
+        stale_ids = self.store.connect().sql(
+            f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table().column(0)
+        if len(stale_ids):
             self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
-        # Also what this selector holds that another shard already tombstoned.
-        known = np.fromiter(self._str_of.keys(), dtype=np.int64, count=len(self._str_of))
-        stale_here = [self._str_of[int(n)] for n in known[self._version_of[known] < cutoff]]
-        if not stale_ids and not stale_here:
+        # What this selector holds below the cutoff: the store's stale rows, and any that another
+        # shard already tombstoned.
+        stale_here = np.flatnonzero(self._ids.alive & (self._ids.version < cutoff))
+        if not len(stale_ids) and not len(stale_here):
             return 0
-        self._forget(stale_ids + stale_here)
+        self._forget_ints(stale_here)
         self._changed(force=True)
         self.evicted_total += len(stale_ids)
         return len(stale_ids)
@@ -359,7 +351,7 @@ class Curator:
     def _own_subset_ids(self) -> list[str]:
         if self.selector is None:
             return []
-        return [self._str_of[int(n)] for n in self._last_solution]   # read by _refresh
+        return self._ids.strings(self._last_solution).to_pylist()   # read by _refresh
 
     def _shard_dir(self) -> Path:
         return self.state_dir / "shards"
