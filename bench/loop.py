@@ -130,18 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 rate_a, cpu_a = run_alone(ingest_config(f"alone-{rep}", f"store-a{rep}"), args.rollouts)
                 shutil.rmtree(work / f"store-a{rep}", ignore_errors=True)
-                last = rep == args.repeats - 1
+                last = rep == args.repeats - 1   # its server stays up for the latency and restart figures
+                store_b = "store-b" if last else f"store-b{rep}"
+                server_config = ServerConfig(ingest=ingest_config(f"curated-{rep}", store_b),
+                                             curation=CurationConfig(k=args.k, retention_window=None),
+                                             api=ApiConfig(port=0))
+                rate_b, stored_b, cpu_b, server = run_curated(server_config, args.rollouts, close=not last)
                 if not last:
-                    server_config = ServerConfig(ingest=ingest_config(f"curated-{rep}", f"store-b{rep}"),
-                                                 curation=CurationConfig(k=args.k, retention_window=None),
-                                                 api=ApiConfig(port=0))
-                    rate_b, stored_b, cpu_b, _ = run_curated(server_config, args.rollouts, close=True)
-                    shutil.rmtree(work / f"store-b{rep}", ignore_errors=True)
-                else:   # the last server stays up for the latency and restart measurements
-                    server_config = ServerConfig(ingest=ingest_config(f"curated-{rep}", "store-b"),
-                                                 curation=CurationConfig(k=args.k, retention_window=None),
-                                                 api=ApiConfig(port=0))
-                    rate_b, stored_b, cpu_b, server = run_curated(server_config, args.rollouts, close=False)
+                    shutil.rmtree(work / store_b, ignore_errors=True)
                 pairs.append((rate_a, rate_b, stored_b, 1 - rate_b / rate_a))
                 print(f"[{rep + 1}/{args.repeats}] (a) ingest alone {rate_a:8,.0f}/s (CPU {cpu_a[0]:.0f} us/rollout)  "
                       f"(b) ingest + selection {rate_b:8,.0f}/s stored and selected, {stored_b:,.0f}/s stored "
