@@ -168,11 +168,10 @@ class Curator:
             elif self.selector is not None:
                 # A reference refresh rescans the store, which may already hold rows whose
                 # segment hook has not run yet (one flush writes several partitions).
-                fresh = self._ids.lookup(rows.column("rollout_id")) < 0
-                if not fresh.all():
-                    rows = rows.filter(pa.array(fresh))
+                new, ids = self._assign_ints(rows)
+                if not new.all():
+                    rows = rows.filter(pa.array(new))
                 if rows.num_rows:
-                    ids = self._assign_ints(rows)
                     self.selector.insert(ids, embedding_matrix(rows), quality=_group_has_signal(rows))
             self._follow_shared_policy_version()
             if self._cutoff() is not None and oldest < self._cutoff():
@@ -216,7 +215,7 @@ class Curator:
             if self.partitions is not None:
                 rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
             if rows.num_rows:
-                ids = self._assign_ints(rows)
+                _, ids = self._assign_ints(rows)
                 self.selector.insert(ids, embedding_matrix(rows), quality=_group_has_signal(rows))
             if bar is not None:
                 bar.update(batch.num_rows)
@@ -259,9 +258,16 @@ class Curator:
                 self._host.close()
             self.selector = None
 
-    def _assign_ints(self, rows: pa.Table) -> np.ndarray:
-        """Selector ids (int64) for new rollouts, remembering each one's policy version."""
+    def _assign_ints(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(which rows are new to the selector, selector ids for those), remembering their versions."""
         return self._ids.assign(rows.column("rollout_id"), rows.column("policy_version").to_numpy())
+
+    def sync(self) -> None:
+        """Wait until the selector has applied every insert and delete handed to it (a selector
+        process applies them asynchronously); raises what any of them raised."""
+        with self._lock:
+            if isinstance(self.selector, HostedSelector):
+                self.selector.sync()
 
     def set_partitions(self, partitions: set[int]) -> float:
         """Shard mode: this process now owns `partitions`; rebuild over their rollouts only."""
@@ -430,9 +436,7 @@ class Curator:
         The curation worker calls this when idle, so the last batch before a pause is published."""
         with self._lock:
             if self.selector is not None and self._snapshot_due():
-                self._refresh()
-                if self._snapshot_version != self._selection_version:
-                    self.snapshot()
+                self._publish()
 
     def _snapshot_due(self) -> bool:
         return (time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s

@@ -44,23 +44,32 @@ class RolloutIdMap:
     def lookup(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """The int id of each string, -1 where it was never assigned."""
         ids = _as_array(ids)
-        out = np.full(len(ids), -1, np.int64)
-        if len(ids) == 0 or len(self._h1) == 0:
+        if len(ids) == 0:
+            return np.full(0, -1, np.int64)
+        return self._find(*self._hash(ids))
+
+    def _find(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        out = np.full(len(h1), -1, np.int64)
+        if len(self._h1) == 0:
             return out
-        h1, h2 = self._hash(ids)
         pos = np.minimum(np.searchsorted(self._h1, h1), len(self._h1) - 1)
         hit = (self._h1[pos] == h1) & (self._h2[pos] == h2)
         out[hit] = self._int[pos[hit]]
         return out
 
-    def assign(self, ids: pa.Array | pa.ChunkedArray, versions: np.ndarray) -> np.ndarray:
-        """New consecutive int ids for strings not assigned before (the caller filters with lookup)."""
+    def assign(self, ids: pa.Array | pa.ChunkedArray, versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Int ids for the strings not assigned before: (mask of those, their new consecutive ints)."""
         ids = _as_array(ids)
         first = len(self.alive)
+        if len(ids) == 0:
+            return np.zeros(0, bool), np.arange(first, first, dtype=np.int64)
+        h1, h2 = self._hash(ids)
+        new = self._find(h1, h2) < 0
+        if not new.all():
+            ids, h1, h2, versions = ids.filter(pa.array(new)), h1[new], h2[new], np.asarray(versions)[new]
         ints = np.arange(first, first + len(ids), dtype=np.int64)
         if len(ids) == 0:
-            return ints
-        h1, h2 = self._hash(ids)
+            return new, ints
         order = np.argsort(h1, kind="stable")
         at = np.searchsorted(self._h1, h1[order])
         self._h1 = np.insert(self._h1, at, h1[order])
@@ -70,7 +79,7 @@ class RolloutIdMap:
         self._strings = None
         self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
         self.version = np.concatenate([self.version, np.asarray(versions, np.int64)])
-        return ints
+        return new, ints
 
     def strings(self, ints: np.ndarray) -> pa.Array:
         """The rollout_id of each int id."""

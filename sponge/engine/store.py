@@ -414,7 +414,7 @@ class RolloutStore:
                 for directory in {path.parent for path, *_ in whole}:
                     _fsync_dir(directory)   # one fsync per directory, not per file
         if partial:
-            dead_ids = self._tombstoned_ids()
+            dead_ids = self._first_column("SELECT DISTINCT rollout_id FROM tombstones")
             for path, topic, partition, _ in partial:
                 with guard, self._lock, self._partition_lock(topic, partition):
                     if not path.exists():
@@ -456,13 +456,13 @@ class RolloutStore:
             (whole if dead == n else partial).append(entry)
         return whole, partial
 
-    def _tombstoned_ids(self) -> pa.Array:
+    def _first_column(self, query: str) -> pa.Array:
+        """The first column of a query over the store's views, as one array."""
         conn = self.connect()
         try:
-            ids = conn.sql("SELECT DISTINCT rollout_id FROM tombstones").to_arrow_table().column(0)
+            return conn.sql(query).to_arrow_table().column(0).combine_chunks()
         finally:
             conn.close()
-        return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
     def _merge_tombstone_files(self) -> int:
         files = sorted(p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet"))
@@ -657,12 +657,7 @@ class RolloutStore:
     @_retry_if_a_segment_vanished
     def rollout_ids(self) -> pa.Array:
         """The ids of all live (not tombstoned) rollouts."""
-        conn = self.connect()
-        try:
-            column = conn.sql("SELECT rollout_id FROM rollouts").to_arrow_table().column(0)
-        finally:
-            conn.close()
-        return column.combine_chunks().cast(pa.string())
+        return self._first_column("SELECT rollout_id FROM rollouts").cast(pa.string())
 
     @_retry_if_a_segment_vanished
     def count(self) -> int:

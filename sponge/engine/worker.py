@@ -67,7 +67,8 @@ class CurationWorker:
         return self._pending_rows
 
     def drain(self, timeout_s: float = 60.0) -> bool:
-        """Wait until everything submitted has been handed to the curator; False on timeout."""
+        """Wait until everything submitted is inside the selector; False on timeout or when the
+        selector failed (the worker then rebuilds it from the store, as for any curator failure)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._draining += 1
@@ -80,6 +81,11 @@ class CurationWorker:
                     self._cond.wait(min(remaining, 0.1))
             finally:
                 self._draining -= 1
+        try:
+            self.curator.sync()   # a selector process applies what it was handed asynchronously
+        except Exception:
+            log.exception("the selector failed while draining; it will be rebuilt from the store")
+            return False
         return True
 
     def stop(self, timeout_s: float = 60.0) -> None:

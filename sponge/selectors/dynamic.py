@@ -126,13 +126,12 @@ class _Instance:
     def solution_rows(self) -> np.ndarray:
         return self.chosen[1: self.top + 1]
 
-    def _choose(self, row: int, gain: float | None = None) -> None:
-        """u_{top+1} <- row (row is pickable at top + 1; `gain` = f(row | S_top) if already known)."""
+    def _choose(self, row: int) -> None:
+        """u_{top+1} <- row (row is pickable at top + 1)."""
         t = self.top + 1
         if t >= len(self.cov):
             self._grow_cov()
-        if gain is None:
-            gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
+        gain = self.oracle.gains(np.array([row]), self.cov[t - 1])[0]
         self.cov[t] = self.cov[t - 1]
         add_to_coverage(self.cov[t], self.table.clients[row], self.table.weights[row])
         self.prefix_value[t] = self.prefix_value[t - 1] + gain
