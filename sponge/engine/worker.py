@@ -4,8 +4,9 @@ The ingest loop hands each durable segment's new rows to `submit`; the worker th
 coalesces what has queued into one batch and inserts it. It holds back until `batch_rows`
 rows have queued or the oldest has waited `batch_wait_s`: a batch costs the dynamic selector
 about one partial rebuild per instance whatever its size, so at 10^5 rollouts batches of ~20k
-cost a third less per rollout than one flush's per-partition segments of ~5k. The queue is bounded in rows: when selection falls that far behind, `submit` blocks,
-which slows ingest instead of growing memory without bound.
+cost a third less per rollout than one flush's per-partition segments of ~5k. The queue is
+bounded in rows: when selection falls that far behind, `submit` blocks, which slows ingest
+instead of growing memory without bound.
 
 A failure inside the curator never reaches ingest: the rows are already durable, so the
 worker marks itself broken (the service reports not-ready), waits, and rebuilds the

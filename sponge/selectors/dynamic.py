@@ -17,13 +17,13 @@ invariant: u_i is uniformly random in R_i (given S_{i-1}). The top t = |S|; R_{t
 t = k (an element pickable above the top would have become u_{t+1}).
 
 **Uniform choices through random keys.** Every element draws a uniform key once per instance, when it
-joins the instance (independent across instances: shared keys would make every instance prefer the
-same elements, and the read-out pool of their solutions less diverse). Each instance keeps u_i = the element of R_i with the
-smallest key. Keys are i.i.d. and hidden from the (oblivious) update sequence, so u_i is uniform in
-R_i, and the structure is exactly what a rebuild over a fresh uniformly random order produces -- the
-same distribution as the walk with coins of probability 1/|R_i| described in ALGORITHMS.md, which it
-implements. Since u_{i+1} is in R_i and u_i is R_i's smallest key, the u's keys increase with i.
-What the keys buy: an element whose key is above u_i's can never be u_i, so
+joins the instance (independent across instances: shared keys would make every instance prefer the same
+elements, and the read-out pool of their solutions less diverse). Each instance keeps u_i = the element
+of R_i with the smallest key. Keys are i.i.d. and hidden from the (oblivious) update sequence, so u_i
+is uniform in R_i, and the structure is exactly what a rebuild over a fresh uniformly random order
+produces -- the same distribution as the walk with coins of probability 1/|R_i| described in
+ALGORITHMS.md, which it implements. Since u_{i+1} is in R_i and u_i is R_i's smallest key, the u's keys
+increase with i. What the keys buy: an element whose key is above u_i's can never be u_i, so
 
 * **insert s** needs one query at most: with l = the first level whose u has a larger key than s, s
   changes the structure iff it is pickable at level l (then it is the new u_l and the levels above are
@@ -55,8 +55,8 @@ import math
 import numpy as np
 
 from sponge.selectors.base import Selector
-from sponge.selectors.kernels import scan_levels
 from sponge.selectors.baselines import lazy_greedy
+from sponge.selectors.kernels import scan_levels
 from sponge.selectors.objectives import (
     CountingOracle,
     ElementTable,
@@ -251,7 +251,8 @@ class _Instance:
         members = np.flatnonzero(self.member)
         assert set(members.tolist()) <= set(live_rows.tolist()), "a deleted element is still a member"
         assert np.array_equal(np.sort(self.order.rows), members), "key order out of step with the members"
-        assert np.all(np.diff(self.order.keys) >= 0) and np.array_equal(self.order.keys, self.order.key[self.order.rows])
+        assert np.all(np.diff(self.order.keys) >= 0)
+        assert np.array_equal(self.order.keys, self.order.key[self.order.rows])
         assert self.size == len(members)
         assert 0 <= t <= k, "|S| > k"
         key = self.order.key
