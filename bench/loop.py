@@ -44,22 +44,23 @@ def drain(poll_once, totals, target: int, timeout_s: float) -> float:
     return time.perf_counter() - t_first
 
 
-def cpu_seconds() -> np.ndarray:
-    """CPU seconds (user + system) of [this process, its live children (the selector's process)]."""
+def cpu_seconds(selector_pid: int | None = None) -> np.ndarray:
+    """CPU seconds (user + system) of [this process (the service), the selector's process, the other
+    children (the embedded broker, which serves the consumer's fetches)]."""
     import psutil
 
     me = psutil.Process()
-    children = 0.0
+    cpu = np.array([sum(me.cpu_times()[:2]), 0.0, 0.0])
     for child in me.children(recursive=True):
         try:
-            children += sum(child.cpu_times()[:2])
+            cpu[1 if child.pid == selector_pid else 2] += sum(child.cpu_times()[:2])
         except psutil.NoSuchProcess:
             pass
-    return np.array([sum(me.cpu_times()[:2]), children])
+    return cpu
 
 
 def run_alone(config, rollouts: int) -> tuple[float, np.ndarray]:
-    """(a): plain ingest; returns (rollouts/s, [CPU us/rollout, 0])."""
+    """(a): plain ingest; returns (rollouts/s, CPU us/rollout [service, selector (0), broker])."""
     from sponge.engine.service import IngestService
 
     service = IngestService(config).start()
@@ -67,25 +68,26 @@ def run_alone(config, rollouts: int) -> tuple[float, np.ndarray]:
     secs = drain(service.poll_once, service.totals, rollouts, 1800)
     cpu = cpu_seconds() - cpu0
     service.close()
-    return rollouts / secs, np.array([cpu.sum(), 0.0]) / rollouts * 1e6
+    return rollouts / secs, cpu / rollouts * 1e6
 
 
 def run_curated(config, rollouts: int, close: bool):
     """(b): the curation server (ingest + selector process + HTTP); ends when every rollout is
-    durable *and* inside the selector. Returns (rollouts/s, stored/s, [CPU us/rollout in all,
-    in the selector process], the server if still open)."""
+    durable *and* inside the selector. Returns (rollouts/s, stored/s, CPU us/rollout [service,
+    selector, broker], the server if still open)."""
     from sponge.engine.server import CurationServer
 
     server = CurationServer(config).start()
-    cpu0 = cpu_seconds()
+    selector_pid = server.curator.selector_pid
+    cpu0 = cpu_seconds(selector_pid)
     secs_stored = drain(server.ingest.poll_once, server.ingest.totals, rollouts, 3600)
     t_stored = time.perf_counter()
     server.worker.drain(3600)   # sustained means selected too, not just queued for selection
     secs = secs_stored + (time.perf_counter() - t_stored)
-    cpu = cpu_seconds() - cpu0
+    cpu = cpu_seconds(selector_pid) - cpu0
     if close:
         server.close()
-    return rollouts / secs, rollouts / secs_stored, np.array([cpu.sum(), cpu[1]]) / rollouts * 1e6, server
+    return rollouts / secs, rollouts / secs_stored, cpu / rollouts * 1e6, server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # (a) and (b) alternate, `repeats` times each: the machine's noise then hits both alike,
             # and the figure is the median of the paired ratios.
-            pairs = []
+            pairs, cpus = [], []
             for rep in range(args.repeats):
                 rate_a, cpu_a = run_alone(ingest_config(f"alone-{rep}", f"store-a{rep}"), args.rollouts)
                 shutil.rmtree(work / f"store-a{rep}", ignore_errors=True)
@@ -139,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not last:
                     shutil.rmtree(work / store_b, ignore_errors=True)
                 pairs.append((rate_a, rate_b, stored_b, 1 - rate_b / rate_a))
-                print(f"[{rep + 1}/{args.repeats}] (a) ingest alone {rate_a:8,.0f}/s (CPU {cpu_a[0]:.0f} us/rollout)  "
-                      f"(b) ingest + selection {rate_b:8,.0f}/s stored and selected, {stored_b:,.0f}/s stored "
-                      f"(CPU {cpu_b[0]:.0f} us/rollout, {cpu_b[1]:.0f} of it in the selector process)  "
-                      f"cost {1 - rate_b / rate_a:.1%}")
+                print(f"[{rep + 1}/{args.repeats}] (a) ingest alone {rate_a:8,.0f}/s  "
+                      f"(b) ingest + selection {rate_b:8,.0f}/s stored and selected, {stored_b:,.0f}/s stored  "
+                      f"cost {1 - rate_b / rate_a:.1%}\n"
+                      f"      CPU us/rollout: (a) service {cpu_a[0]:.0f} + broker {cpu_a[2]:.0f};  "
+                      f"(b) service {cpu_b[0]:.0f} + selector process {cpu_b[1]:.0f} + broker {cpu_b[2]:.0f}")
+                cpus.append((cpu_a, cpu_b))
             rate_a, rate_b, stored_b, cost = np.median(np.array(pairs), axis=0)
             costs = [p[3] for p in pairs]
             print(f"(a) ingest alone:          {rate_a:10,.0f} rollouts/s (median of {args.repeats})")
@@ -152,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(f'{c:.1%}' for c in costs)}; target <= 30%)")
             results.update(ingest_alone_per_s=rate_a, ingest_with_selection_per_s=rate_b,
                            stored_with_selection_per_s=stored_b, selection_cost=cost,
-                           selection_cost_each=costs, selector=server.curator.describe())
+                           selection_cost_each=costs, selector=server.curator.describe(),
+                           cpu_us_per_rollout={
+                               "columns": ["service", "selector_process", "broker"],
+                               "alone_median": np.median([a for a, _ in cpus], axis=0).round(1).tolist(),
+                               "curated_median": np.median([b for _, b in cpus], axis=0).round(1).tolist()})
 
             # replay-sample latency
             lat, floor = [], []

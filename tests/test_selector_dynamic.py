@@ -52,7 +52,7 @@ def test_invariants_after_every_update_facility_location(seed):
         apply(sel, op, ids, x, q)
         sel.check_invariants()
         assert len(sel.solution()) <= sel.k
-        assert set(sel.solution().tolist()) <= set(sel.table.row_of)
+        assert set(sel.solution().tolist()) <= set(sel.table.ids[sel.table.live].tolist())
     assert sel.stats()["rebuilds"] > 0  # the sequences exercised rebuilds
 
 
@@ -102,9 +102,35 @@ def test_half_minus_eps_of_brute_force_opt_at_every_step(kind):
             got = sel.oracle.value(sel.table.rows_of(sel.solution()), count=False) if len(sel.solution()) else 0.0
             assert abs(got - sel.value()) <= 1e-4 * max(1.0, got)  # reported value is f(solution)
             assert got >= (0.5 - eps) * opt - 1e-6, (seed, got, opt)
+            # the guarantee without the read-out's refinement: the dormant guesses kept the one carrying it
+            best = max((i.value() for i in sel.instances.values()), default=0.0)
+            assert best >= (0.5 - eps) * opt - 1e-6, (seed, best, opt)
+            # the upper bound that puts high guesses to sleep is one
+            assert sel._opt_upper_bound()[0] >= opt - 1e-6, (seed, sel._opt_upper_bound(), opt)
             if opt > 0:
                 worst = min(worst, got / opt)
     assert worst >= 0.5 - eps
+
+
+def test_guesses_far_above_the_certified_bound_sleep_and_cost_nothing():
+    rng = np.random.default_rng(5)
+    x = clustered(rng, 6000, 32, centers=20)
+    obj = FacilityLocation(clustered(rng, 128, 32, centers=20), m=8)
+    runs = {}
+    for high in (True, False):
+        sel = DynamicSelector(obj, k=16, eps=0.2, seed=1, dormant_high_guesses=high)
+        for start in range(0, 6000, 500):
+            sel.insert(np.arange(start, start + 500), x[start: start + 500])
+        sel.delete(np.arange(0, 1000))
+        sel.check_invariants()
+        runs[high] = sel
+    upper, holder = runs[True]._opt_upper_bound()
+    assert holder is not None and np.isfinite(upper)
+    assert max(runs[True].instances) < max(runs[False].instances)   # the highest guesses sleep ...
+    assert all(runs[True]._tau(j) <= 1.2 ** 3 * upper or j == holder for j in runs[True].instances)
+    assert runs[True].stats()["queries"] < runs[False].stats()["queries"]   # ... and cost nothing
+    # what they held barely matters to the read-out (whose pool gets the top singletons instead)
+    assert runs[True].value() >= 0.9 * runs[False].value()
 
 
 def test_uniform_choice_of_u1_and_u2():

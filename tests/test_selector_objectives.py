@@ -133,7 +133,7 @@ def test_sieve_reruns_only_when_a_selected_element_goes():
     obj, x, _ = make_instance(seed=4)
     sel = SieveStreamingRerun(obj, k=5, eps=0.2)
     sel.insert(np.arange(200), x[:200])
-    unselected = [i for i in range(200) if sel.in_sieve[sel.table.row_of[i]] == 0][:5]
+    unselected = [i for i in range(200) if sel.in_sieve[sel.table.rows_of(np.array([i]))[0]] == 0][:5]
     sel.delete(np.array(unselected))
     assert sel.stats()["reruns"] == 0
     sel.delete(sel.solution()[:1])

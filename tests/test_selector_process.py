@@ -29,7 +29,15 @@ def host():
     h.close()
 
 
-def test_hosted_selector_answers_exactly_as_the_in_process_one(host):
+# The vectors' ways to the child: the shared ring (roomy), a ring of 10 batches' bytes minus a
+# little (writes wrap, and a batch that would overwrite unread data goes over the socket), a ring
+# smaller than one batch (always the socket), and no ring.
+RINGS = {"roomy": 64 << 20, "wrapping": 10 * 100 * 16 * 4 - 200, "too-small": 1000, "none": 0}
+
+
+@pytest.mark.parametrize("ring", RINGS)
+def test_hosted_selector_answers_exactly_as_the_in_process_one(ring):
+    host = SelectorHost(ring_bytes=RINGS[ring]).start()
     x = _data(600)
     objective = FacilityLocation(x[:64], m=8, quality_weight=0.1)
     local = DynamicSelector(objective, k=12, eps=0.2, seed=3)
@@ -46,6 +54,32 @@ def test_hosted_selector_answers_exactly_as_the_in_process_one(host):
         assert remote.value() == pytest.approx(local.value(), rel=1e-6)
     assert remote.stats()["n_live"] == len(local) == 400
     assert remote.stats()["queries"] == local.stats()["queries"]
+    host.close()
+
+
+def test_the_ring_carries_batches_in_order_through_many_wraps():
+    from sponge.selectors.process import _VectorRing
+
+    writer = _VectorRing.create(1000)
+    reader = _VectorRing(os.dup(writer.fd), writer.capacity)   # a second mapping, as the child's
+    rng = np.random.default_rng(0)
+    pending, through_socket = [], 0
+    for step in range(500):
+        batch = rng.standard_normal((int(rng.integers(1, 40)), 3)).astype(np.float32)
+        where = writer.put(batch)
+        if where is None:
+            through_socket += 1
+        else:
+            pending.append((batch, where))
+        if step % 3 == 2:   # the reader lags behind, then catches up
+            for expected, (offset, end) in pending:
+                np.testing.assert_array_equal(reader.take(offset, end, batch.dtype.str, expected.shape), expected)
+            pending.clear()
+    assert writer.head > 50 * writer.capacity   # it wrapped many times
+    assert 0 < through_socket < 250             # full at times, but mostly used
+    assert writer.put(np.zeros(300, np.float32)) is None   # bigger than the ring: never fits
+    writer.close()
+    reader.close()
 
 
 def test_an_error_in_a_pipelined_insert_surfaces_at_the_next_answer_and_breaks_only_that_selector(host):

@@ -262,6 +262,11 @@ class Curator:
         """(which rows are new to the selector, selector ids for those), remembering their versions."""
         return self._ids.assign(rows.column("rollout_id"), rows.column("policy_version").to_numpy())
 
+    @property
+    def selector_pid(self) -> int | None:
+        """The selector's child process, None when it runs in this process (or has not started)."""
+        return self._host.pid if self._host is not None else None
+
     def sync(self) -> None:
         """Wait until the selector has applied every insert and delete handed to it (a selector
         process applies them asynchronously); raises what any of them raised."""

@@ -56,7 +56,7 @@ import numpy as np
 
 from sponge.selectors.base import Selector
 from sponge.selectors.baselines import lazy_greedy
-from sponge.selectors.kernels import scan_levels
+from sponge.selectors.kernels import merge_by_key, scan_levels
 from sponge.selectors.objectives import (
     CountingOracle,
     ElementTable,
@@ -65,6 +65,13 @@ from sponge.selectors.objectives import (
 )
 
 Profile = tuple[np.ndarray, np.ndarray, np.ndarray]  # (clients, weights, bonus) of some elements
+
+
+def sorted_uniforms(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n i.i.d. uniform(0, 1) draws in increasing order, in O(n): the partial sums of n + 1
+    exponential spacings over their total (the order statistics of uniforms, exactly)."""
+    spacings = rng.exponential(size=n + 1)
+    return np.cumsum(spacings)[:-1] / spacings.sum()
 
 
 def _take(prof: Profile, idx: np.ndarray) -> Profile:
@@ -79,14 +86,16 @@ class _KeyOrder:
         self.rows = np.empty(0, np.int64)  # live rows, by increasing key
         self.keys = np.empty(0)  # their keys
 
-    def add(self, rows: np.ndarray, keys: np.ndarray, capacity: int) -> None:
+    def add(self, rows: np.ndarray, rng: np.random.Generator, capacity: int) -> None:
+        """Draw each new row an i.i.d. uniform key and merge the rows into the key order."""
         if len(self.key) < capacity:
             self.key = np.concatenate([self.key, np.zeros(capacity - len(self.key))])
-        self.key[rows] = keys
-        srt = np.argsort(keys)
-        at = np.searchsorted(self.keys, keys[srt])
-        self.rows = np.insert(self.rows, at, rows[srt])
-        self.keys = np.insert(self.keys, at, keys[srt])
+        # The keys are drawn already sorted (normalised exponential spacings) and dealt to the rows
+        # in a random order: the same joint law as a key per row, without sorting the batch.
+        dealt = rng.permutation(rows)
+        keys = sorted_uniforms(rng, len(rows))
+        self.key[dealt] = keys
+        self.keys, self.rows = merge_by_key(self.keys, self.rows, keys, dealt)
 
     def remove(self, rows: np.ndarray) -> None:
         gone = np.zeros(len(self.key), bool)
@@ -190,8 +199,7 @@ class _Instance:
         """Draw every member a fresh key and rebuild from level 1: a new sample of the structure,
         independent of the old one (so anything may trigger it without biasing the uniform choices)."""
         members = self.rng.permutation(self.order.rows)
-        spacings = self.rng.exponential(size=len(members) + 1)
-        keys = np.cumsum(spacings)[:-1] / spacings.sum()  # sorted i.i.d. uniforms, in O(n)
+        keys = sorted_uniforms(self.rng, len(members))
         self.order.rows, self.order.keys = members, keys
         self.order.key[members] = keys
         self.rebuilds[1] += 1
@@ -201,7 +209,7 @@ class _Instance:
     def _join(self, rows: np.ndarray) -> None:
         self.member[rows] = True
         self.size += len(rows)
-        self.order.add(rows, self.rng.random(len(rows)), self.table.capacity)
+        self.order.add(rows, self.rng, self.table.capacity)
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -291,8 +299,14 @@ class DynamicSelector(Selector):
         seed: seed of this selector's RNG (the random keys that make the uniform choices).
         refine: read out lazy greedy over the pool of every instance's solution (and what survives of
             the last answer) when it beats the best instance; its queries are counted apart.
+        refine_singletons: the read-out pool also gets this many times k live elements of highest
+            f({s}): the candidates the instances of high guesses would have offered when those sleep
+            (`dormant_high_guesses`), for one O(n) selection per read-out.
         dormant_low_guesses: keep no instance for guesses far below the best value found (see
             `_refresh_guesses`); they never hold the answer and cost the most.
+        dormant_high_guesses: keep no instance for guesses far above an upper bound on OPT that a
+            non-full instance certifies (see `_opt_upper_bound`); they cannot be the guess that
+            carries the guarantee, and with S never full each of their rebuilds scans every member.
         rekey_share: re-draw one instance's keys (a scan of about its size in queries) each time the
             updates have spent size / rekey_share queries since the last re-draw (see `_maybe_rekey`).
             For read-out quality, not the guarantee; 0 turns it off: 15-35% more updates/s in the
@@ -302,13 +316,16 @@ class DynamicSelector(Selector):
     method = "dynamic"
 
     def __init__(self, objective: Objective, k: int = 64, eps: float = 0.2, seed: int = 0,
-                 refine: bool = True, dormant_low_guesses: bool = True, rekey_share: float = 0.5):
+                 refine: bool = True, refine_singletons: int = 2, dormant_low_guesses: bool = True,
+                 dormant_high_guesses: bool = True, rekey_share: float = 0.5):
         super().__init__(objective, k, seed)
         self.rekey_share = float(rekey_share)
         self._rekey_at = -10**9  # the guess re-drawn last
         self._rekey_mark = 0  # update queries when it was
         self.refine = bool(refine)
+        self.refine_singletons = int(refine_singletons)
         self.dormant_low_guesses = bool(dormant_low_guesses)
+        self.dormant_high_guesses = bool(dormant_high_guesses)
         self.routed: dict[int, int] = {}  # guess j -> live elements routed to it
         self._answer: tuple[np.ndarray, float] | None = None  # cached read-out, dropped on update
         self.readout_queries = 0
@@ -321,10 +338,12 @@ class DynamicSelector(Selector):
         self.rebuilds = np.zeros(k + 2, np.int64)  # rebuilds by the level they start from
         self.guess_lo = np.zeros(self.table.capacity, np.int32)  # instance range [lo, hi] per row
         self.guess_hi = np.full(self.table.capacity, -1, np.int32)
+        self.single = np.zeros(self.table.capacity)  # f({s}) per row
 
     def params(self) -> dict:
         return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine,
-                "dormant_low_guesses": self.dormant_low_guesses, "rekey_share": self.rekey_share}
+                "refine_singletons": self.refine_singletons, "dormant_low_guesses": self.dormant_low_guesses, "dormant_high_guesses": self.dormant_high_guesses,
+                "rekey_share": self.rekey_share}
 
     def _tau(self, j: np.ndarray | int):
         return np.power(1.0 + self.eps, j)
@@ -349,10 +368,13 @@ class DynamicSelector(Selector):
             extra = cap - len(self.guess_lo)
             self.guess_lo = np.concatenate([self.guess_lo, np.zeros(extra, np.int32)])
             self.guess_hi = np.concatenate([self.guess_hi, np.full(extra, -1, np.int32)])
+            self.single = np.concatenate([self.single, np.zeros(extra)])
             for inst in self.instances.values():
                 inst.ensure_capacity(cap)
         prof = self.table.profiles_of(rows)  # gathered once for every instance
-        lo, hi = self._guess_range(self.oracle.gains_of(*prof, np.zeros(self.oracle.n_columns, np.float32)))
+        single = self.oracle.gains_of(*prof, np.zeros(self.oracle.n_columns, np.float32))
+        self.single[rows] = single
+        lo, hi = self._guess_range(single)
         self.guess_lo[rows], self.guess_hi[rows] = lo, hi
         for j in self._guesses_of(lo, hi):
             mask = (lo <= j) & (j <= hi)
@@ -411,20 +433,31 @@ class DynamicSelector(Selector):
         return range(int(lo[routed].min()), int(hi.max()) + 1)
 
     def _refresh_guesses(self) -> None:
-        """Keep an instance for every guess tau_j >= b / (1+eps)^2, b the best value found; with
-        `dormant_low_guesses`, drop instances below b / (1+eps)^3 (hysteresis against flapping).
+        """Keep an instance for every guess that may carry the guarantee; with the dormant options,
+        none for guesses far from it on either side (hysteresis against flapping):
 
-        Why this is safe: b is the value of a feasible set, so OPT >= b and the guess that carries the
-        guarantee, tau* in [OPT, (1+eps) OPT), is always kept. Why it pays: guesses far below OPT fill
-        S with k barely-filtered elements and almost every element climbs all k levels there, so they
-        cost the most rebuild work while never holding the answer. The price: a guess woken up after b
-        falls is built from scratch (a key-order scan: up to |V_j| queries), so an adversary alternately inserting and
-        deleting one dominant element could force that every few updates."""
-        if not self.dormant_low_guesses:
-            wake = [j for j in self.routed if j not in self.instances]
-        else:
-            b = max((i.value() for i in self.instances.values()), default=0.0)
-            wake = [j for j in self.routed if j not in self.instances and self._tau(j) * (1 + self.eps) ** 2 >= b]
+        * low: keep tau_j >= b / (1+eps)^2, b the best value found; drop below b / (1+eps)^3.
+          b is the value of a feasible set, so OPT >= b and the guess that carries the guarantee,
+          tau* in [OPT, (1+eps) OPT), is always kept. Guesses far below OPT fill S with k
+          barely-filtered elements and almost every element climbs all k levels there.
+        * high: keep tau_j <= (1+eps) U, U an upper bound on OPT (`_opt_upper_bound`); drop above
+          (1+eps)^3 U (U moves with every batch: a narrower band woke and rebuilt guesses often).
+          tau* < (1+eps) OPT <= (1+eps) U, so it is kept. Guesses far above OPT never fill S, so
+          every rebuild there scans all of their members. Their solutions did feed the read-out
+          pool with high-gain elements; the pool's top singletons (`refine_singletons`) stand in.
+
+        The price: a guess woken up after b falls or U rises is built from scratch (a key-order
+        scan: up to |V_j| queries), so an adversary alternately inserting and deleting one dominant
+        element could force that every few updates."""
+        grow = 1 + self.eps
+        b = max((i.value() for i in self.instances.values()), default=0.0)
+        upper, _ = self._opt_upper_bound()
+
+        def wanted(j: int) -> bool:
+            tau = self._tau(j)
+            return (not self.dormant_low_guesses or tau * grow ** 2 >= b) and tau <= grow * upper
+
+        wake = [j for j in self.routed if j not in self.instances and wanted(j)]
         if wake:
             live = self.table.live
             for j in sorted(wake):
@@ -433,13 +466,36 @@ class DynamicSelector(Selector):
                 members = np.flatnonzero(live & (self.guess_lo[: len(live)] <= j) & (j <= self.guess_hi[: len(live)]))
                 self.rebuilds[1] += 1
                 inst.build(members)
-        if self.dormant_low_guesses and self.instances:
-            b = max(i.value() for i in self.instances.values())
-            # the instance holding b stays whatever its tau: dropping it would lower b and could put
-            # guesses below the wake line (tau (1+eps)^2 >= b) without an instance
-            for j in [j for j, inst in self.instances.items()
-                      if self._tau(j) * (1 + self.eps) ** 3 < b and inst.value() < b]:
+        if self.instances and (self.dormant_low_guesses or self.dormant_high_guesses):
+            # New instances can only raise b and lower U, so what was woken covers the new lines too.
+            # The instances holding b and U stay whatever their tau: dropping one would move its line
+            # and could leave a guess inside it without an instance.
+            holder_b = max(self.instances, key=lambda j: self.instances[j].value())
+            b = self.instances[holder_b].value()
+            upper, holder_u = self._opt_upper_bound()
+            for j in [j for j in self.instances if j not in (holder_b, holder_u) and (
+                    (self.dormant_low_guesses and self._tau(j) * grow ** 3 < b)
+                    or self._tau(j) > grow ** 3 * upper)]:
                 del self.instances[j]
+
+    def _opt_upper_bound(self) -> tuple[float, int | None]:
+        """(U, the guess whose instance gives it): U = min over certifying instances j of
+        f(S_j) + tau_j / 2, an upper bound on OPT; (inf, None) without one, or with
+        `dormant_high_guesses` off.
+
+        A non-full instance (top < k) has no member pickable at top + 1: every member's gain on S_j
+        is below thr_j = tau_j / (2k). So are the gains of elements routed below it (f({s}) <
+        thr_j). If no live element is routed only above j (guess_lo > j, i.e. f({s}) > tau_j), that
+        covers every element, and by submodularity OPT <= f(S_j) + sum_{o in OPT} f(o | S_j)
+        < f(S_j) + k thr_j. Such j certify the bound; the rest do not."""
+        live = self.table.live
+        routed = live & (self.guess_hi[: len(live)] >= self.guess_lo[: len(live)])
+        if not self.dormant_high_guesses or not routed.any():
+            return math.inf, None
+        highest_lo = int(self.guess_lo[: len(live)][routed].max())
+        bounds = [(inst.value() + inst.tau / 2, j) for j, inst in self.instances.items()
+                  if inst.top < self.k and j >= highest_lo]
+        return min(bounds, default=(math.inf, None))
 
     def _best(self) -> _Instance | None:
         if not self.instances:
@@ -457,13 +513,22 @@ class DynamicSelector(Selector):
                     before = self.oracle.queries
                     # the pool: every instance's solution, plus what survives of the last answer
                     kept = self._last_rows[self.table.live[self._last_rows]]
-                    pool = np.unique(np.concatenate([kept] + [i.solution_rows() for i in self.instances.values()]))
+                    pool = np.unique(np.concatenate([kept, self._top_singletons()]
+                                                    + [i.solution_rows() for i in self.instances.values()]))
                     rows, value = lazy_greedy(self.oracle, pool, self.k)
                     self.readout_queries += self.oracle.queries - before
                     if value > self._answer[1]:
                         self._answer = (rows, value)
             self._last_rows = self._answer[0]
         return self._answer
+
+    def _top_singletons(self) -> np.ndarray:
+        """The `refine_singletons` * k live rows of highest f({s}) (for the read-out pool)."""
+        live = self.table.live_rows()
+        m = min(self.refine_singletons * self.k, len(live))
+        if m == 0:
+            return np.empty(0, np.int64)
+        return live[np.argpartition(-self.single[live], m - 1)[:m]]
 
     def _solution_rows(self) -> np.ndarray:
         return self._read_out()[0]
@@ -507,6 +572,10 @@ class DynamicSelector(Selector):
         assert count == self.routed, "routed counts are stale"
         assert set(self.instances) <= set(count), "an instance without elements"
         best = max((i.value() for i in self.instances.values()), default=0.0)
-        must = {j for j in count if not self.dormant_low_guesses or self._tau(j) * (1 + self.eps) ** 2 >= best}
+        upper, _ = self._opt_upper_bound()
+        must = {j for j in count if (not self.dormant_low_guesses or self._tau(j) * (1 + self.eps) ** 2 >= best)
+                and self._tau(j) <= (1 + self.eps) * upper}
         assert must <= set(self.instances), f"guesses {sorted(must - set(self.instances))} lack an instance"
+        # the bound is a bound: no feasible set the instances know beats it
+        assert best <= upper * (1 + 1e-9), f"best value {best} above the certified upper bound {upper}"
         self.oracle.queries = before  # auditing is not the algorithm's work

@@ -1,4 +1,4 @@
-"""Compiled inner loops of the dynamic selector (numba), kept to the one that dominates its cost.
+"""Compiled inner loops of the dynamic selector (numba), kept to the few that dominate its cost.
 
 `scan_levels` is the rebuild scan of `_Instance._extend` (see dynamic.py): walk an instance's
 members in key order and make each one pickable at top + 1 the next u. In numpy it had to be
@@ -6,6 +6,9 @@ done in chunks (a chunk's gains at once, then back to Python), which evaluates m
 pick at the old top for nothing and pays numpy's per-call overhead and temporaries per chunk;
 at 10^5 elements it was about half of the selector's time. Here it is one pass: per member one
 gather of its m covered values, stopping as soon as S is full.
+
+`merge_by_key` merges a batch of new members (already in key order) into an instance's key order
+in one pass; `np.insert` at `searchsorted` positions took two passes and a sort per instance per batch.
 
 Compiled on first use and cached on disk (`cache=True`); `nogil=True` so a selector running on
 a thread of a service does not hold the interpreter while it scans.
@@ -64,9 +67,28 @@ def scan_levels(order_rows: np.ndarray, pos: int, fail_at: np.ndarray, clients: 
     return top, pos, queries
 
 
+@njit(cache=True, nogil=True)
+def merge_by_key(keys: np.ndarray, rows: np.ndarray, new_keys: np.ndarray,
+                 new_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two key-sorted (keys, rows) sequences into one; a new key equal to an old one goes first."""
+    n, m = keys.shape[0], new_keys.shape[0]
+    out_keys = np.empty(n + m, keys.dtype)
+    out_rows = np.empty(n + m, rows.dtype)
+    i = j = 0
+    for o in range(n + m):
+        if j < m and (i == n or new_keys[j] <= keys[i]):
+            out_keys[o], out_rows[o] = new_keys[j], new_rows[j]
+            j += 1
+        else:
+            out_keys[o], out_rows[o] = keys[i], rows[i]
+            i += 1
+    return out_keys, out_rows
+
+
 def warm_up() -> None:
     """Load (or compile) the kernels now with the argument types the selector passes, so the
     first real batch does not pay for it (about 0.5 s from the on-disk cache, seconds without)."""
     scan_levels(np.zeros(1, np.int64), 0, np.zeros(1, np.int16), np.zeros((1, 1), np.intp),
                 np.zeros((1, 1), np.float32), np.zeros(1, np.float32), np.zeros((2, 2), np.float32),
                 np.zeros(2), np.zeros(2, np.int64), 0, 1, 1.0)
+    merge_by_key(np.zeros(1), np.zeros(1, np.int64), np.zeros(1), np.zeros(1, np.int64))
