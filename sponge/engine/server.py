@@ -76,6 +76,8 @@ class MissingEmbeddings:
         return self._embedder
 
     def __call__(self, rows: pa.Table) -> pa.Table:
+        if rows.column("embedding").null_count == 0:
+            return rows   # the common case: the producer sent embeddings (no copy of the column)
         column = rows.column("embedding").combine_chunks()
         missing = pc.is_null(column).to_numpy(zero_copy_only=False)
         if not missing.any():
