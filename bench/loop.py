@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", type=int, default=100_000)
     parser.add_argument("--rows-per-message", type=int, default=256)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating (a)/(b) pairs; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating (a)/(b) pairs; the median is reported")
     parser.add_argument("--samples", type=int, default=200, help="replay-sample requests to time")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

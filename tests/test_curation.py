@@ -99,6 +99,20 @@ def test_explicit_removal_and_sampling(store):
         cur.sample(4, weighting="nope")
 
 
+def test_a_rollout_removed_while_queued_for_selection_stays_out(store):
+    cur = Curator(store, CurationConfig(k=10, n_references=64, retention_window=None))
+    write(store, cur, versions(100, 1)[0], 0)
+    queued = versions(100, 1, seed=9)[0]
+    queued = queued.set_column(0, "rollout_id", pc.binary_join_element_wise("late-", queued.column(0), ""))
+    w = store.write_segment(queued, topic="rollouts", partition=0, offsets=np.arange(100, 200, dtype=np.int64),
+                            first_offset=100, last_offset=199)   # stored; its curation batch still queued
+    gone = queued.column("rollout_id").to_pylist()[:30]
+    assert cur.remove(gone) == 30
+    cur.on_segment(w, queued)                                    # the queued batch arrives after the removal
+    assert cur.describe()["n_live"] == 170
+    assert not set(gone) & set(cur.subset_ids())
+
+
 def test_rebuild_from_store_reaches_the_same_value(store):
     cfg = CurationConfig(k=16, n_references=64, seed=1)
     cur = Curator(store, cfg)

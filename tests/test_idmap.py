@@ -37,3 +37,20 @@ def test_empty_inputs():
     assert ids.lookup(["x"])[0] == -1
     assert len(ids.assign(pa.array([], pa.string()), np.empty(0))[1]) == 0
     assert len(ids.strings(np.empty(0, np.int64))) == 0
+
+
+def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing():
+    from sponge.engine.idmap import RolloutIdSet
+
+    removed = RolloutIdSet()
+    removed.add(pa.array([f"r{i}" for i in range(0, 5000, 2)]))
+    removed.add([f"r{i}" for i in range(0, 100, 2)])        # again: no double entries
+    assert len(removed) == 2500
+    probe = pa.array([f"r{i}" for i in range(5000)])
+    np.testing.assert_array_equal(removed.contains(probe), np.arange(5000) % 2 == 0)
+    assert removed.contains(pa.array([], pa.string())).shape == (0,)
+    # Force two ids onto one first hash: both stay findable, a third with that h1 does not appear.
+    h1, h2 = removed._hash(pa.array(["x", "y", "z"]))
+    removed._h1 = np.insert(removed._h1, np.searchsorted(removed._h1, [h1[0], h1[0]]), [h1[0], h1[0]])
+    removed._h2 = np.insert(removed._h2, np.searchsorted(removed._h1, h1[0]), [h2[1], h2[0]])
+    assert removed._contains(np.array([h1[0], h1[0], h1[0]], np.uint64), h2).tolist() == [True, True, False]

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sponge.engine.idmap import RolloutIdMap
+from sponge.engine.idmap import RolloutIdMap, RolloutIdSet
 from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, load_params, save_params
 from sponge.selectors.process import HostedSelector, SelectorHost
 
@@ -107,7 +107,9 @@ class Curator:
         self._sample_cache: tuple[tuple, pa.Table] | None = None
         self.rebuild_seconds: float | None = None
         self.evicted_total = 0
-        self._removed_ids: set[str] = set()  # explicit removals (retention is caught by version)
+        # Explicit removals, kept out of the selector when rows queued before the removal arrive
+        # (or the id is ingested after it). Retention needs no such list: it is caught by version.
+        self._removed_ids = RolloutIdSet()
         self.partitions: set[int] | None = None          # shard mode: the partitions this process owns
         self._policy_mtime = 0.0
         self._merged_cache: tuple | None = None
@@ -150,10 +152,9 @@ class Curator:
         with self._lock:
             if rows.column("embedding").null_count:
                 rows = rows.filter(pc.is_valid(rows.column("embedding")))
-            if self._removed_ids:
+            if len(self._removed_ids):
                 # Removed while these rows waited in the curation queue: keep them out.
-                rows = rows.filter(pc.invert(pc.is_in(rows.column("rollout_id"),
-                                                      pa.array(list(self._removed_ids), pa.string()))))
+                rows = rows.filter(pa.array(~self._removed_ids.contains(rows.column("rollout_id"))))
             if rows.num_rows == 0:
                 return
             oldest = pc.min(rows.column("policy_version")).as_py()
@@ -286,7 +287,7 @@ class Curator:
         with self._lock:
             live = self._count_live(rollout_ids)
             self.store.delete(rollout_ids, reason=reason)
-            self._removed_ids.update(rollout_ids)
+            self._removed_ids.add(rollout_ids)
             self._forget(rollout_ids)
             self._changed(force=True)
         return live

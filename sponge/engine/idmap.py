@@ -37,9 +37,7 @@ class RolloutIdMap:
         return int(self.alive.sum())
 
     def _hash(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        table = pa.table({"id": ids})
-        out = self._hasher.from_arrow(table).select("hash(id) AS h1, hash(concat('sponge:', id)) AS h2").fetchnumpy()
-        return np.asarray(out["h1"], np.uint64), np.asarray(out["h2"], np.uint64)
+        return _hash_pairs(self._hasher, ids)
 
     def lookup(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """The int id of each string, -1 where it was never assigned."""
@@ -94,6 +92,60 @@ class RolloutIdMap:
 
     def close(self) -> None:
         self._hasher.close()
+
+
+class RolloutIdSet:
+    """A set of rollout ids as sorted hash pairs (16 bytes an id; a Python set of str costs ~100)."""
+
+    def __init__(self) -> None:
+        self._hasher = duckdb.connect(":memory:")
+        self._h1 = np.empty(0, np.uint64)   # sorted by h1 ...
+        self._h2 = np.empty(0, np.uint64)   # ... with each id's second hash
+
+    def __len__(self) -> int:
+        return len(self._h1)
+
+    def _hash(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        return _hash_pairs(self._hasher, ids)
+
+    def add(self, ids) -> None:
+        ids = _as_array(ids)
+        if len(ids) == 0:
+            return
+        h1, h2 = self._hash(ids)
+        new = ~self._contains(h1, h2)
+        order = np.argsort(h1[new], kind="stable")
+        at = np.searchsorted(self._h1, h1[new][order])
+        self._h1 = np.insert(self._h1, at, h1[new][order])
+        self._h2 = np.insert(self._h2, at, h2[new][order])
+
+    def contains(self, ids) -> np.ndarray:
+        """A mask: which of `ids` are in the set."""
+        ids = _as_array(ids)
+        if len(ids) == 0 or len(self._h1) == 0:
+            return np.zeros(len(ids), bool)
+        return self._contains(*self._hash(ids))
+
+    def _contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        if len(self._h1) == 0:
+            return np.zeros(len(h1), bool)
+        # every entry with an equal h1 (a collision of the first hash alone must not hide an id)
+        lo, hi = np.searchsorted(self._h1, h1, "left"), np.searchsorted(self._h1, h1, "right")
+        found = np.zeros(len(h1), bool)
+        for shift in range(int((hi - lo).max(initial=0))):   # almost always 0 or 1 rounds
+            at = np.minimum(lo + shift, len(self._h1) - 1)
+            found |= (lo + shift < hi) & (self._h2[at] == h2)
+        return found
+
+    def close(self) -> None:
+        self._hasher.close()
+
+
+def _hash_pairs(conn: duckdb.DuckDBPyConnection, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes of each string (DuckDB's `hash`, vectorised)."""
+    out = conn.from_arrow(pa.table({"id": ids})).select(
+        "hash(id) AS h1, hash(concat('sponge:', id)) AS h2").fetchnumpy()
+    return np.asarray(out["h1"], np.uint64), np.asarray(out["h2"], np.uint64)
 
 
 def _as_array(ids) -> pa.Array:
