@@ -163,10 +163,10 @@ class CurationServer:
             # see one vanish. compact() holds it only while files change, not while it searches.
             result = self.store.compact(guard=self.curator.lock if self.curator is not None else None)
         except Exception as exc:  # noqa: BLE001 - disk housekeeping must never stop ingest
-            ingest._event(logging.ERROR, "compaction failed; will retry", error=repr(exc))
+            ingest.log_event(logging.ERROR, "compaction failed; will retry", error=repr(exc))
             return
         if result.segments_rewritten or result.segments_removed:
-            ingest._event(logging.INFO, "compacted", seconds=round(time.monotonic() - t0, 3),
+            ingest.log_event(logging.INFO, "compacted", seconds=round(time.monotonic() - t0, 3),
                           rows_removed=result.rows_removed, segments_rewritten=result.segments_rewritten,
                           segments_removed=result.segments_removed,
                           bytes_freed=result.bytes_before - result.bytes_after)
@@ -178,7 +178,7 @@ class CurationServer:
         """Shard mode: after a rebalance, finish queued work, then rebuild over the owned partitions."""
         self.worker.drain()
         seconds = self.curator.set_partitions(partitions)
-        ingest._event(logging.INFO, "shard selector rebuilt", shard=self.config.curation.shard,
+        ingest.log_event(logging.INFO, "shard selector rebuilt", shard=self.config.curation.shard,
                       partitions=sorted(partitions), seconds=round(seconds, 3))
 
     def _curator_health(self, healthy: bool) -> None:
@@ -193,10 +193,10 @@ class CurationServer:
 
     def start(self) -> CurationServer:
         self.http.start()
-        ingest._event(logging.INFO, "http", url=self.http.url)
+        ingest.log_event(logging.INFO, "http", url=self.http.url)
         if self.curator is not None:
             seconds = self.curator.rebuild()
-            ingest._event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
+            ingest.log_event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
                           rollouts=self.curator.describe()["n_live"])
             self.worker.start()
         self.ingest.start()
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def _stop(signum, _frame):
-        ingest._event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
+        ingest.log_event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)

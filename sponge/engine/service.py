@@ -186,7 +186,8 @@ def configure_json_logging(level: str = "INFO", stream=None) -> None:
     root.propagate = False
 
 
-def _event(level: int, event: str, **fields) -> None:
+def log_event(level: int, event: str, **fields) -> None:
+    """One structured log line: `event` with `fields` (JSON lines under configure_json_logging)."""
     log.log(level, event, extra={"fields": fields})
 
 
@@ -284,7 +285,7 @@ class IngestService:
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, fetch_max_bytes=cfg.fetch_max_bytes,
             max_poll_records=cfg.max_poll_records, **cfg.kafka)
-        _event(logging.INFO, "started", topic=cfg.topic, group=cfg.group_id, store=str(cfg.store_path),
+        log_event(logging.INFO, "started", topic=cfg.topic, group=cfg.group_id, store=str(cfg.store_path),
                bootstrap=cfg.bootstrap_servers)
         return self
 
@@ -315,7 +316,7 @@ class IngestService:
             if self._admin is not None:
                 self._admin.close()
             self._consumer = self._producer = self._dlq = self._admin = None
-            _event(logging.INFO, "stopped", **dataclasses.asdict(self.totals))
+            log_event(logging.INFO, "stopped", **dataclasses.asdict(self.totals))
 
     def __enter__(self) -> "IngestService":
         return self.start()
@@ -379,10 +380,10 @@ class IngestService:
         except (KafkaError, OSError):
             return  # broker unreachable right now: check again later
         except Exception as exc:  # noqa: BLE001 - a failing check must never stop ingest
-            _event(logging.WARNING, "broker-reset check failed", error=repr(exc))
+            log_event(logging.WARNING, "broker-reset check failed", error=repr(exc))
             return
         if forgotten:
-            _event(logging.WARNING, "broker lost this group's offsets (restarted empty?); re-reading from the start",
+            log_event(logging.WARNING, "broker lost this group's offsets (restarted empty?); re-reading from the start",
                    partitions=[f"{tp.topic}/{tp.partition}" for tp in forgotten])
             for tp in forgotten:
                 self._last_commits.pop(tp, None)
@@ -468,7 +469,7 @@ class IngestService:
             first_rule.setdefault(v.row, v.rule)
         for rule in first_rule.values():
             self.metrics.rejected.labels(reason=rule).inc()
-        _event(logging.WARNING, "dead letter", topic=rec.topic, partition=rec.partition, offset=rec.offset,
+        log_event(logging.WARNING, "dead letter", topic=rec.topic, partition=rec.partition, offset=rec.offset,
                reason=letter.reason()[:5], violations=len(violations))
 
     def _should_flush(self) -> bool:
@@ -546,7 +547,7 @@ class IngestService:
         self.totals.flushes += 1
         self.metrics.flush_seconds.observe(elapsed)
         self.metrics.buffered.set(sum(b.rows for b in self._buffers.values()))
-        _event(logging.INFO, "flushed", seconds=round(elapsed, 4),
+        log_event(logging.INFO, "flushed", seconds=round(elapsed, 4),
                rows=sum(w.rows_written for w, _ in writes),
                duplicates=sum(w.rows_skipped_duplicate for w, _ in writes),
                dead_letters=sum(len(b.letters) for b in buffers.values()),
@@ -572,7 +573,7 @@ class IngestService:
             # replays from the last commit and the store drops the duplicates.
             for tp, offset in commits.items():
                 self._failed_commits[tp] = max(offset, self._failed_commits.get(tp, 0))
-            _event(logging.WARNING, "commit failed; will retry", error=str(exc))
+            log_event(logging.WARNING, "commit failed; will retry", error=str(exc))
 
     def _retry_failed_commits(self) -> None:
         if not self._failed_commits:
@@ -584,11 +585,11 @@ class IngestService:
             self._commit(dict(self._failed_commits))
 
     def _on_revoke(self, partitions: list) -> None:
-        _event(logging.INFO, "partitions revoked", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
+        log_event(logging.INFO, "partitions revoked", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
         self.flush()
 
     def _on_assign(self, partitions: list) -> None:
-        _event(logging.INFO, "partitions assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
+        log_event(logging.INFO, "partitions assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
         if self.on_assign is not None:
             self.on_assign({tp.partition for tp in partitions if tp.topic == self.config.topic})
 
@@ -640,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def _stop(signum, _frame):
-        _event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
+        log_event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -648,7 +649,7 @@ def run(args: argparse.Namespace) -> int:
     service = IngestService(config)
     if config.metrics_port:
         port = service.metrics.serve(config.metrics_port)
-        _event(logging.INFO, "metrics", url=f"http://127.0.0.1:{port}/metrics")
+        log_event(logging.INFO, "metrics", url=f"http://127.0.0.1:{port}/metrics")
     try:
         totals = service.run(stop)
     finally:
