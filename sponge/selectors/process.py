@@ -99,6 +99,9 @@ class _VectorRing:
         """The child's side: a private copy of what `put` wrote at offset; the space is free again."""
         count = int(np.prod(shape))
         array = np.frombuffer(self.buffer, np.dtype(dtype), count, self.HEADER + offset).reshape(shape).copy()
+        # Published after the copy in program order; x86 keeps loads before a later store. (A
+        # weakly ordered CPU could in principle let the parent overwrite before the copy's last
+        # loads land; nothing here has run on one.)
         np.frombuffer(self.buffer, np.uint64, 1, 0)[0] = end
         return array
 
