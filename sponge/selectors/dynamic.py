@@ -342,8 +342,8 @@ class DynamicSelector(Selector):
 
     def params(self) -> dict:
         return {"k": self.k, "eps": self.eps, "seed": self.seed, "refine": self.refine,
-                "refine_singletons": self.refine_singletons, "dormant_low_guesses": self.dormant_low_guesses, "dormant_high_guesses": self.dormant_high_guesses,
-                "rekey_share": self.rekey_share}
+                "refine_singletons": self.refine_singletons, "dormant_low_guesses": self.dormant_low_guesses,
+                "dormant_high_guesses": self.dormant_high_guesses, "rekey_share": self.rekey_share}
 
     def _tau(self, j: np.ndarray | int):
         return np.power(1.0 + self.eps, j)
