@@ -54,3 +54,16 @@ def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing()
     removed._h1 = np.insert(removed._h1, np.searchsorted(removed._h1, [h1[0], h1[0]]), [h1[0], h1[0]])
     removed._h2 = np.insert(removed._h2, np.searchsorted(removed._h1, h1[0]), [h2[1], h2[0]])
     assert removed._contains(np.array([h1[0], h1[0], h1[0]], np.uint64), h2).tolist() == [True, True, False]
+
+
+def test_forgotten_ids_are_compacted_away_and_live_ones_keep_their_ints():
+    ids = RolloutIdMap(compact_min=10)
+    _, ints = ids.assign(pa.array([f"r{i}" for i in range(100)]), np.zeros(100, np.int64))
+    ids.forget(ints[:80])                                   # 80 dead > 20 live: compacted
+    assert len(ids._h1) == 20
+    assert ids.lookup(pa.array(["r85", "r5"])).tolist() == [85, -1]
+    assert ids.strings(np.array([85, 99])).to_pylist() == ["r85", "r99"]
+    assert ids.strings(np.array([5])).to_pylist() == [None]
+    new, more = ids.assign(pa.array(["r90", "x"]), np.ones(2, np.int64))
+    assert new.tolist() == [False, True] and more.tolist() == [100]
+    assert ids.strings(np.array([100])).to_pylist() == ["x"] and len(ids) == 21

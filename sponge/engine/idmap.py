@@ -16,12 +16,19 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class RolloutIdMap:
-    """rollout_id <-> int64 for one selector's lifetime (a new selector starts a new map)."""
+    """rollout_id <-> int64 for one selector's lifetime (a new selector starts a new map).
 
-    def __init__(self) -> None:
+    Forgotten ids are dropped from the hash pairs and their strings freed once they outnumber the
+    live ones (and `compact_min`): a long-running service forgets millions. After that a forgotten
+    id looks unknown to `lookup`/`assign`, and `strings` gives None for its int; per-int `alive`
+    and `version` stay (9 B an int)."""
+
+    def __init__(self, compact_min: int = 65_536) -> None:
+        self.compact_min = compact_min
         self._hasher = duckdb.connect(":memory:")   # this map's own: connections are not thread-safe
         self._chunks: list[pa.Array] = []           # the strings, in int id order
         self._strings: pa.ChunkedArray | None = None
@@ -89,6 +96,16 @@ class RolloutIdMap:
 
     def forget(self, ints: np.ndarray) -> None:
         self.alive[np.asarray(ints, np.int64)] = False
+        live = int(self.alive.sum())
+        if len(self._h1) - live > max(self.compact_min, live):
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = self.alive[self._int]
+        self._h1, self._h2, self._int = self._h1[keep], self._h2[keep], self._int[keep]
+        strings = pa.chunked_array(self._chunks, pa.string()).combine_chunks()
+        self._chunks = [pc.if_else(pa.array(self.alive), strings, pa.scalar(None, pa.string()))]
+        self._strings = None
 
     def close(self) -> None:
         self._hasher.close()
