@@ -45,6 +45,7 @@ def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing()
     removed = RolloutIdSet()
     removed.add(pa.array([f"r{i}" for i in range(0, 5000, 2)]))
     removed.add([f"r{i}" for i in range(0, 100, 2)])        # again: no double entries
+    removed.add(["r0", "r0"])                                # nor within one batch
     assert len(removed) == 2500
     probe = pa.array([f"r{i}" for i in range(5000)])
     np.testing.assert_array_equal(removed.contains(probe), np.arange(5000) % 2 == 0)

@@ -131,10 +131,10 @@ class RolloutIdSet:
             return
         h1, h2 = self._hash(ids)
         new = ~self._contains(h1, h2)
-        order = np.argsort(h1[new], kind="stable")
-        at = np.searchsorted(self._h1, h1[new][order])
-        self._h1 = np.insert(self._h1, at, h1[new][order])
-        self._h2 = np.insert(self._h2, at, h2[new][order])
+        pairs = np.unique(np.stack([h1[new], h2[new]], axis=1), axis=0)   # sorted by h1; repeats once
+        at = np.searchsorted(self._h1, pairs[:, 0])
+        self._h1 = np.insert(self._h1, at, pairs[:, 0])
+        self._h2 = np.insert(self._h2, at, pairs[:, 1])
 
     def contains(self, ids) -> np.ndarray:
         """A mask: which of `ids` are in the set."""
