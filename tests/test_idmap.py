@@ -20,15 +20,17 @@ def test_ids_round_trip_in_batches_and_unknown_ones_are_minus_one():
     probe = pa.array(["s-17", "nope", "r-4999", "t-1", "r-0", ""])
     np.testing.assert_array_equal(ids.lookup(probe), [5017, -1, 4999, 8001, 0, -1])
     assert ids.strings(np.array([8001, 0, 5017])).to_pylist() == ["t-1", "r-0", "s-17"]
-    assert ids.version[5017] == 7 and ids.version[17] == 0
+    assert ids.versions(np.array([5017, 17])).tolist() == [7, 0]
     assert len(ids) == 8002
     ids.forget(np.array([0, 5017]))
-    assert len(ids) == 8000 and not ids.alive[0] and ids.alive[1]
+    assert len(ids) == 8000 and ids.is_alive(np.array([0, 1, 5017, 8002, -1])).tolist() == [False, True, False, False, False]
+    ids.forget(np.array([0, 0]))                        # twice: no effect
+    assert len(ids) == 8000
     assert ids.lookup(["r-0"])[0] == 0                 # forgotten ids keep their number (no reuse)
     again, more = ids.assign(pa.array(["r-3", "u-0", "s-5", "u-1"]), np.array([1, 2, 3, 4]))
     np.testing.assert_array_equal(again, [False, True, False, True])   # known ids get no second number
     np.testing.assert_array_equal(more, [8002, 8003])
-    assert ids.strings(more).to_pylist() == ["u-0", "u-1"] and list(ids.version[more]) == [2, 4]
+    assert ids.strings(more).to_pylist() == ["u-0", "u-1"] and ids.versions(more).tolist() == [2, 4]
 
 
 def test_empty_inputs():
@@ -68,3 +70,19 @@ def test_forgotten_ids_are_compacted_away_and_live_ones_keep_their_ints():
     new, more = ids.assign(pa.array(["r90", "x"]), np.ones(2, np.int64))
     assert new.tolist() == [False, True] and more.tolist() == [100]
     assert ids.strings(np.array([100])).to_pylist() == ["x"] and len(ids) == 21
+
+
+def test_compaction_cuts_off_the_forgotten_prefix_so_the_map_follows_the_live_span():
+    ids = RolloutIdMap(compact_min=100)
+    for step in range(50):                                  # a retention window of 3 batches of 100
+        ids.assign(pa.array([f"b{step}-{i}" for i in range(100)]), np.full(100, step))
+        ids.forget(ids.live_below(step - 2))
+        assert len(ids) == min(step + 1, 3) * 100
+    assert ids.next_int == 5000 and ids.live_below(10**9).min() == 4700
+    assert len(ids._alive) <= 700 and len(ids._h1) <= 700   # not 5000: bounded by the window
+    assert ids.strings(np.array([4999, 4700, 12])).to_pylist() == ["b49-99", "b47-0", None]
+    assert ids.is_alive(np.array([12, 4700])).tolist() == [False, True]
+    assert ids.lookup(pa.array(["b49-5", "b0-5"])).tolist() == [4905, -1]
+    ids.forget(ids.live_below(10**9))                       # everything: compacts to nothing
+    _, more = ids.assign(pa.array(["late"]), np.array([60]))
+    assert more.tolist() == [5000] and ids.strings(more).to_pylist() == ["late"] and len(ids) == 1

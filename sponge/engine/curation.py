@@ -303,7 +303,7 @@ class Curator:
         self._forget_ints(ints[ints >= 0])
 
     def _forget_ints(self, ints: np.ndarray) -> None:
-        ints = ints[self._ids.alive[ints]]
+        ints = ints[self._ids.is_alive(ints)]
         if len(ints) and self.selector is not None:
             self._ids.forget(ints)
             self.selector.delete(ints)
@@ -331,7 +331,7 @@ class Curator:
             self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
         # What this selector holds below the cutoff: the store's stale rows, and any that another
         # shard already tombstoned.
-        stale_here = np.flatnonzero(self._ids.alive & (self._ids.version < cutoff))
+        stale_here = self._ids.live_below(cutoff)
         if not len(stale_ids) and not len(stale_here):
             return 0
         self._forget_ints(stale_here)

@@ -22,32 +22,39 @@ import pyarrow.compute as pc
 class RolloutIdMap:
     """rollout_id <-> int64 for one selector's lifetime (a new selector starts a new map).
 
-    Forgotten ids are dropped from the hash pairs and their strings freed once they outnumber the
-    live ones (and `compact_min`): a long-running service forgets millions. After that a forgotten
-    id looks unknown to `lookup`/`assign`, and `strings` gives None for its int; per-int `alive`
-    and `version` stay (9 B an int)."""
+    A long-running service forgets millions of ids (retention evicts them), so forgotten ones are
+    compacted away once they outnumber the live ones (and `compact_min`): their hash pairs are
+    dropped, their strings freed, and the per-int facts (alive, version) of the forgotten ints below
+    the oldest live one are cut off. After that a forgotten id looks unknown to `lookup`/`assign`
+    and `strings` gives None for its int. Ints are never reused, so the map's size follows the live
+    ints' span: bounded when retention evicts in arrival order, as it does."""
 
     def __init__(self, compact_min: int = 65_536) -> None:
         self.compact_min = compact_min
         self._hasher = duckdb.connect(":memory:")   # this map's own: connections are not thread-safe
-        self._chunks: list[pa.Array] = []           # the strings, in int id order
+        self._chunks: list[pa.Array] = []           # the strings of ints _base, _base + 1, ...
         self._strings: pa.ChunkedArray | None = None
         self._h1 = np.empty(0, np.uint64)           # sorted by h1 ...
         self._h2 = np.empty(0, np.uint64)
         self._int = np.empty(0, np.int64)           # ... with each hash pair's int id
-        #: per int id: still in the selector
-        self.alive = np.empty(0, bool)
-        #: per int id: the rollout's policy_version (for eviction by version without a store query)
-        self.version = np.empty(0, np.int64)
+        self._base = 0                              # every int below this one is forgotten
+        self._alive = np.empty(0, bool)             # per int from _base: still in the selector
+        self._version = np.empty(0, np.int64)       # per int from _base: the rollout's policy_version
+        self._live = 0
 
     def __len__(self) -> int:
-        return int(self.alive.sum())
+        return self._live
+
+    @property
+    def next_int(self) -> int:
+        """The int the next new id gets."""
+        return self._base + len(self._alive)
 
     def _hash(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         return _hash_pairs(self._hasher, ids)
 
     def lookup(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        """The int id of each string, -1 where it was never assigned."""
+        """The int id of each string, -1 where it was never assigned (or forgotten and compacted)."""
         ids = _as_array(ids)
         if len(ids) == 0:
             return np.full(0, -1, np.int64)
@@ -65,7 +72,7 @@ class RolloutIdMap:
     def assign(self, ids: pa.Array | pa.ChunkedArray, versions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Int ids for the strings not assigned before: (mask of those, their new consecutive ints)."""
         ids = _as_array(ids)
-        first = len(self.alive)
+        first = self.next_int
         if len(ids) == 0:
             return np.zeros(0, bool), np.arange(first, first, dtype=np.int64)
         h1, h2 = self._hash(ids)
@@ -82,30 +89,54 @@ class RolloutIdMap:
         self._int = np.insert(self._int, at, ints[order])
         self._chunks.append(ids)
         self._strings = None
-        self.alive = np.concatenate([self.alive, np.ones(len(ids), bool)])
-        self.version = np.concatenate([self.version, np.asarray(versions, np.int64)])
+        self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
+        self._version = np.concatenate([self._version, np.asarray(versions, np.int64)])
+        self._live += len(ids)
         return new, ints
 
+    def is_alive(self, ints: np.ndarray) -> np.ndarray:
+        """A mask: which of `ints` are assigned and not forgotten."""
+        at = np.asarray(ints, np.int64) - self._base
+        inside = (at >= 0) & (at < len(self._alive))
+        out = np.zeros(len(at), bool)
+        out[inside] = self._alive[at[inside]]
+        return out
+
+    def versions(self, ints: np.ndarray) -> np.ndarray:
+        """The policy_version of each int (which must not be compacted away)."""
+        return self._version[np.asarray(ints, np.int64) - self._base]
+
+    def live_below(self, version: int) -> np.ndarray:
+        """The live ints whose policy_version is below `version` (retention's victims)."""
+        return np.flatnonzero(self._alive & (self._version < version)) + self._base
+
     def strings(self, ints: np.ndarray) -> pa.Array:
-        """The rollout_id of each int id."""
-        if self._strings is None:
-            self._strings = pa.chunked_array(self._chunks, pa.string())
+        """The rollout_id of each int id (None for one compacted away)."""
         if len(ints) == 0:
             return pa.array([], pa.string())
-        return self._strings.take(pa.array(np.asarray(ints, np.int64))).combine_chunks()
+        if self._strings is None:
+            self._strings = pa.chunked_array(self._chunks, pa.string())
+        at = np.asarray(ints, np.int64) - self._base
+        return self._strings.take(pa.array(at, mask=at < 0)).combine_chunks()
 
     def forget(self, ints: np.ndarray) -> None:
-        self.alive[np.asarray(ints, np.int64)] = False
-        live = int(self.alive.sum())
-        if len(self._h1) - live > max(self.compact_min, live):
+        """Mark ints as gone from the selector (ones already forgotten are ignored)."""
+        ints = np.unique(np.asarray(ints, np.int64))
+        ints = ints[self.is_alive(ints)]
+        self._alive[ints - self._base] = False
+        self._live -= len(ints)
+        if len(self._h1) - self._live > max(self.compact_min, self._live):
             self._compact()
 
     def _compact(self) -> None:
-        keep = self.alive[self._int]
+        keep = self.is_alive(self._int)
         self._h1, self._h2, self._int = self._h1[keep], self._h2[keep], self._int[keep]
-        strings = pa.chunked_array(self._chunks, pa.string()).combine_chunks()
-        self._chunks = [pc.if_else(pa.array(self.alive), strings, pa.scalar(None, pa.string()))]
+        cut = int(np.argmax(self._alive)) if self._live else len(self._alive)   # the oldest live int
+        alive = self._alive[cut:]
+        strings = pa.chunked_array(self._chunks, pa.string()).slice(cut).combine_chunks()
+        self._chunks = [pc.if_else(pa.array(alive), strings, pa.scalar(None, pa.string()))]
         self._strings = None
+        self._alive, self._version, self._base = alive.copy(), self._version[cut:].copy(), self._base + cut
 
     def close(self) -> None:
         self._hasher.close()
