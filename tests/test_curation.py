@@ -9,15 +9,16 @@ import pytest
 
 from sponge.engine.curation import CurationConfig, Curator, _group_has_signal, embedding_matrix
 from sponge.engine.shards import greedy_subset
-from sponge.engine.store import RolloutStore
+from sponge.engine.store import RolloutStore, SegmentWrite
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 
-def write(store: RolloutStore, curator: Curator, rows: pa.Table, first: int) -> None:
+def write(store: RolloutStore, curator: Curator, rows: pa.Table, first: int) -> SegmentWrite:
     offsets = np.arange(first, first + rows.num_rows, dtype=np.int64)
     w = store.write_segment(rows, topic="rollouts", partition=0, offsets=offsets,
                             first_offset=first, last_offset=first + rows.num_rows - 1)
     curator.on_segment(w, rows.filter(pc.is_in(rows.column("rollout_id"), w.new_ids)))
+    return w
 
 
 def versions(n_per: int, n_versions: int, seed: int = 0) -> list[pa.Table]:
@@ -156,6 +157,16 @@ def test_rows_arriving_outside_the_window_are_evicted_at_once(store):
     cur = Curator(store, CurationConfig(k=8, n_references=32, retention_window=1))
     cur.report_policy_version(5)
     old = synthetic_rollouts(40, seed=1, id_prefix="late", config=SyntheticConfig(policy_version=2))
-    write(store, cur, old, 0)
+    assert write(store, cur, old, 0).rows_skipped_retired == 40   # the store refuses retired versions
     assert store.count() == 0 and cur.describe()["n_live"] == 0
-    assert cur.describe()["evicted_total"] == 40
+    current = synthetic_rollouts(40, seed=2, id_prefix="now", config=SyntheticConfig(policy_version=5))
+    write(store, cur, current, 40)
+    assert cur.describe()["n_live"] == 40
+    # Rows already durable when their version retires, handed to the curator after: evicted there.
+    older = synthetic_rollouts(40, seed=3, id_prefix="older", config=SyntheticConfig(policy_version=5))
+    offsets = np.arange(100, 140, dtype=np.int64)
+    w = store.write_segment(older, topic="rollouts", partition=0, offsets=offsets, first_offset=100, last_offset=139)
+    assert cur.report_policy_version(7) == 80 and cur.describe()["n_live"] == 0
+    cur.on_segment(w, older)
+    assert store.count() == 0 and cur.describe()["n_live"] == 0
+    assert cur.describe()["evicted_total"] == 80

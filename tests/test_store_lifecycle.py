@@ -273,3 +273,42 @@ def test_a_write_failing_after_its_first_policy_version_file_is_retried_exactly_
     assert (retry.rows_written, retry.rows_skipped_duplicate) == (10, 10)
     ids = store.rollout_ids().to_pylist()
     assert len(ids) == len(set(ids)) == 20
+
+
+def test_retention_retires_whole_versions_with_one_mark_and_forgets_their_ids(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(120, dim=DIM, policy_versions=(0, 1, 2, 3))
+    write(store, table, first=0)
+    versions = np.array(table.column("policy_version").to_pylist())
+    ids = table.column("rollout_id").to_pylist()
+    assert store.retired_below is None
+    assert store.retire_below(2) == int((versions < 2).sum())
+    assert store.retire_below(1) == 0 and store.retired_below == 2      # the mark only rises
+    assert store.count() == int((versions >= 2).sum())
+    assert store.sql("SELECT min(policy_version) FROM rollouts").column(0)[0].as_py() == 2
+    assert store.sql("SELECT count(*) FROM tombstones").column(0)[0].as_py() == 0   # no per-id tombstones
+    assert store.stats()["retired_below"] == 2
+    # Another store object on the root (another process) sees the mark and refuses retired rows,
+    # also on a replay of the very range that brought them.
+    other = RolloutStore(tmp_path, embedding_dim=DIM)
+    assert other.count() == store.count()
+    again = write(other, table, first=0)
+    assert (again.rows_written, again.rows_skipped_retired) == (0, int((versions < 2).sum()))
+    late = make_rollouts(10, dim=DIM, policy_versions=(1, 4), id_prefix="late")
+    result = write(store, late, first=500)
+    late_versions = np.array(late.column("policy_version").to_pylist())
+    assert result.rows_skipped_retired == int((late_versions < 2).sum())
+    assert result.rows_written == int((late_versions >= 2).sum())
+    # Compaction deletes the retired directories whole; the index no longer holds their ids.
+    held_before = len(store._index)
+    compacted = store.compact()
+    assert compacted.segments_removed == 2 and compacted.rows_removed == int((versions < 2).sum())
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [
+        "policy_version=2", "policy_version=3", "policy_version=4"]
+    assert len(store._index) == held_before == store.count()
+    assert set(ids_in_files(tmp_path)) == set(store.rollout_ids().to_pylist())
+    # Reopening keeps the mark.
+    reopened = RolloutStore.open(tmp_path)
+    assert reopened.retired_below == 2 and reopened.count() == store.count()
+    assert write(reopened, table.filter(pa.array(versions < 2)), first=0).rows_written == 0
+    assert not {i for i, v in zip(ids, versions) if v < 2} & set(reopened.rollout_ids().to_pylist())

@@ -5,8 +5,9 @@ The `Curator` sits between the store and a selector from `sponge.selectors`:
 - every newly stored rollout goes into the selector (embedding + a quality bonus for rollouts
   whose GRPO group has non-zero reward variance, the only groups that carry a learning signal);
 - deletions reach the selector from retention (policy_version older than current − window, applied
-  when the trainer reports its version) and explicit removal; compaction only rewrites segments
-  without rows that are already tombstoned, so it never changes the live set;
+  when the trainer reports its version: the store retires those versions whole) and explicit
+  removal; compaction only drops rows that are already retired or tombstoned, so it never changes
+  the live set;
 - the current subset is persisted as a store snapshot (`replay_subset` view) with its objective
   value and a selection version that bumps whenever the subset changes;
 - replay samples are drawn from the subset with a weight column that travels with the rows.
@@ -325,19 +326,16 @@ class Curator:
         cutoff = self._cutoff()
         if cutoff is None or cutoff <= 0:
             return 0
-        stale_ids = self.store.connect().sql(
-            f"SELECT rollout_id FROM rollouts WHERE policy_version < {int(cutoff)}").to_arrow_table().column(0)
-        if len(stale_ids):
-            self.store.delete(stale_ids, reason=f"retention: policy_version < {cutoff}")
-        # What this selector holds below the cutoff: the store's stale rows, and any that another
-        # shard already tombstoned.
+        retired = self.store.retire_below(cutoff)
+        # What this selector holds below the cutoff: the store's rows just retired, and any that
+        # another shard retired first.
         stale_here = self._ids.live_below(cutoff)
-        if not len(stale_ids) and not len(stale_here):
+        if not retired and not len(stale_here):
             return 0
         self._forget_ints(stale_here)
         self._changed(force=True)
-        self.evicted_total += len(stale_ids)
-        return len(stale_ids)
+        self.evicted_total += retired
+        return retired
 
     def _follow_shared_policy_version(self) -> None:
         """Shards share the store, so a version reported to any of them is seen by all."""

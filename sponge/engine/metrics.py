@@ -18,6 +18,8 @@ class IngestMetrics:
                                 registry=r)
         self.duplicates = Counter("sponge_ingest_duplicate_rollouts",
                                   "Rollouts skipped because the store already had their rollout_id", registry=r)
+        self.retired = Counter("sponge_ingest_retired_rollouts",
+                               "Rollouts refused because retention had retired their policy version", registry=r)
         self.rejected = Counter("sponge_ingest_rejected_rollouts",
                                 "Rollouts rejected (dead-lettered), by the rule they broke", ["reason"], registry=r)
         self.rejected_messages = Counter("sponge_ingest_rejected_messages",

@@ -200,6 +200,8 @@ class IngestTotals:
     messages: int = 0
     ingested: int = 0
     duplicates: int = 0
+    #: rollouts refused because retention had already retired their policy version
+    retired: int = 0
     rejected_rows: int = 0
     dead_letters: int = 0
     segments: int = 0
@@ -540,9 +542,11 @@ class IngestService:
         for write, _ in writes:
             self.totals.ingested += write.rows_written
             self.totals.duplicates += write.rows_skipped_duplicate
+            self.totals.retired += write.rows_skipped_retired
             self.totals.segments += len(write.paths)
             self.metrics.ingested.inc(write.rows_written)
             self.metrics.duplicates.inc(write.rows_skipped_duplicate)
+            self.metrics.retired.inc(write.rows_skipped_retired)
             self.metrics.segments.inc(len(write.paths))
         self.totals.flushes += 1
         self.metrics.flush_seconds.observe(elapsed)
@@ -550,6 +554,7 @@ class IngestService:
         log_event(logging.INFO, "flushed", seconds=round(elapsed, 4),
                rows=sum(w.rows_written for w, _ in writes),
                duplicates=sum(w.rows_skipped_duplicate for w, _ in writes),
+               retired=sum(w.rows_skipped_retired for w, _ in writes),
                dead_letters=sum(len(b.letters) for b in buffers.values()),
                commits={f"{tp.topic}/{tp.partition}": o for tp, o in commits.items()})
         if self.on_segment is not None:

@@ -4,6 +4,7 @@ Layout under the store root (every file is written to a temporary name in its ow
 fsynced and renamed, so a reader or a crash never sees half a file):
 
     _sponge_store.json                      format version and embedding dimension
+    _retired.json                           retention: every policy_version below this one is gone
     rollouts/policy_version=V/<topic>+<partition>+<first>-<last>.parquet
     tombstones/<time>-<uuid>.parquet        deleted rollout ids (rollout_id, reason, deleted_at)
     dead_letters/<time>-<uuid>.parquet      rejected messages (topic, partition, offset, reason, value, received_at)
@@ -14,6 +15,12 @@ Exactly-once by rollout_id: the store keeps an in-memory index of every rollout 
 has tombstoned (two independent 64-bit hashes per id, 16 bytes each), refreshed from files other
 processes wrote before every segment write, under a per-(topic, partition) file lock. A replayed
 Kafka range therefore writes nothing twice, and a deleted rollout never comes back.
+
+Retention is a range delete, not a tombstone per rollout: `retire_below(v)` records one number,
+the views hide every policy_version below it, writes refuse such rows, compaction deletes their
+directories whole, and the id index forgets their ids (a re-delivered one is refused by its
+version). Per-id tombstones for retention would make every query anti-join, and the index hold,
+every rollout the store ever evicted: a store under a steady stream would grow without bound.
 
 SQL never opens a DuckDB database file: every reader gets its own in-memory connection with the
 views (`rollouts`, `tombstones`, `dead_letters`, `replay_subset`, `segments`) over the files, so
@@ -53,6 +60,7 @@ from sponge.record import (
 
 STORE_FORMAT_VERSION = 1
 MANIFEST_NAME = "_sponge_store.json"
+RETIRED_NAME = "_retired.json"
 ROLLOUTS_DIR = "rollouts"
 TOMBSTONES_DIR = "tombstones"
 DEAD_LETTERS_DIR = "dead_letters"
@@ -133,6 +141,8 @@ class SegmentWrite:
     rows_skipped_duplicate: int
     #: rollout_ids written by this call (string array), for the selector to insert.
     new_ids: pa.Array
+    #: rows refused because their policy_version is retired (below `retire_below`'s mark).
+    rows_skipped_retired: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,17 +157,22 @@ class CompactionResult:
     bytes_after: int
 
 
+_FOREVER = np.iinfo(np.int64).max   # the index "version" of a tombstoned id: never retired
+
+
 class _IdIndex:
-    """Set membership for rollout ids without keeping Python strings: 16 bytes per id.
+    """Set membership for rollout ids without keeping Python strings: 24 bytes per id.
 
     Each id is represented by two independent 64-bit hashes; the array is sorted by the first.
     A false "already held" needs both hashes to collide (about 2^-128 per pair), so no rollout is
     dropped by accident. A collision of only the first hash can at worst make a held id look new.
+    Each id also keeps its policy_version, so retiring versions drops their ids in one pass.
     """
 
     def __init__(self) -> None:
         self._h1 = np.empty(0, dtype=np.uint64)
         self._h2 = np.empty(0, dtype=np.uint64)
+        self._version = np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._h1)
@@ -169,8 +184,9 @@ class _IdIndex:
         pos = np.minimum(pos, len(self._h1) - 1)
         return (self._h1[pos] == h1) & (self._h2[pos] == h2)
 
-    def add(self, h1: np.ndarray, h2: np.ndarray) -> None:
-        """Add ids not yet present (callers pass hashes already filtered by contains)."""
+    def add(self, h1: np.ndarray, h2: np.ndarray, version: int) -> None:
+        """Add ids not yet present (callers pass hashes already filtered by contains), all of one
+        policy_version (`_FOREVER` for tombstoned ids)."""
         if len(h1) == 0:
             return
         order = np.argsort(h1, kind="stable")
@@ -178,6 +194,13 @@ class _IdIndex:
         pos = np.searchsorted(self._h1, h1)
         self._h1 = np.insert(self._h1, pos, h1)
         self._h2 = np.insert(self._h2, pos, h2)
+        self._version = np.insert(self._version, pos, version)
+
+    def retire(self, below: int) -> None:
+        """Forget the ids of every policy_version below `below`."""
+        keep = self._version >= below
+        if not keep.all():
+            self._h1, self._h2, self._version = self._h1[keep], self._h2[keep], self._version[keep]
 
 
 class RolloutStore:
@@ -215,6 +238,8 @@ class RolloutStore:
         self._hasher = duckdb.connect(":memory:")
         self._index = _IdIndex()
         self._known_files: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose ids are indexed
+        self._retired: tuple[tuple, int | None] = ((), None)  # _retired.json as last read: ((inode, mtime), mark)
+        self._index_retired: int | None = None              # the mark the index was last cut at
         self.remove_stale_temp_files()
         with self._lock:
             self._refresh_index()
@@ -284,11 +309,18 @@ class RolloutStore:
 
         with self._lock, self._partition_lock(topic, partition):
             self._refresh_index()
+            retired = 0
+            mark = self.retired_below
+            if mark is not None and rows.num_rows:
+                current = pc.greater_equal(rows.column("policy_version"), mark)
+                retired = rows.num_rows - pc.sum(current).as_py()
+                if retired:
+                    rows, offsets = rows.filter(current), offsets[current.to_numpy()]
             h1, h2 = self._hash_ids(rows.column("rollout_id"))
             keep = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
             n_keep = int(keep.sum())
             if n_keep == 0:
-                return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()))
+                return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()), retired)
             new_rows = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
             new_offsets = offsets[keep]
             table = self._with_store_columns(new_rows, topic, partition, new_offsets)
@@ -308,12 +340,13 @@ class RolloutStore:
                 # Indexed file by file, so a failure on a later policy version leaves the index
                 # exactly matching the files that did get written, and a retry skips those rows.
                 self._remember_file(path)
-                self._index.add(part_h1, part_h2)
+                self._index.add(part_h1, part_h2, version)
             return SegmentWrite(
                 paths=paths,
                 rows_written=n_keep,
                 rows_skipped_duplicate=rows.num_rows - n_keep,
                 new_ids=new_rows.column("rollout_id").combine_chunks(),
+                rows_skipped_retired=retired,
             )
 
     def _conform_rows(self, rows: pa.Table) -> pa.Table:
@@ -379,8 +412,55 @@ class RolloutStore:
             self._remember_file(path)
             h1, h2 = self._hash_ids(ids)
             fresh = ~self._index.contains(h1, h2)
-            self._index.add(h1[fresh], h2[fresh])
+            self._index.add(h1[fresh], h2[fresh], _FOREVER)
         return len(ids)
+
+    @property
+    def retired_below(self) -> int | None:
+        """Retention's mark: every policy_version below it is gone (None: nothing retired yet)."""
+        path = self.root / RETIRED_NAME
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        signature = (st.st_ino, st.st_mtime_ns)   # each write is a new file (renamed over): a new inode
+        if signature != self._retired[0]:
+            try:
+                self._retired = (signature, int(json.loads(path.read_text())["below"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"unreadable retention mark {path}: {exc}") from None
+        return self._retired[1]
+
+    def retire_below(self, version: int) -> int:
+        """Retention: drop every rollout with policy_version < `version`, at once, from every view,
+        and refuse such rows from now on; compact() then deletes their files. The mark only rises
+        (a lower `version` does nothing). Returns how many live rollouts were retired."""
+        version = int(version)
+        with self._lock, self._partition_lock("_retired", 0):
+            mark = self.retired_below
+            if mark is not None and version <= mark:
+                return 0
+            conn = self.connect()
+            try:
+                retired = int(conn.execute(f"SELECT count(*) FROM rollouts WHERE policy_version < {version}")
+                              .fetchone()[0])
+            finally:
+                conn.close()
+            _atomic_write_bytes(self.root / RETIRED_NAME, json.dumps({"below": version}).encode())
+            self._refresh_index()
+        return retired
+
+    def _retired_segments(self) -> list[tuple[Path, str, int]]:
+        """Segment files of retired policy versions, as (path, topic, partition)."""
+        mark = self.retired_below
+        if mark is None:
+            return []
+        out = []
+        for path in self._segment_files():
+            match = _SEGMENT_RE.match(path.name)
+            if match is not None and _segment_version(path) < mark:
+                out.append((path, match["topic"], int(match["partition"])))
+        return out
 
     def compact(self, guard: AbstractContextManager | None = None) -> CompactionResult:
         """Remove segments whose rows are all tombstoned, rewrite those with some; merge small
@@ -395,8 +475,31 @@ class RolloutStore:
         """
         self.remove_stale_temp_files()
         guard = guard if guard is not None else nullcontext()
-        whole, partial = self._segments_with_tombstones()
         removed = rewritten = rows_removed = bytes_before = bytes_after = 0
+        retired = self._retired_segments()
+        if retired:
+            # Whole policy versions: no query needed, their rows are already out of every view.
+            with guard, self._lock, ExitStack() as locks:
+                for topic, partition in sorted({(t, p) for _, t, p in retired}):
+                    locks.enter_context(self._partition_lock(topic, partition))
+                for path, _, _ in retired:
+                    try:
+                        rows = pq.ParquetFile(path).metadata.num_rows
+                        size = path.stat().st_size
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    self._known_files.pop(str(path), None)
+                    bytes_before += size
+                    rows_removed += rows
+                    removed += 1
+                for directory in {path.parent for path, *_ in retired}:
+                    _fsync_dir(directory)
+                    try:
+                        directory.rmdir()
+                    except OSError:
+                        pass   # not empty: a writer that had not seen the mark yet; next time
+        whole, partial = self._segments_with_tombstones()
         if whole:
             with guard, self._lock, ExitStack() as locks:
                 for topic, partition in sorted({(t, p) for _, t, p, _ in whole}):
@@ -591,8 +694,10 @@ class RolloutStore:
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=false, filename=true)) "
             "GROUP BY filename"
         )
+        mark = self.retired_below
+        current = "" if mark is None else f"policy_version >= {int(mark)} AND "
         rollouts = (f"SELECT * FROM ({rollouts_all}) "
-                    "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
+                    f"WHERE {current}rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
         replay_subset = (f"SELECT * FROM ({replay_all}) "
                          f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))")
         segments = (
@@ -691,6 +796,7 @@ class RolloutStore:
             "segment_bytes": int(segment_bytes),
             "bytes": int(total_bytes),
             "embedding_dim": self.embedding_dim,
+            "retired_below": self.retired_below,
         }
 
     # ------------------------------------------------------------------ housekeeping
@@ -731,8 +837,16 @@ class RolloutStore:
         return out
 
     def _refresh_index(self) -> None:
-        """Index ids from segment and tombstone files this object has not read yet (or that changed)."""
-        candidates = self._segment_files() + [
+        """Index ids from segment and tombstone files this object has not read yet (or that changed),
+        and forget those of versions retired since the last call."""
+        mark = self.retired_below
+        if mark is not None and mark != self._index_retired:
+            self._index.retire(mark)
+            self._index_retired = mark
+        segments = self._segment_files()
+        if mark is not None:
+            segments = [p for p in segments if _segment_version(p) >= mark]
+        candidates = segments + [
             p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet")
         ]
         present = set()
@@ -757,7 +871,8 @@ class RolloutStore:
                 continue  # compacted away between listing and reading
             h1, h2 = self._hash_ids(ids)
             fresh = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
-            self._index.add(h1[fresh], h2[fresh])
+            version = _FOREVER if path.parent.name == TOMBSTONES_DIR else _segment_version(path)
+            self._index.add(h1[fresh], h2[fresh], version)
             self._known_files[str(path)] = signature
 
     def _remember_file(self, path: Path) -> None:
@@ -817,6 +932,11 @@ class RolloutStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _segment_version(path: Path) -> int:
+    """The policy_version of a segment file, from its hive directory name."""
+    return int(path.parent.name.partition("=")[2])
 
 
 def _first_occurrence(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
