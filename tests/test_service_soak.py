@@ -2,8 +2,10 @@
 
 Runs only with `pytest --soak`. Duration: SPONGE_SOAK_SECONDS (default 3600); rate: SPONGE_SOAK_RATE
 rollouts/s (default 500); the policy version advances every SPONGE_SOAK_VERSION_SECONDS (default 30).
-Memory (RSS of the service process), consumer lag, store size and selector size are sampled every
-5 s into `soak.csv` (in SPONGE_SOAK_REPORT, default the test's tmp dir) and must stay bounded.
+Memory (RSS of the service process and of its selector child), consumer lag, store size and selector size
+are sampled every 5 s into `soak.csv` (in SPONGE_SOAK_REPORT, default the test's tmp dir) and must stay
+bounded: over the second half of a run of 20 minutes or more, neither process's RSS may trend upwards by
+more than a quarter of its size per hour.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from test_ingest_service import _serve, _wait
@@ -72,8 +75,10 @@ def test_soak_steady_stream_bounded_by_retention(broker, topic, tmp_path):
             if tick >= next_sample:
                 next_sample = tick + 5
                 ready = http.get("/readyz").json()
+                service = psutil.Process(proc.pid)
                 samples.append({"t_s": round(tick - t0, 1), "sent": sent, "policy_version": version,
-                                "rss_mib": psutil.Process(proc.pid).memory_info().rss / 2**20,
+                                "rss_mib": service.memory_info().rss / 2**20,
+                                "selector_rss_mib": sum(c.memory_info().rss for c in service.children()) / 2**20,
                                 "lag": _lag(http.get("/metrics").text), "stored_live": ready["rollouts"],
                                 "selector_live": ready["n_live"], "evicted_total": ready["evicted_total"]})
             time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))   # one batch per second: a steady rate
@@ -96,5 +101,12 @@ def test_soak_steady_stream_bounded_by_retention(broker, topic, tmp_path):
     assert RolloutStore(store_path).count() <= bound
     tail = [s["rss_mib"] for s in samples[len(samples) // 4:]]
     assert max(tail) < 1.5 * min(tail) + 256, f"RSS grew: {tail}"
+    if seconds >= 1200:
+        half = samples[len(samples) // 2:]
+        minutes = np.array([s["t_s"] for s in half]) / 60
+        for column in ("rss_mib", "selector_rss_mib"):
+            rss = np.array([s[column] for s in half])
+            per_hour = np.polyfit(minutes, rss, 1)[0] * 60
+            assert per_hour < 0.25 * np.median(rss), f"{column} trends up {per_hour:.0f} MiB/h: {rss}"
     # The service keeps up: lag at the end is below a few seconds' worth of the stream.
     assert samples[-1]["lag"] <= 10 * rate / 64 + 10, samples[-3:]
