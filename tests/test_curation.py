@@ -69,7 +69,7 @@ def test_retention_evicts_from_store_and_selector(store):
     assert evicted == 240
     left = store.sql("SELECT DISTINCT policy_version FROM rollouts ORDER BY 1").column(0).to_pylist()
     assert left == [2, 3]
-    assert cur.describe()["n_live"] == 240
+    assert cur.describe()["n_live"] == 240 and cur.describe()["retired_below"] == 2
     subset_versions = store.sql(
         "SELECT DISTINCT r.policy_version FROM rollouts r WHERE rollout_id IN ("
         + ",".join(f"'{i}'" for i in cur.subset_ids()) + ")").column(0).to_pylist()
