@@ -105,3 +105,11 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
 
     wait_for(compacted, 30, what="compaction to drop evicted rows from disk")
     client.close()
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_server_can_cap_malloc_arenas():
+    from sponge.engine.server import ServerConfig, limit_malloc_arenas
+
+    assert ServerConfig().malloc_arenas == 2
+    assert limit_malloc_arenas(2) is True

@@ -52,9 +52,29 @@ class ServerConfig:
     embed_missing: bool = True
     #: Local sentence-embedding model; None = the bundled all-MiniLM-L6-v2.
     embedding_model: str | None = None
-    #: Rewrite segments without tombstoned rows this often (seconds; 0 = never). Retention
-    #: tombstones rows at once; compaction reclaims their disk space later.
+    #: Rewrite segments without tombstoned rows, and delete retired policy versions' files, this
+    #: often (seconds; 0 = never). Retention and removal hide rows at once; compaction reclaims
+    #: their disk space later.
     compact_interval_s: float = 300.0
+    #: glibc malloc arenas for this process (None or 0: glibc's default, 8 per core). With the
+    #: default, each of the service's threads grows a heap of its own that fragments: in an hour
+    #: at 500 rollouts/s RSS crept 0.5 MiB/min with Python's own memory flat; with 2 it stays flat.
+    malloc_arenas: int | None = 2
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas for this process (mallopt M_ARENA_MAX); False where there is no
+    glibc. Arenas that exist stay; call it before the threads start."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_arena_max = -8   # <malloc.h>
+    return bool(mallopt(m_arena_max, int(arenas)))
 
 
 class MissingEmbeddings:
@@ -124,6 +144,8 @@ class CurationServer:
     def __init__(self, config: ServerConfig) -> None:
         from sponge.engine.store import RolloutStore
 
+        if config.malloc_arenas:
+            limit_malloc_arenas(config.malloc_arenas)
         self.config = config
         self.store = RolloutStore(config.ingest.store_path, embedding_dim=config.ingest.embedding_dim)
         self.curator = Curator(self.store, config.curation) if config.selection else None
@@ -251,7 +273,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--retention-window", type=int, default=CurationConfig.retention_window,
                    help="keep rollouts with policy_version >= current - window (negative: keep all)")
     g.add_argument("--compact-interval-s", type=float, default=ServerConfig.compact_interval_s,
-                   help="rewrite segments without tombstoned rows this often (0 = never)")
+                   help="rewrite segments without tombstoned rows and delete retired versions' files this "
+                        "often (0 = never)")
+    g.add_argument("--malloc-arenas", type=int, default=ServerConfig.malloc_arenas,
+                   help="glibc malloc arenas (0 = glibc's default); more arenas let the service's threads "
+                        "fragment a heap each and RSS creep")
     g.add_argument("--http-host", default=ApiConfig.host, help="HTTP interface")
     g.add_argument("--http-port", type=int, default=ApiConfig.port, help="HTTP port (0 = any free port)")
     g.add_argument("--token", default=None, help="bearer token required by the HTTP API (env SPONGE_TOKEN)")
@@ -268,7 +294,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                 retention_window=None if window is not None and window < 0 else window),
         api=ApiConfig(host=args.http_host, port=args.http_port, token=args.token or os.environ.get("SPONGE_TOKEN")),
         selection=args.selection, embed_missing=args.embed_missing, embedding_model=args.embedding_model,
-        compact_interval_s=args.compact_interval_s,
+        compact_interval_s=args.compact_interval_s, malloc_arenas=args.malloc_arenas,
     )
 
 
