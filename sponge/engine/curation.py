@@ -541,7 +541,8 @@ class Curator:
                     "objective_value": self.value(), "policy_version": self.policy_version,
                     "n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
                     "references": len(self._reference_pool), "evicted_total": self.evicted_total,
-                    "retired_below": self.store.retired_below, "rebuild_seconds": self.rebuild_seconds, "shard": self.config.shard,
+                    "retired_below": self.store.retired_below, "rebuild_seconds": self.rebuild_seconds,
+                    "shard": self.config.shard,
                     "partitions": sorted(self.partitions) if self.partitions is not None else None}
 
     # -- persistence of the trainer's version -----------------------------------------------------

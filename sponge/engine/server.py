@@ -58,7 +58,8 @@ class ServerConfig:
     compact_interval_s: float = 300.0
     #: glibc malloc arenas for this process (None or 0: glibc's default, 8 per core). With the
     #: default, each of the service's threads grows a heap of its own that fragments: in an hour
-    #: at 500 rollouts/s RSS crept 0.5 MiB/min with Python's own memory flat; with 2 it stays flat.
+    #: at 500 rollouts/s RSS crept 0.5 MiB/min with Python's own memory flat; with 2 a 20-minute
+    #: soak's RSS was flat (see the README's soak figures).
     malloc_arenas: int | None = 2
 
 

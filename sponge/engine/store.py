@@ -450,17 +450,45 @@ class RolloutStore:
             self._refresh_index()
         return retired
 
-    def _retired_segments(self) -> list[tuple[Path, str, int]]:
-        """Segment files of retired policy versions, as (path, topic, partition)."""
+    def _retired_segments(self) -> list[tuple[Path, str, int, int]]:
+        """Segment files of retired policy versions, as (path, topic, partition, rows)."""
         mark = self.retired_below
         if mark is None:
             return []
         out = []
         for path in self._segment_files():
             match = _SEGMENT_RE.match(path.name)
-            if match is not None and _segment_version(path) < mark:
-                out.append((path, match["topic"], int(match["partition"])))
+            if match is None or _segment_version(path) >= mark:
+                continue
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except FileNotFoundError:
+                continue   # another process compacted it first
+            out.append((path, match["topic"], int(match["partition"]), rows))
         return out
+
+    def _unlink_whole(self, segments: list, guard: AbstractContextManager) -> tuple[int, int, int]:
+        """Delete whole segments, given as (path, topic, partition, rows), under `guard` and their
+        partitions' locks; returns (files removed, rows removed, bytes freed)."""
+        removed = rows_removed = freed = 0
+        if not segments:
+            return 0, 0, 0
+        with guard, self._lock, ExitStack() as locks:
+            for topic, partition in sorted({(t, p) for _, t, p, _ in segments}):
+                locks.enter_context(self._partition_lock(topic, partition))
+            for path, _, _, rows in segments:
+                try:
+                    size = path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue   # another process compacted it first
+                self._known_files.pop(str(path), None)
+                freed += size
+                rows_removed += rows
+                removed += 1
+            for directory in {path.parent for path, *_ in segments}:
+                _fsync_dir(directory)   # one fsync per directory, not per file
+        return removed, rows_removed, freed
 
     def compact(self, guard: AbstractContextManager | None = None) -> CompactionResult:
         """Remove segments whose rows are all tombstoned, rewrite those with some; merge small
@@ -475,47 +503,18 @@ class RolloutStore:
         """
         self.remove_stale_temp_files()
         guard = guard if guard is not None else nullcontext()
-        removed = rewritten = rows_removed = bytes_before = bytes_after = 0
+        rewritten = bytes_after = 0
+        # Retired policy versions first: no query needed, their rows are already out of every view.
         retired = self._retired_segments()
-        if retired:
-            # Whole policy versions: no query needed, their rows are already out of every view.
-            with guard, self._lock, ExitStack() as locks:
-                for topic, partition in sorted({(t, p) for _, t, p in retired}):
-                    locks.enter_context(self._partition_lock(topic, partition))
-                for path, _, _ in retired:
-                    try:
-                        rows = pq.ParquetFile(path).metadata.num_rows
-                        size = path.stat().st_size
-                        path.unlink()
-                    except FileNotFoundError:
-                        continue
-                    self._known_files.pop(str(path), None)
-                    bytes_before += size
-                    rows_removed += rows
-                    removed += 1
-                for directory in {path.parent for path, *_ in retired}:
-                    _fsync_dir(directory)
-                    try:
-                        directory.rmdir()
-                    except OSError:
-                        pass   # not empty: a writer that had not seen the mark yet; next time
+        removed, rows_removed, bytes_before = self._unlink_whole(retired, guard)
+        for directory in {path.parent for path, *_ in retired}:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass   # not empty: a writer that had not seen the mark yet; next time
         whole, partial = self._segments_with_tombstones()
-        if whole:
-            with guard, self._lock, ExitStack() as locks:
-                for topic, partition in sorted({(t, p) for _, t, p, _ in whole}):
-                    locks.enter_context(self._partition_lock(topic, partition))
-                for path, _, _, rows in whole:
-                    try:
-                        size = path.stat().st_size
-                        path.unlink()
-                    except FileNotFoundError:
-                        continue   # another process compacted it first
-                    self._known_files.pop(str(path), None)
-                    bytes_before += size
-                    rows_removed += rows
-                    removed += 1
-                for directory in {path.parent for path, *_ in whole}:
-                    _fsync_dir(directory)   # one fsync per directory, not per file
+        n, rows, size = self._unlink_whole(whole, guard)
+        removed, rows_removed, bytes_before = removed + n, rows_removed + rows, bytes_before + size
         if partial:
             dead_ids = self._first_column("SELECT DISTINCT rollout_id FROM tombstones")
             for path, topic, partition, _ in partial:
