@@ -24,11 +24,13 @@ are never candidates. With `unit="group"` every group is whole (all its stored r
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-__all__ = ["CANDIDATE_COLUMNS", "REPLAY_COLUMNS", "ReplaySource", "Unit"]
+__all__ = ["CANDIDATE_COLUMNS", "REPLAY_COLUMNS", "ReplaySource", "Unit", "tokenizer_fingerprint"]
 
 #: Columns the trainer and the store exchange for every replayable rollout (the one list of them).
 REPLAY_COLUMNS: tuple[str, ...] = (
@@ -70,3 +72,19 @@ class ReplaySource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned."""
+
+
+def tokenizer_fingerprint(tokenizer: Any, model_name: str = "") -> str:
+    """A short stable name for the token ids a tokenizer produces (and, optionally, the model):
+    sha256 over the sorted vocabulary. Works for Hugging Face tokenizers (`get_vocab`), sponge's
+    `HFTokenizer` (its `.hf`) and `CharTokenizer` (its alphabet)."""
+    inner = getattr(tokenizer, "hf", tokenizer)
+    if hasattr(inner, "get_vocab"):
+        vocab = sorted(inner.get_vocab().items())
+    elif hasattr(inner, "alphabet"):
+        vocab = [("alphabet", inner.alphabet)]
+    else:
+        raise TypeError(f"cannot fingerprint a {type(inner).__name__}: it has no get_vocab() or alphabet")
+    special = [getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id", "bos_token_id")]
+    body = json.dumps([model_name, special, vocab], separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(body).hexdigest()[:16]
