@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("sponge.streams.synthetic", "send synthetic rollouts (optionally malformed ones) to a topic"),
     "serve": ("sponge.engine.server", "run the service: ingest from Kafka, curate the replay subset, serve replay over HTTP"),
     "sql": ("sponge.engine.sql_cli", "run a read-only SQL query over the rollout store"),
+    "store": ("sponge.engine.store_cli", "look after a rollout store: stats, migrate an older format, lower a retention mark"),
     "train": ("sponge.trainer.cli", "train a tiny model on a toy task with ReMix or GRPO"),
     "demo": ("sponge.demo", "the end-to-end demo: broker, service and trainer on a toy task"),
 }

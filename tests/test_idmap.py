@@ -53,10 +53,22 @@ def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing()
     np.testing.assert_array_equal(removed.contains(probe), np.arange(5000) % 2 == 0)
     assert removed.contains(pa.array([], pa.string())).shape == (0,)
     # Force two ids onto one first hash: both stay findable, a third with that h1 does not appear.
-    h1, h2 = removed._hash(pa.array(["x", "y", "z"]))
+    h1, h2 = removed.hash(pa.array(["x", "y", "z"]))
     removed._h1 = np.insert(removed._h1, np.searchsorted(removed._h1, [h1[0], h1[0]]), [h1[0], h1[0]])
     removed._h2 = np.insert(removed._h2, np.searchsorted(removed._h1, h1[0]), [h2[1], h2[0]])
-    assert removed._contains(np.array([h1[0], h1[0], h1[0]], np.uint64), h2).tolist() == [True, True, False]
+    assert removed.contains_hashed(np.array([h1[0], h1[0], h1[0]], np.uint64), h2).tolist() == [True, True, False]
+
+
+def test_id_set_tags_let_retention_drop_a_runs_old_versions_only():
+    from sponge.engine.idmap import RolloutIdSet
+
+    index = RolloutIdSet()
+    index.add([f"a{v}" for v in range(5)][:2], run=1, version=0)
+    index.add(["a-late"], run=1, version=4)
+    index.add(["b-old"], run=2, version=0)
+    index.add(["dead"], run=1)                               # tombstoned: FOREVER, never dropped
+    assert index.drop_below(run=1, version=3) == 2
+    assert index.contains(["a0", "a1", "a-late", "b-old", "dead"]).tolist() == [False, False, True, True, True]
 
 
 def test_forgotten_ids_are_compacted_away_and_live_ones_keep_their_ints():

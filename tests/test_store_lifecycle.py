@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -25,7 +26,7 @@ def write(store: RolloutStore, table: pa.Table, first: int, partition: int = 0):
 
 
 def ids_in_files(root) -> list[str]:
-    files = sorted((root / "rollouts").glob("*/*.parquet"))
+    files = sorted((root / "rollouts").glob("*/*/*.parquet"))
     return [i for f in files for i in pq.read_table(f, columns=["rollout_id"]).column(0).to_pylist()]
 
 
@@ -35,7 +36,7 @@ def test_tombstones_hide_rows_and_survive_compaction(tmp_path):
     write(store, table.slice(0, 50), first=0)
     write(store, table.slice(50, 50), first=50)
     doomed = [f"r-{i:09d}" for i in (3, 4, 60)]
-    assert store.delete(doomed + [doomed[0]], reason="bad reward") == 3
+    assert store.delete(doomed + [doomed[0]], reason="bad reward").removed == 3
     assert store.count() == 97
     assert not set(doomed) & set(store.rollout_ids().to_pylist())
     assert store.sql("SELECT count(*) AS n FROM rollouts WHERE rollout_id = 'r-000000003'").column(0)[0].as_py() == 0
@@ -89,8 +90,8 @@ def test_compaction_removes_dead_segments_whole_and_changes_files_only_inside_th
     assert result.segments_removed == 1 and result.segments_rewritten == 1
     assert result.rows_removed == len(stale) + len(some)
     assert guard.entries == 2 and guard.changes_outside == 0   # one entry for the removals, one per rewrite
-    assert not (tmp_path / "rollouts" / "policy_version=0").exists() or not any(
-        (tmp_path / "rollouts" / "policy_version=0").glob("*.parquet"))
+    assert not (tmp_path / "rollouts" / "run=run-a" / "policy_version=0").exists() or not any(
+        (tmp_path / "rollouts" / "run=run-a" / "policy_version=0").glob("*.parquet"))
     assert sorted(ids_in_files(tmp_path)) == sorted(set(ids) - set(stale) - set(some))
     assert store.count() == 90 - len(stale) - len(some)
 
@@ -111,10 +112,24 @@ def test_a_delete_by_another_process_is_honoured_by_a_writer(tmp_path):
     writer = RolloutStore(tmp_path, embedding_dim=DIM)
     curator = RolloutStore(tmp_path, embedding_dim=DIM)
     table = make_rollouts(10, dim=DIM)
-    curator.delete(table.column("rollout_id").slice(0, 4), reason="known bad")  # before they arrive
-    result = write(writer, table, first=0)
+    write(writer, table.slice(0, 4), first=0)
+    curator.delete(table.column("rollout_id").slice(0, 4), reason="known bad")
+    curator.compact()                                       # gone from the files too
+    result = write(writer, table, first=0)                  # a replay of the whole range
     assert (result.rows_written, result.rows_skipped_duplicate) == (6, 4)
     assert writer.count() == 6
+
+
+def test_removing_ids_the_store_does_not_hold_reports_them_and_writes_nothing(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    table = make_rollouts(10, dim=DIM)
+    write(store, table, first=0)
+    ids = table.column("rollout_id").to_pylist()
+    removal = store.delete(["never-stored", ids[0]], reason="x")
+    assert removal.removed == 1 and removal.unknown == ["never-stored"]
+    assert store.delete(["never-stored", ids[0]], reason="x").unknown == ["never-stored", ids[0]]  # already gone
+    assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 1
+    assert write(store, make_rollouts(1, dim=DIM, start=10**6), first=10).rows_written == 1
 
 
 def test_compaction_removes_emptied_segments_and_merges_tombstone_files(tmp_path):
@@ -124,13 +139,14 @@ def test_compaction_removes_emptied_segments_and_merges_tombstone_files(tmp_path
     write(store, table.slice(10, 20), first=10)
     for i in range(10):  # ten delete calls = ten tombstone files
         store.delete([f"r-{i:09d}"], reason=f"reason {i}")
-    store.delete(["r-000000000"], reason="again")  # re-deleting keeps the first reason
-    assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 11
+    assert store.delete(["r-000000000"], reason="again").removed == 0  # already gone: nothing written
+    assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 10
     result = store.compact()
     assert result.segments_removed == 1 and result.rows_removed == 10
-    assert result.tombstone_files_merged == 11
+    assert result.tombstone_files_merged == 10
     assert len(list((tmp_path / "tombstones").glob("*.parquet"))) == 1
-    assert [p.name for p in (tmp_path / "rollouts" / "policy_version=0").iterdir()] == ["rollouts+0+10-29.parquet"]
+    assert [p.name for p in (tmp_path / "rollouts" / "run=run-a" / "policy_version=0").iterdir()] == [
+        "rollouts+0+10-29.parquet"]
     tomb = store.sql("SELECT rollout_id, reason FROM tombstones ORDER BY rollout_id").to_pydict()
     assert tomb["rollout_id"] == [f"r-{i:09d}" for i in range(10)]
     assert tomb["reason"][0] == "reason 0"
@@ -146,13 +162,13 @@ def test_delete_refuses_bad_input(tmp_path):
         store.delete(pa.array([1, 2]), reason="x")
     with pytest.raises(StoreError, match="not a single string"):
         store.delete("abc", reason="x")
-    assert store.delete([], reason="x") == 0
+    assert store.delete([], reason="x").removed == 0
 
 
 def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
     store = RolloutStore(tmp_path, embedding_dim=DIM)
     write(store, make_rollouts(10, dim=DIM), first=0)
-    segment_dir = tmp_path / "rollouts" / "policy_version=0"
+    segment_dir = tmp_path / "rollouts" / "run=run-a" / "policy_version=0"
     # A writer that died mid-write (pid that is not running) left half a Parquet file behind.
     dead_pid = 2**22 + 12345
     while True:
@@ -281,13 +297,13 @@ def test_retention_retires_whole_versions_with_one_mark_and_forgets_their_ids(tm
     write(store, table, first=0)
     versions = np.array(table.column("policy_version").to_pylist())
     ids = table.column("rollout_id").to_pylist()
-    assert store.retired_below is None
-    assert store.retire_below(2) == int((versions < 2).sum())
-    assert store.retire_below(1) == 0 and store.retired_below == 2      # the mark only rises
+    assert store.retired_below("run-a") is None
+    assert store.retire_below(2, run="run-a") == int((versions < 2).sum())
+    assert store.retire_below(1, run="run-a") == 0 and store.retired_below("run-a") == 2   # the mark only rises
     assert store.count() == int((versions >= 2).sum())
     assert store.sql("SELECT min(policy_version) FROM rollouts").column(0)[0].as_py() == 2
     assert store.sql("SELECT count(*) FROM tombstones").column(0)[0].as_py() == 0   # no per-id tombstones
-    assert store.stats()["retired_below"] == 2
+    assert store.stats()["retirement_marks"] == {"run-a": 2}
     # Another store object on the root (another process) sees the mark and refuses retired rows,
     # also on a replay of the very range that brought them.
     other = RolloutStore(tmp_path, embedding_dim=DIM)
@@ -303,12 +319,96 @@ def test_retention_retires_whole_versions_with_one_mark_and_forgets_their_ids(tm
     held_before = len(store._index)
     compacted = store.compact()
     assert compacted.segments_removed == 2 and compacted.rows_removed == int((versions < 2).sum())
-    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "rollouts" / "run=run-a").iterdir()) == [
         "policy_version=2", "policy_version=3", "policy_version=4"]
     assert len(store._index) == held_before == store.count()
     assert set(ids_in_files(tmp_path)) == set(store.rollout_ids().to_pylist())
     # Reopening keeps the mark.
     reopened = RolloutStore.open(tmp_path)
-    assert reopened.retired_below == 2 and reopened.count() == store.count()
+    assert reopened.retired_below("run-a") == 2 and reopened.count() == store.count()
     assert write(reopened, table.filter(pa.array(versions < 2)), first=0).rows_written == 0
     assert not {i for i, v in zip(ids, versions) if v < 2} & set(reopened.rollout_ids().to_pylist())
+
+
+def test_retention_is_per_run_and_an_admin_can_lower_a_mark_raised_by_mistake(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    a = make_rollouts(40, dim=DIM, policy_versions=(0, 1, 2, 3))
+    b = make_rollouts(40, dim=DIM, policy_versions=(0, 1, 2, 3), id_prefix="b").set_column(
+        2, "run_id", pa.repeat(pa.scalar("run-b", pa.string()), 40))
+    write(store, pa.concat_tables([a, b]), first=0)
+    assert store.retire_below(3, run="run-a") == 30
+    assert store.sql("SELECT run_id, count(*) AS n FROM rollouts GROUP BY 1 ORDER BY 1").to_pydict() == {
+        "run_id": ["run-a", "run-b"], "n": [10, 40]}                          # run-b untouched
+    assert store.lower_retirement(1, run="run-a") == 20                       # raised by mistake: back
+    assert store.count() == 70 and store.retirement_marks() == {"run-a": 1}
+    late = make_rollouts(5, dim=DIM, policy_versions=(2,), id_prefix="late")
+    assert write(store, late, first=500).rows_written == 5                    # v2 is live again
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"runs": {"run-a": 9223372036854775808}}', "out of range"),
+    ('{"runs": {"run-a": -1}}', "out of range"),
+    ('{"runs": {"../x": 1}}', "not legal"),
+    ('{"below": 3}', "unreadable retention marks"),
+    ("not json", "unreadable retention marks"),
+])
+def test_a_corrupt_or_out_of_range_mark_on_disk_is_a_clear_error_at_open(tmp_path, body, message):
+    RolloutStore(tmp_path, embedding_dim=DIM)
+    (tmp_path / "_retired.json").write_text(body)
+    with pytest.raises(StoreError, match=message):
+        RolloutStore.open(tmp_path)
+
+
+def test_out_of_range_versions_are_refused(tmp_path):
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    for bad in (2**63, -1, 1.5, "3", True):
+        with pytest.raises(StoreError):
+            store.retire_below(bad, run="run-a")
+    assert store.retirement_marks() == {}
+
+
+def test_a_store_of_another_format_or_none_at_all_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="no rollout store"):
+        RolloutStore.open(tmp_path / "missing")
+    RolloutStore(tmp_path, embedding_dim=DIM)
+    (tmp_path / "_sponge_store.json").write_text('{"format_version": 1, "embedding_dim": 16}')
+    with pytest.raises(StoreError, match="sponge store migrate"):
+        RolloutStore.open(tmp_path)
+
+
+def test_a_format_1_store_migrates_in_place_with_its_rows_and_retention(tmp_path, capsys):
+    from sponge.cli import main
+    from sponge.engine.store import stored_schema
+
+    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    a = make_rollouts(30, dim=DIM, policy_versions=(0, 1, 2))
+    b = make_rollouts(30, dim=DIM, policy_versions=(0, 1, 2), id_prefix="b").set_column(
+        2, "run_id", pa.nulls(30, pa.string()))
+    write(store, pa.concat_tables([a, b]), first=0)
+    expected = sorted(store.rollout_ids().to_pylist())
+    # Rewrite it as an older sponge laid it out: no run level, one mark for everything.
+    for path in list((tmp_path / "rollouts").glob("*/*/*.parquet")):
+        old = tmp_path / "rollouts" / path.parent.name / path.name
+        old.parent.mkdir(exist_ok=True)
+        tables = [pq.read_table(old)] if old.exists() else []
+        pq.write_table(pa.concat_tables(tables + [pq.read_table(path).select(
+            [f.name for f in stored_schema(DIM) if f.name != "policy_version"])]), old)
+        path.unlink()
+    for run_dir in (tmp_path / "rollouts").glob("run=*"):
+        for d in run_dir.iterdir():
+            d.rmdir()
+        run_dir.rmdir()
+    (tmp_path / "_sponge_store.json").write_text(json.dumps({"format_version": 1, "embedding_dim": DIM}))
+    (tmp_path / "_retired.json").write_text('{"below": 1}')
+    with pytest.raises(StoreError, match="migrate"):
+        RolloutStore.open(tmp_path)
+
+    assert main(["store", "migrate", "--store", str(tmp_path)]) == 0
+    migrated = RolloutStore.open(tmp_path)
+    assert migrated.retirement_marks() == {"run-a": 1, "default": 1}
+    versions = dict(zip(a.column("rollout_id").to_pylist() + b.column("rollout_id").to_pylist(),
+                        a.column("policy_version").to_pylist() + b.column("policy_version").to_pylist()))
+    assert sorted(migrated.rollout_ids().to_pylist()) == sorted(i for i in expected if versions[i] >= 1)
+    runs = migrated.sql("SELECT DISTINCT run_id FROM rollouts ORDER BY 1").column(0).to_pylist()
+    assert runs == ["default", "run-a"]
+    assert '"migrated_segments": 3' in capsys.readouterr().out

@@ -66,8 +66,8 @@ def test_hive_layout_and_file_names(tmp_path):
     store = RolloutStore(tmp_path, embedding_dim=DIM)
     result = write(store, make_rollouts(30, dim=DIM, policy_versions=(0, 5)), first=40, partition=2)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in result.paths)
-    assert names == ["rollouts/policy_version=0/rollouts+2+40-69.parquet",
-                     "rollouts/policy_version=5/rollouts+2+40-69.parquet"]
+    assert names == ["rollouts/run=run-a/policy_version=0/rollouts+2+40-69.parquet",
+                     "rollouts/run=run-a/policy_version=5/rollouts+2+40-69.parquet"]
     # Plain hive-partitioned Parquet: readable without sponge.
     dataset = pq.read_table(tmp_path / "rollouts", partitioning="hive")
     assert dataset.num_rows == 30

@@ -143,38 +143,55 @@ class RolloutIdMap:
 
 
 class RolloutIdSet:
-    """A set of rollout ids as sorted hash pairs (16 bytes an id; a Python set of str costs ~100)."""
+    """A set of rollout ids as sorted hash pairs (16 bytes an id; a Python set of str costs ~100).
+
+    The one id set of the package: the curator's explicit removals, and the store's exactly-once
+    index. Each id may carry two int64 tags (the store keeps its run and policy_version) so that
+    retention can drop a run's versions below a mark in one vectorised pass (`drop_below`).
+    A false "member" needs both hashes of two ids to collide (about 2^-128 per pair)."""
+
+    #: the version tag of an id that retention never drops (a tombstoned id)
+    FOREVER = np.iinfo(np.int64).max
 
     def __init__(self) -> None:
         self._hasher = duckdb.connect(":memory:")
         self._h1 = np.empty(0, np.uint64)   # sorted by h1 ...
         self._h2 = np.empty(0, np.uint64)   # ... with each id's second hash
+        self._run = np.empty(0, np.int64)   # ... and its tags
+        self._version = np.empty(0, np.int64)
 
     def __len__(self) -> int:
         return len(self._h1)
 
-    def _hash(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        return _hash_pairs(self._hasher, ids)
+    def hash(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """The hash pair of each id (for callers that test and then add the same batch)."""
+        return _hash_pairs(self._hasher, _as_array(ids))
 
-    def add(self, ids) -> None:
+    def add(self, ids, run: int = 0, version: int = FOREVER) -> None:
         ids = _as_array(ids)
-        if len(ids) == 0:
-            return
-        h1, h2 = self._hash(ids)
-        new = ~self._contains(h1, h2)
+        if len(ids):
+            self.add_hashed(*self.hash(ids), run=run, version=version)
+
+    def add_hashed(self, h1: np.ndarray, h2: np.ndarray, run: int = 0, version: int = FOREVER) -> None:
+        """Add ids given as hash pairs, all with the same tags; ids already present keep theirs."""
+        new = ~self.contains_hashed(h1, h2)
         pairs = np.unique(np.stack([h1[new], h2[new]], axis=1), axis=0)   # sorted by h1; repeats once
+        if len(pairs) == 0:
+            return
         at = np.searchsorted(self._h1, pairs[:, 0])
         self._h1 = np.insert(self._h1, at, pairs[:, 0])
         self._h2 = np.insert(self._h2, at, pairs[:, 1])
+        self._run = np.insert(self._run, at, run)
+        self._version = np.insert(self._version, at, version)
 
     def contains(self, ids) -> np.ndarray:
         """A mask: which of `ids` are in the set."""
         ids = _as_array(ids)
         if len(ids) == 0 or len(self._h1) == 0:
             return np.zeros(len(ids), bool)
-        return self._contains(*self._hash(ids))
+        return self.contains_hashed(*self.hash(ids))
 
-    def _contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    def contains_hashed(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
         if len(self._h1) == 0:
             return np.zeros(len(h1), bool)
         # every entry with an equal h1 (a collision of the first hash alone must not hide an id)
@@ -185,8 +202,28 @@ class RolloutIdSet:
             found |= (lo + shift < hi) & (self._h2[at] == h2)
         return found
 
+    def drop_below(self, run: int, version: int) -> int:
+        """Forget the ids tagged with `run` and a version below `version`; returns how many."""
+        drop = (self._run == run) & (self._version < version)
+        n = int(drop.sum())
+        if n:
+            keep = ~drop
+            self._h1, self._h2 = self._h1[keep], self._h2[keep]
+            self._run, self._version = self._run[keep], self._version[keep]
+        return n
+
     def close(self) -> None:
         self._hasher.close()
+
+
+def first_occurrence(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    """True at the first row of each distinct hash pair within one batch."""
+    if len(h1) < 2:
+        return np.ones(len(h1), dtype=bool)
+    _, first = np.unique(np.stack([h1, h2], axis=1), axis=0, return_index=True)
+    mask = np.zeros(len(h1), dtype=bool)
+    mask[first] = True
+    return mask
 
 
 def _hash_pairs(conn: duckdb.DuckDBPyConnection, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:

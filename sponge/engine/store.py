@@ -4,23 +4,28 @@ Layout under the store root (every file is written to a temporary name in its ow
 fsynced and renamed, so a reader or a crash never sees half a file):
 
     _sponge_store.json                      format version and embedding dimension
-    _retired.json                           retention: every policy_version below this one is gone
-    rollouts/policy_version=V/<topic>+<partition>+<first>-<last>.parquet
+    _retired.json                           retention: per run, every policy_version below its mark is gone
+    rollouts/run=R/policy_version=V/<topic>+<partition>+<first>-<last>.parquet
     tombstones/<time>-<uuid>.parquet        deleted rollout ids (rollout_id, reason, deleted_at)
     dead_letters/<time>-<uuid>.parquet      rejected messages (topic, partition, offset, reason, value, received_at)
     replay/selection-<version>.parquet      curated replay subsets, the last few kept
     _locks/<topic>+<partition>.lock         advisory locks between writer processes
 
-Exactly-once by rollout_id: the store keeps an in-memory index of every rollout id it holds or
-has tombstoned (two independent 64-bit hashes per id, 16 bytes each), refreshed from files other
-processes wrote before every segment write, under a per-(topic, partition) file lock. A replayed
-Kafka range therefore writes nothing twice, and a deleted rollout never comes back.
+Every rollout belongs to a run (its `run_id`; a rollout without one belongs to the run named
+`default`), and the run is the first level of the layout: each run's versions are retired, and its
+files deleted, on their own.
 
-Retention is a range delete, not a tombstone per rollout: `retire_below(v)` records one number,
-the views hide every policy_version below it, writes refuse such rows, compaction deletes their
-directories whole, and the id index forgets their ids (a re-delivered one is refused by its
-version). Per-id tombstones for retention would make every query anti-join, and the index hold,
-every rollout the store ever evicted: a store under a steady stream would grow without bound.
+Exactly-once by rollout_id: the store keeps an in-memory index of every rollout id it holds or
+has tombstoned (a `RolloutIdSet`: two independent 64-bit hashes per id), refreshed from files
+other processes wrote before every segment write, under a per-(topic, partition) file lock. A
+replayed Kafka range therefore writes nothing twice, and a deleted rollout never comes back.
+
+Retention is a range delete per run, not a tombstone per rollout: `retire_below(v, run)` records
+one number for the run, the views hide the run's policy_versions below it (DuckDB prunes those
+hive directories), writes refuse such rows, compaction deletes their directories whole, and the
+id index forgets their ids (a re-delivered one is refused by its version). Per-id tombstones for
+retention would make every query anti-join, and the index hold, every rollout the store ever
+evicted: a store under a steady stream would grow without bound.
 
 SQL never opens a DuckDB database file: every reader gets its own in-memory connection with the
 views (`rollouts`, `tombstones`, `dead_letters`, `replay_subset`, `segments`) over the files, so
@@ -50,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sponge.engine.idmap import RolloutIdSet, first_occurrence
 from sponge.engine.sql import QueryResult, SqlLimits, run_read_only
 from sponge.record import (
     DEAD_LETTER_SCHEMA,
@@ -58,7 +64,14 @@ from sponge.record import (
     stored_schema,
 )
 
-STORE_FORMAT_VERSION = 1
+#: 2: rollouts under run=R/policy_version=V and retention marks per run (1: no run level).
+STORE_FORMAT_VERSION = 2
+#: Where every command looks for the store unless told otherwise (flag or SPONGE_STORE_PATH).
+DEFAULT_STORE_PATH = "sponge-data"
+#: The run of a rollout that names none.
+DEFAULT_RUN = "default"
+#: Largest policy version (int64, what the record's column holds).
+MAX_VERSION = np.iinfo(np.int64).max
 MANIFEST_NAME = "_sponge_store.json"
 RETIRED_NAME = "_retired.json"
 ROLLOUTS_DIR = "rollouts"
@@ -83,6 +96,8 @@ REPLAY_SCHEMA = pa.schema([
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's legal topic names: no '/', no '+'
 _SEGMENT_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 _GLOB_CHARS = set("*?[]{}")
+#: A run id names a directory and a URL path segment: letters, digits and . _ : - only.
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class StoreError(ValueError):
@@ -141,8 +156,22 @@ class SegmentWrite:
     rows_skipped_duplicate: int
     #: rollout_ids written by this call (string array), for the selector to insert.
     new_ids: pa.Array
-    #: rows refused because their policy_version is retired (below `retire_below`'s mark).
-    rows_skipped_retired: int = 0
+    #: rows refused because their run's retention had retired their policy_version, per run.
+    retired: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_skipped_retired(self) -> int:
+        return sum(self.retired.values())
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What one delete() call did."""
+
+    #: distinct live rollouts tombstoned
+    removed: int
+    #: the ids asked for that the store does not hold (never stored, retired or already removed)
+    unknown: list[str]
 
 
 @dataclass(frozen=True)
@@ -155,52 +184,6 @@ class CompactionResult:
     tombstone_files_merged: int
     bytes_before: int
     bytes_after: int
-
-
-_FOREVER = np.iinfo(np.int64).max   # the index "version" of a tombstoned id: never retired
-
-
-class _IdIndex:
-    """Set membership for rollout ids without keeping Python strings: 24 bytes per id.
-
-    Each id is represented by two independent 64-bit hashes; the array is sorted by the first.
-    A false "already held" needs both hashes to collide (about 2^-128 per pair), so no rollout is
-    dropped by accident. A collision of only the first hash can at worst make a held id look new.
-    Each id also keeps its policy_version, so retiring versions drops their ids in one pass.
-    """
-
-    def __init__(self) -> None:
-        self._h1 = np.empty(0, dtype=np.uint64)
-        self._h2 = np.empty(0, dtype=np.uint64)
-        self._version = np.empty(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._h1)
-
-    def contains(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-        if len(self._h1) == 0 or len(h1) == 0:
-            return np.zeros(len(h1), dtype=bool)
-        pos = np.searchsorted(self._h1, h1)
-        pos = np.minimum(pos, len(self._h1) - 1)
-        return (self._h1[pos] == h1) & (self._h2[pos] == h2)
-
-    def add(self, h1: np.ndarray, h2: np.ndarray, version: int) -> None:
-        """Add ids not yet present (callers pass hashes already filtered by contains), all of one
-        policy_version (`_FOREVER` for tombstoned ids)."""
-        if len(h1) == 0:
-            return
-        order = np.argsort(h1, kind="stable")
-        h1, h2 = h1[order], h2[order]
-        pos = np.searchsorted(self._h1, h1)
-        self._h1 = np.insert(self._h1, pos, h1)
-        self._h2 = np.insert(self._h2, pos, h2)
-        self._version = np.insert(self._version, pos, version)
-
-    def retire(self, below: int) -> None:
-        """Forget the ids of every policy_version below `below`."""
-        keep = self._version >= below
-        if not keep.all():
-            self._h1, self._h2, self._version = self._h1[keep], self._h2[keep], self._version[keep]
 
 
 class RolloutStore:
@@ -235,11 +218,11 @@ class RolloutStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._check_manifest()
         self._lock = threading.RLock()
-        self._hasher = duckdb.connect(":memory:")
-        self._index = _IdIndex()
+        self._index = RolloutIdSet()                        # every id held or tombstoned, tagged (run, version)
+        self._run_codes: dict[str, int] = {}                # run_id -> the index's run tag
         self._known_files: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose ids are indexed
-        self._retired: tuple[tuple, int | None] = ((), None)  # _retired.json as last read: ((inode, mtime), mark)
-        self._index_retired: int | None = None              # the mark the index was last cut at
+        self._marks: tuple[tuple, dict[str, int]] = ((), {})  # _retired.json as last read: ((inode, mtime), marks)
+        self._index_marks: dict[str, int] = {}              # the marks the index was last cut at
         self.remove_stale_temp_files()
         with self._lock:
             self._refresh_index()
@@ -251,21 +234,17 @@ class RolloutStore:
         """Open an existing store, taking the embedding dimension from its manifest."""
         manifest = Path(root) / MANIFEST_NAME
         if not manifest.is_file():
-            raise StoreError(f"no rollout store at {Path(root).resolve()} (missing {MANIFEST_NAME})")
-        try:
-            dim = int(json.loads(manifest.read_text())["embedding_dim"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"unreadable store manifest {manifest}: {exc}") from None
+            hint = ("it is not a directory" if Path(root).exists() and not Path(root).is_dir()
+                    else f"no {MANIFEST_NAME} there")
+            raise StoreError(f"no rollout store at {Path(root).resolve()} ({hint}): pass --store with the "
+                             "directory `sponge serve` writes to (env SPONGE_STORE_PATH)")
+        dim, _ = _read_manifest(manifest)
         return cls(root, embedding_dim=dim, config=config)
 
     def _check_manifest(self) -> None:
         path = self.root / MANIFEST_NAME
         if path.is_file():
-            try:
-                manifest = json.loads(path.read_text())
-                dim = int(manifest["embedding_dim"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise StoreError(f"unreadable store manifest {path}: {exc}") from None
+            dim, _ = _read_manifest(path)
             if dim != self.embedding_dim:
                 raise StoreError(
                     f"store {self.root} holds {dim}-d embeddings, opened with embedding_dim={self.embedding_dim}"
@@ -309,15 +288,17 @@ class RolloutStore:
 
         with self._lock, self._partition_lock(topic, partition):
             self._refresh_index()
-            retired = 0
-            mark = self.retired_below
-            if mark is not None and rows.num_rows:
-                current = pc.greater_equal(rows.column("policy_version"), mark)
-                retired = rows.num_rows - pc.sum(current).as_py()
-                if retired:
-                    rows, offsets = rows.filter(current), offsets[current.to_numpy()]
-            h1, h2 = self._hash_ids(rows.column("rollout_id"))
-            keep = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
+            retired: dict[str, int] = {}
+            marks = self.retirement_marks()
+            if marks and rows.num_rows:
+                current = pc.greater_equal(rows.column("policy_version"),
+                                           _mark_of_each_row(rows.column("run_id"), marks))
+                if not pc.all(current).as_py():
+                    gone = rows.filter(pc.invert(current)).column("run_id")
+                    retired = {r["values"]: r["counts"] for r in pc.value_counts(gone).to_pylist()}
+                    rows, offsets = rows.filter(current), offsets[current.to_numpy(zero_copy_only=False)]
+            h1, h2 = self._index.hash(rows.column("rollout_id"))
+            keep = ~self._index.contains_hashed(h1, h2) & first_occurrence(h1, h2)
             n_keep = int(keep.sum())
             if n_keep == 0:
                 return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()), retired)
@@ -326,10 +307,10 @@ class RolloutStore:
             table = self._with_store_columns(new_rows, topic, partition, new_offsets)
             name = f"{topic}+{partition}+{first_offset}-{last_offset}.parquet"
             paths = []
-            for version, part in _split_by_policy_version(table):
-                path = self.root / ROLLOUTS_DIR / f"policy_version={version}" / name
-                path.parent.mkdir(exist_ok=True)
-                part_h1, part_h2 = self._hash_ids(part.column("rollout_id"))
+            for run, version, part in _split_by_run_and_version(table):
+                path = self.root / ROLLOUTS_DIR / f"run={run}" / f"policy_version={version}" / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                part_h1, part_h2 = self._index.hash(part.column("rollout_id"))
                 if path.exists():
                     # This range was written before and now brings rows the store lacks (its
                     # earlier rows are all held, so they were skipped above): never overwrite
@@ -340,13 +321,13 @@ class RolloutStore:
                 # Indexed file by file, so a failure on a later policy version leaves the index
                 # exactly matching the files that did get written, and a retry skips those rows.
                 self._remember_file(path)
-                self._index.add(part_h1, part_h2, version)
+                self._index.add_hashed(part_h1, part_h2, run=self._run_code(run), version=version)
             return SegmentWrite(
                 paths=paths,
                 rows_written=n_keep,
                 rows_skipped_duplicate=rows.num_rows - n_keep,
                 new_ids=new_rows.column("rollout_id").combine_chunks(),
-                rows_skipped_retired=retired,
+                retired=retired,
             )
 
     def _conform_rows(self, rows: pa.Table) -> pa.Table:
@@ -369,7 +350,17 @@ class RolloutStore:
         for name in ("rollout_id", "policy_version"):
             if rows.column(name).null_count:
                 raise StoreError(f"column '{name}' has nulls: pass rows through sponge.record.validate first")
-        return rows.cast(expected)
+        rows = rows.cast(expected)
+        run_id = rows.column("run_id")
+        if run_id.null_count:   # a rollout that names no run belongs to the default one
+            rows = rows.set_column(rows.schema.get_field_index("run_id"), expected.field("run_id"),
+                                   pc.fill_null(run_id, DEFAULT_RUN))
+        bad = pc.invert(pc.match_substring_regex(rows.column("run_id"), RUN_ID_RE.pattern))
+        if pc.any(bad).as_py():
+            example = rows.column("run_id").filter(bad)[0].as_py()
+            raise StoreError(f"run_id {example!r} is not a legal run id ({RUN_ID_RE.pattern}): "
+                             "pass rows through sponge.record.validate first")
+        return rows
 
     def _with_store_columns(self, rows: pa.Table, topic: str, partition: int, offsets: np.ndarray) -> pa.Table:
         n = rows.num_rows
@@ -385,80 +376,119 @@ class RolloutStore:
 
     # ------------------------------------------------------------------ deleting and compacting
 
-    def delete(self, rollout_ids: Sequence[str] | pa.Array | pa.ChunkedArray, reason: str) -> int:
-        """Tombstone `rollout_ids` (one atomic file per call); returns how many distinct ids.
+    def delete(self, rollout_ids: Sequence[str] | pa.Array | pa.ChunkedArray, reason: str) -> Removal:
+        """Tombstone those of `rollout_ids` the store holds (one atomic file per call).
 
         Tombstoned ids disappear from every view at once and can never be stored again, even
-        if their Kafka messages are replayed. Ids the store never held are tombstoned too, so
-        a rollout known to be bad is refused if it arrives later.
+        if their Kafka messages are replayed. Ids the store does not hold (never stored, retired
+        or already removed) are reported in `Removal.unknown` and nothing is written for them.
         """
         if not isinstance(reason, str) or not reason:
             raise StoreError("delete needs a non-empty reason")
         ids = _as_string_array(rollout_ids)
         ids = pc.drop_null(ids)
-        ids = ids.filter(pc.not_equal(ids, ""))
-        ids = pc.unique(ids)
+        ids = pc.unique(ids.filter(pc.not_equal(ids, "")))
         if len(ids) == 0:
-            return 0
-        now = int(time.time() * 1000)
-        table = pa.Table.from_arrays(
-            [ids, pa.array([reason] * len(ids), pa.string()),
-             pa.array(np.full(len(ids), now, dtype=np.int64)).cast(pa.timestamp("ms", tz="UTC"))],
-            schema=TOMBSTONE_SCHEMA,
-        )
-        path = self.root / TOMBSTONES_DIR / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
+            return Removal(0, [])
         with self._lock:
+            live = self.live_ids(ids)
+            unknown = ids.filter(pc.invert(pc.is_in(ids, value_set=live))).to_pylist()
+            if len(live) == 0:
+                return Removal(0, unknown)
+            now = int(time.time() * 1000)
+            table = pa.Table.from_arrays(
+                [live, pa.array([reason] * len(live), pa.string()),
+                 pa.array(np.full(len(live), now, dtype=np.int64)).cast(pa.timestamp("ms", tz="UTC"))],
+                schema=TOMBSTONE_SCHEMA,
+            )
+            path = self.root / TOMBSTONES_DIR / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
             self._write_parquet(table, path)
             self._remember_file(path)
-            h1, h2 = self._hash_ids(ids)
-            fresh = ~self._index.contains(h1, h2)
-            self._index.add(h1[fresh], h2[fresh], _FOREVER)
-        return len(ids)
+            self._index.add(live)   # tagged FOREVER: retention never forgets a tombstoned id
+        return Removal(len(live), unknown)
 
-    @property
-    def retired_below(self) -> int | None:
-        """Retention's mark: every policy_version below it is gone (None: nothing retired yet)."""
+    @_retry_if_a_segment_vanished
+    def live_ids(self, rollout_ids: Sequence[str] | pa.Array) -> pa.Array:
+        """Those of `rollout_ids` that are live rollouts in the store (distinct)."""
+        conn = self.connect()
+        try:
+            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
+            return conn.sql("SELECT DISTINCT rollout_id FROM rollouts JOIN wanted USING (rollout_id)"
+                            ).to_arrow_table().column(0).combine_chunks().cast(pa.string())
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ retention, per run
+
+    def retirement_marks(self) -> dict[str, int]:
+        """Retention's marks: for each run, every policy_version below its mark is gone."""
         path = self.root / RETIRED_NAME
         try:
             st = path.stat()
         except FileNotFoundError:
-            return None
+            return {}
         signature = (st.st_ino, st.st_mtime_ns)   # each write is a new file (renamed over): a new inode
-        if signature != self._retired[0]:
-            try:
-                self._retired = (signature, int(json.loads(path.read_text())["below"]))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise StoreError(f"unreadable retention mark {path}: {exc}") from None
-        return self._retired[1]
+        if signature != self._marks[0]:
+            self._marks = (signature, _read_marks(path))
+        return dict(self._marks[1])
 
-    def retire_below(self, version: int) -> int:
-        """Retention: drop every rollout with policy_version < `version`, at once, from every view,
-        and refuse such rows from now on; compact() then deletes their files. The mark only rises
-        (a lower `version` does nothing). Returns how many live rollouts were retired."""
-        version = int(version)
+    def retired_below(self, run: str = DEFAULT_RUN) -> int | None:
+        """The run's retention mark (None: nothing of it retired yet)."""
+        return self.retirement_marks().get(run)
+
+    def retire_below(self, version: int, run: str = DEFAULT_RUN) -> int:
+        """Retention: drop every rollout of `run` with policy_version < `version`, at once, from every
+        view, and refuse such rows from now on; compact() then deletes their files. The mark only
+        rises (a lower `version` does nothing). Returns how many live rollouts were retired."""
+        version = _check_version(version, "retention mark")
+        _check_run(run)
         with self._lock, self._partition_lock("_retired", 0):
-            mark = self.retired_below
-            if mark is not None and version <= mark:
+            marks = self.retirement_marks()
+            if run in marks and version <= marks[run]:
                 return 0
-            conn = self.connect()
-            try:
-                retired = int(conn.execute(f"SELECT count(*) FROM rollouts WHERE policy_version < {version}")
-                              .fetchone()[0])
-            finally:
-                conn.close()
-            _atomic_write_bytes(self.root / RETIRED_NAME, json.dumps({"below": version}).encode())
-            self._refresh_index()
+            retired = self._count_run_below(run, version)
+            self._write_marks({**marks, run: version})
         return retired
+
+    def lower_retirement(self, version: int, run: str = DEFAULT_RUN) -> int:
+        """Admin: lower a run's retention mark raised by mistake (0 clears it). Versions between the
+        new and the old mark whose files compaction has not deleted yet come back; the others are
+        gone for good. Returns how many rollouts came back into the views."""
+        version = _check_version(version, "retention mark")
+        _check_run(run)
+        with self._lock, self._partition_lock("_retired", 0):
+            marks = self.retirement_marks()
+            old = marks.get(run)
+            if old is None or version >= old:
+                return 0
+            self._write_marks({**{r: m for r, m in marks.items() if r != run}, **({run: version} if version else {})})
+            self._index_marks.pop(run, None)
+            self._refresh_index()   # re-index the run's files that are visible again
+            return self._count_run_below(run, old) - self._count_run_below(run, version)
+
+    def _write_marks(self, marks: dict[str, int]) -> None:
+        body = json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}, sort_keys=True)
+        _atomic_write_bytes(self.root / RETIRED_NAME, body.encode())
+        self._refresh_index()
+
+    def _count_run_below(self, run: str, version: int) -> int:
+        conn = self.connect()
+        try:
+            return int(conn.execute("SELECT count(*) FROM rollouts WHERE run_id = $1 AND policy_version < $2",
+                                    [run, version]).fetchone()[0])
+        finally:
+            conn.close()
 
     def _retired_segments(self) -> list[tuple[Path, str, int, int]]:
         """Segment files of retired policy versions, as (path, topic, partition, rows)."""
-        mark = self.retired_below
-        if mark is None:
+        marks = self.retirement_marks()
+        if not marks:
             return []
         out = []
         for path in self._segment_files():
             match = _SEGMENT_RE.match(path.name)
-            if match is None or _segment_version(path) >= mark:
+            run, version = _segment_run_and_version(path)
+            if match is None or version >= marks.get(run, -1):
                 continue
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
@@ -508,10 +538,11 @@ class RolloutStore:
         retired = self._retired_segments()
         removed, rows_removed, bytes_before = self._unlink_whole(retired, guard)
         for directory in {path.parent for path, *_ in retired}:
-            try:
-                directory.rmdir()
-            except OSError:
-                pass   # not empty: a writer that had not seen the mark yet; next time
+            for empty in (directory, directory.parent):   # the version's directory, then the run's
+                try:
+                    empty.rmdir()
+                except OSError:
+                    break   # not empty: a writer that had not seen the mark yet (or other versions)
         whole, partial = self._segments_with_tombstones()
         n, rows, size = self._unlink_whole(whole, guard)
         removed, rows_removed, bytes_before = removed + n, rows_removed + rows, bytes_before + size
@@ -675,10 +706,16 @@ class RolloutStore:
                 columns.append(f"CAST(embedding AS FLOAT[{dim}]) AS embedding")
             else:
                 columns.append(_quote_ident(f.name))
+        # Retention, per run: a predicate on the hive columns alone, so DuckDB skips the retired
+        # directories' files without opening them.
+        marks = self.retirement_marks()
+        retired = " OR ".join(f"(run = {_sql_str(run)} AND policy_version < {int(mark)})"
+                              for run, mark in sorted(marks.items()))
         rollouts_all = (
             f"SELECT {', '.join(columns)} FROM ({_typed_empty(self._stored_schema, dim)} UNION ALL BY NAME "
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=true, "
-            "hive_types={'policy_version': 'BIGINT'}))"
+            "hive_types={'run': 'VARCHAR', 'policy_version': 'BIGINT'})"
+            + (f" WHERE NOT ({retired})" if retired else "") + ")"
         )
 
         def flat(directory: str, pattern: str, schema: pa.Schema) -> str:
@@ -693,14 +730,13 @@ class RolloutStore:
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=false, filename=true)) "
             "GROUP BY filename"
         )
-        mark = self.retired_below
-        current = "" if mark is None else f"policy_version >= {int(mark)} AND "
         rollouts = (f"SELECT * FROM ({rollouts_all}) "
-                    f"WHERE {current}rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
+                    "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
         replay_subset = (f"SELECT * FROM ({replay_all}) "
                          f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))")
         segments = (
             "SELECT b.filename AS file, "
+            "regexp_extract(b.filename, '/run=([^/]+)/', 1) AS run_id, "
             "CAST(regexp_extract(b.filename, 'policy_version=(-?[0-9]+)/', 1) AS BIGINT) AS policy_version, "
             "coalesce(c.n, 0)::BIGINT AS rows, b.size::BIGINT AS bytes "
             f"FROM read_blob({rollouts_glob}) b LEFT JOIN ({segment_counts}) c ON b.filename = c.filename"
@@ -795,7 +831,7 @@ class RolloutStore:
             "segment_bytes": int(segment_bytes),
             "bytes": int(total_bytes),
             "embedding_dim": self.embedding_dim,
-            "retired_below": self.retired_below,
+            "retirement_marks": self.retirement_marks(),
         }
 
     # ------------------------------------------------------------------ housekeeping
@@ -823,28 +859,34 @@ class RolloutStore:
         return removed
 
     def _segment_glob(self) -> str:
-        return str(self.root / ROLLOUTS_DIR / "*" / "*.parquet")
+        return str(self.root / ROLLOUTS_DIR / "*" / "*" / "*.parquet")
 
     def _segment_files(self) -> list[Path]:
         out = []
-        with os.scandir(self.root / ROLLOUTS_DIR) as entries:
-            for entry in entries:
-                if entry.is_dir() and entry.name.startswith("policy_version="):
-                    with os.scandir(entry.path) as files:
+        for run_dir in _subdirs(self.root / ROLLOUTS_DIR, "run="):
+            for version_dir in _subdirs(run_dir, "policy_version="):
+                try:
+                    with os.scandir(version_dir) as files:
                         out.extend(Path(f.path) for f in files if f.name.endswith(".parquet")
                                    and not f.name.startswith("."))
+                except FileNotFoundError:
+                    continue   # compaction removed it meanwhile
         return out
+
+    def _run_code(self, run: str) -> int:
+        """The id index's tag for `run`."""
+        return self._run_codes.setdefault(run, len(self._run_codes))
 
     def _refresh_index(self) -> None:
         """Index ids from segment and tombstone files this object has not read yet (or that changed),
         and forget those of versions retired since the last call."""
-        mark = self.retired_below
-        if mark is not None and mark != self._index_retired:
-            self._index.retire(mark)
-            self._index_retired = mark
-        segments = self._segment_files()
-        if mark is not None:
-            segments = [p for p in segments if _segment_version(p) >= mark]
+        marks = self.retirement_marks()
+        for run, mark in marks.items():
+            if mark > self._index_marks.get(run, -1):
+                self._index.drop_below(self._run_code(run), mark)
+        self._index_marks = marks
+        segments = [p for p in self._segment_files()
+                    if (rv := _segment_run_and_version(p))[1] >= marks.get(rv[0], -1)]
         candidates = segments + [
             p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet")
         ]
@@ -868,22 +910,16 @@ class RolloutStore:
                 ids = pq.read_table(path, columns=["rollout_id"]).column(0)
             except FileNotFoundError:
                 continue  # compacted away between listing and reading
-            h1, h2 = self._hash_ids(ids)
-            fresh = ~self._index.contains(h1, h2) & _first_occurrence(h1, h2)
-            version = _FOREVER if path.parent.name == TOMBSTONES_DIR else _segment_version(path)
-            self._index.add(h1[fresh], h2[fresh], version)
+            if path.parent.name == TOMBSTONES_DIR:
+                self._index.add(ids)
+            else:
+                run, version = _segment_run_and_version(path)
+                self._index.add(ids, run=self._run_code(run), version=version)
             self._known_files[str(path)] = signature
 
     def _remember_file(self, path: Path) -> None:
         st = path.stat()
         self._known_files[str(path)] = (st.st_size, st.st_mtime_ns)
-
-    def _hash_ids(self, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-        """Two independent 64-bit hashes per id (DuckDB's vectorised hash; in-memory use only)."""
-        table = pa.table({"id": ids})
-        rel = self._hasher.from_arrow(table)
-        out = rel.select("hash(id) AS h1, hash(concat('sponge:', id)) AS h2").fetchnumpy()
-        return np.asarray(out["h1"], dtype=np.uint64), np.asarray(out["h2"], dtype=np.uint64)
 
     @contextmanager
     def _partition_lock(self, topic: str, partition: int) -> Iterator[None]:
@@ -933,39 +969,90 @@ class RolloutStore:
 # ---------------------------------------------------------------------- helpers
 
 
-def _segment_version(path: Path) -> int:
-    """The policy_version of a segment file, from its hive directory name."""
-    return int(path.parent.name.partition("=")[2])
+def _segment_run_and_version(path: Path) -> tuple[str, int]:
+    """The run and policy_version of a segment file, from its hive directory names."""
+    return path.parent.parent.name.partition("=")[2], int(path.parent.name.partition("=")[2])
 
 
-def _first_occurrence(h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-    """True at the first row of each distinct id within one batch."""
-    if len(h1) < 2:
-        return np.ones(len(h1), dtype=bool)
-    keys = np.empty(len(h1), dtype=[("a", np.uint64), ("b", np.uint64)])
-    keys["a"], keys["b"] = h1, h2
-    _, first = np.unique(keys, return_index=True)
-    mask = np.zeros(len(h1), dtype=bool)
-    mask[first] = True
-    return mask
+def _subdirs(directory: Path, prefix: str) -> list[str]:
+    try:
+        with os.scandir(directory) as entries:
+            return [e.path for e in entries if e.name.startswith(prefix) and e.is_dir()]
+    except FileNotFoundError:
+        return []
 
 
-def _split_by_policy_version(table: pa.Table) -> Iterator[tuple[int, pa.Table]]:
-    """(policy_version, rows without that column) for each version, in ascending order."""
+def _mark_of_each_row(run_ids: pa.ChunkedArray | pa.Array, marks: dict[str, int]) -> pa.Array:
+    """Each row's run's retention mark (-1 for a run with none), vectorised."""
+    runs = list(marks)
+    at = pc.index_in(run_ids, value_set=pa.array(runs, pa.string()))
+    values = pa.array([marks[r] for r in runs] + [-1], pa.int64())
+    return pc.take(values, pc.fill_null(at, len(runs)))
+
+
+def _check_version(version, what: str) -> int:
+    """`version` as a policy version (an int64 >= 0), or a StoreError saying why not."""
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+        raise StoreError(f"{what} must be an integer, got {version!r}")
+    if not 0 <= int(version) <= MAX_VERSION:
+        raise StoreError(f"{what} {version} is out of range: a policy version is an int64 >= 0")
+    return int(version)
+
+
+def _check_run(run: str) -> str:
+    if not isinstance(run, str) or not RUN_ID_RE.match(run):
+        raise StoreError(f"run id {run!r} is not legal: letters, digits and . _ : - (at most 128, not "
+                         "starting with a symbol)")
+    return run
+
+
+def _read_manifest(path: Path) -> tuple[int, int]:
+    """(embedding_dim, format_version) of a store manifest, or a StoreError saying what is wrong."""
+    try:
+        manifest = json.loads(path.read_text())
+        dim, version = int(manifest["embedding_dim"]), int(manifest.get("format_version", 1))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise StoreError(f"unreadable store manifest {path}: {exc}") from None
+    if version != STORE_FORMAT_VERSION:
+        if version < STORE_FORMAT_VERSION:
+            raise StoreError(f"the store at {path.parent} has format {version}; this sponge reads format "
+                             f"{STORE_FORMAT_VERSION}: run `sponge store migrate {path.parent}` once")
+        raise StoreError(f"the store at {path.parent} has format {version}, newer than this sponge reads "
+                         f"({STORE_FORMAT_VERSION}): upgrade sponge")
+    return dim, version
+
+
+def _read_marks(path: Path) -> dict[str, int]:
+    """The retention marks file, checked: a corrupt or out-of-range mark is a clear StoreError (at
+    start, never a crash loop: `sponge store retention --run R --lower V` or deleting the file
+    mends it)."""
+    try:
+        body = json.loads(path.read_text())
+        marks = body["runs"]
+        if not isinstance(marks, dict):
+            raise TypeError("'runs' is not a mapping")
+        out = {_check_run(run): _check_version(mark, f"retention mark of run {run!r}") for run, mark in marks.items()}
+    except (ValueError, KeyError, TypeError, OSError, StoreError) as exc:
+        raise StoreError(f"unreadable retention marks {path}: {exc}; fix or delete the file (deleting it "
+                         "brings back retired rollouts compaction has not removed yet)") from None
+    return out
+
+
+def _split_by_run_and_version(table: pa.Table) -> Iterator[tuple[str, int, pa.Table]]:
+    """(run_id, policy_version, rows without policy_version) for each pair, in ascending order."""
+    runs = pc.dictionary_encode(table.column("run_id").combine_chunks())
+    run_index = runs.indices.to_numpy(zero_copy_only=False)
+    names = runs.dictionary.to_pylist()
     versions = table.column("policy_version").to_numpy()
     body = table.drop_columns(["policy_version"])
-    distinct = np.unique(versions)
-    if len(distinct) == 1:
-        yield int(distinct[0]), body
-        return
-    order = np.argsort(versions, kind="stable")
-    sorted_versions = versions[order]
-    body = body.take(pa.array(order))
-    bounds = np.flatnonzero(np.diff(sorted_versions)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [len(order)]])
+    order = np.lexsort((versions, np.argsort(np.argsort(names))[run_index]))
+    keys = np.stack([run_index[order], versions[order]], axis=1)
+    starts = np.flatnonzero(np.r_[True, (np.diff(keys, axis=0) != 0).any(axis=1)])
+    ends = np.r_[starts[1:], len(order)]
+    sorted_body = body if len(starts) == 1 else body.take(pa.array(order))
     for start, end in zip(starts, ends):
-        yield int(sorted_versions[start]), body.slice(int(start), int(end - start))
+        yield (names[int(keys[start, 0])], int(keys[start, 1]),
+               sorted_body.slice(int(start), int(end - start)))
 
 
 def _as_string_array(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -1050,3 +1137,52 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def migrate(root: str | os.PathLike, progress: bool = False) -> int:
+    """Turn a format-1 store (rollouts/policy_version=V/, one retention mark) into this format
+    (rollouts/run=R/policy_version=V/, a mark per run) in place; returns the segment files moved.
+
+    Safe to stop and rerun: each old file's rows are written under the new layout (atomically)
+    before the old file goes, and the manifest says format 2 only once every file has moved."""
+    root = Path(root).resolve()
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise StoreError(f"no rollout store at {root} (no {MANIFEST_NAME} there)")
+    body = json.loads(manifest.read_text())
+    if int(body.get("format_version", 1)) == STORE_FORMAT_VERSION:
+        return 0
+    if int(body.get("format_version", 1)) != 1:
+        raise StoreError(f"cannot migrate a store of format {body.get('format_version')}")
+    old = sorted(p for p in (root / ROLLOUTS_DIR).glob("policy_version=*/*.parquet") if not p.name.startswith("."))
+    from tqdm.auto import tqdm
+
+    runs: set[str] = set()
+    for path in tqdm(old, desc="migrating segments", unit="file", disable=not progress):
+        version = int(path.parent.name.partition("=")[2])
+        table = pq.read_table(path)
+        run_ids = pc.fill_null(table.column("run_id"), DEFAULT_RUN)
+        table = table.set_column(table.schema.get_field_index("run_id"), "run_id", run_ids)
+        for run in pc.unique(run_ids).to_pylist():
+            _check_run(run)
+            runs.add(run)
+            target = root / ROLLOUTS_DIR / f"run={run}" / f"policy_version={version}" / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = table.filter(pc.equal(table.column("run_id"), run))
+            tmp = target.parent / f".{target.name}~migrate{TEMP_SUFFIX}"
+            pq.write_table(part, tmp, compression="zstd")
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        path.unlink()
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+    retired = root / RETIRED_NAME
+    if retired.is_file():
+        below = json.loads(retired.read_text()).get("below")
+        if below is not None:
+            marks = {run: _check_version(int(below), "retention mark") for run in runs}
+            _atomic_write_bytes(retired, json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}).encode())
+    _atomic_write_bytes(manifest, json.dumps({**body, "format_version": STORE_FORMAT_VERSION}, indent=2).encode())
+    return len(old)
