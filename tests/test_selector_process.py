@@ -143,3 +143,29 @@ def test_the_child_exits_when_its_parent_is_killed():
             time.sleep(0.05)
     finally:
         parent.kill()
+
+
+def test_one_child_hosts_a_selector_per_slot_independently(host):
+    data = _data(400, seed=7)
+    objective = FacilityLocation(data[:64], m=8)
+    a = host.new_selector("dynamic", objective, k=8, eps=0.2, seed=1, slot="run-a")
+    b = host.new_selector("dynamic", objective, k=8, eps=0.2, seed=1, slot="run-b")
+    local = DynamicSelector(objective, k=8, eps=0.2, seed=1)
+    a.insert(np.arange(200), data[:200])
+    b.insert(np.arange(200, 400), data[200:])
+    local.insert(np.arange(200), data[:200])
+    assert np.array_equal(np.sort(a.solution()), np.sort(local.solution()))   # b's inserts did not leak in
+    assert set(b.solution()) <= set(range(200, 400)) and len(a) == len(b) == 200
+    assert host.slots == ["run-a", "run-b"]
+    b.close()                                                       # frees run-b only
+    assert host.slots == ["run-a"] and len(a) == 200
+    with pytest.raises(SelectorProcessError, match="replaced"):
+        b.solution()
+    os.kill(host.pid, signal.SIGKILL)                               # the child dies: every slot goes
+    with pytest.raises(SelectorProcessError):
+        a.solution()
+    c = host.new_selector("dynamic", objective, k=8, eps=0.2, seed=1, slot="run-c")   # a new child
+    with pytest.raises(SelectorProcessError, match="replaced"):
+        a.solution()
+    c.insert(np.arange(10), data[:10])
+    assert len(c) == 10

@@ -7,19 +7,22 @@ process the selector has a core (and a GIL) of its own; the service's curation t
 batches to it and waits, and waiting releases the GIL.
 
     host = SelectorHost()                                  # the child starts on first use
-    sel = host.new_selector("dynamic", objective, k=64, eps=0.2, seed=0)
+    sel = host.new_selector("dynamic", objective, k=64, eps=0.2, seed=0, slot="run-a")
     sel.insert(ids, vectors, quality)                      # pipelined: returns once sent
     sel.solution(); sel.value(); sel.stats()               # wait for everything sent before
-    host.close()
+    host.drop_selector("run-a"); host.close()
 
-The host keeps one selector at a time: `new_selector` replaces it (the curator rebuilds from the
-store often enough that a fresh interpreter per rebuild would cost more than the rebuild).
+The host keeps one selector per slot (the service keeps one per run, all in one child: an
+interpreter with numpy, faiss and the compiled kernels costs ~150 MB, a selector only what it
+holds). `new_selector` replaces the slot's selector (the curator rebuilds from the store often
+enough that a fresh interpreter per rebuild would cost more than the rebuild).
 
 Inserts and deletes are sent without waiting for an answer, so the parent can read the next batch
 from the store while the child works on this one. The child never answers them: an error one
 raises is kept and raised by the next call that does wait (solution, value, stats, sync), and
 from then on that selector is broken (its state is unknown) until `new_selector` replaces it.
-A child that dies is noticed the same way (a closed pipe) and restarted by the next `new_selector`.
+A child that dies is noticed the same way (a closed pipe) and restarted by the next `new_selector`;
+the selectors of every other slot went with it, and their next call says so.
 
 An insert's vectors travel through a shared ring (`_VectorRing`: one memfd both processes map),
 not through the socket: pickling a 16k x 384 float32 batch and pushing it through a socket cost
@@ -129,7 +132,8 @@ class SelectorHost:
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._ring: _VectorRing | None = None
-        self._generation = 0
+        self._generation = 0          # bumps with every new selector, in any slot
+        self._slots: dict[str, int] = {}   # slot -> the generation of its selector in the live child
         # One conversation at a time: a pipelined insert must not interleave with a waiting call.
         self._lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
@@ -188,6 +192,7 @@ class SelectorHost:
         if self._finalizer is not None:
             self._finalizer()
         self._process = self._conn = self._finalizer = self._ring = None
+        self._slots.clear()   # every selector lived in that child
 
     def close(self) -> None:
         """End the child process (the hosted selector goes with it)."""
@@ -200,33 +205,49 @@ class SelectorHost:
 
     # -- the hosted selector ------------------------------------------------------------------------
 
-    def new_selector(self, method: str, objective: Objective, **params) -> HostedSelector:
-        """Replace the hosted selector with a new, empty one (restarting the child if it died)."""
+    def new_selector(self, method: str, objective: Objective, slot: str = "main", **params) -> HostedSelector:
+        """Replace the slot's selector with a new, empty one (restarting the child if it died)."""
         scalars, arrays = objective.params()
         with self._lock:
             conn = self._ensure_started()
             self._generation += 1
             try:
-                conn.send(("new", (method, type(objective).__name__, scalars, arrays, params)))
+                conn.send(("new", slot, (method, type(objective).__name__, scalars, arrays, params)))
                 _answer(conn)
             except (OSError, EOFError) as exc:
                 self._stop_child()
                 raise SelectorProcessError(f"the selector process went away: {exc!r}") from exc
-        return HostedSelector(self, self._generation, method, objective, params)
+            self._slots[slot] = self._generation
+        return HostedSelector(self, slot, self._generation, method, objective, params)
 
-    def _call(self, generation: int, op: str, args: tuple, wait: bool):
+    def drop_selector(self, slot: str) -> None:
+        """Free the slot's selector in the child (nothing happens if there is none)."""
         with self._lock:
-            if generation != self._generation:
-                raise SelectorProcessError("this selector was replaced by a newer one in its process")
+            if self._slots.pop(slot, None) is not None and self._conn is not None:
+                try:
+                    self._conn.send(("drop", slot, ()))
+                except (OSError, EOFError):
+                    self._stop_child()
+
+    @property
+    def slots(self) -> list[str]:
+        """The slots that hold a selector in the live child."""
+        return sorted(self._slots)
+
+    def _call(self, slot: str, generation: int, op: str, args: tuple, wait: bool):
+        with self._lock:
             if self._conn is None:
                 raise SelectorProcessError("the selector process is closed")
+            if self._slots.get(slot) != generation:
+                raise SelectorProcessError("this selector was replaced (a newer one in its slot, or its "
+                                           "process restarted)")
             try:
                 if op == "insert" and self._ring is not None and args[1].dtype != object:
                     ids, vectors, quality = args
                     where = self._ring.put(vectors)
                     if where is not None:
                         op, args = "insert_ring", (ids, *where, vectors.dtype.str, vectors.shape, quality)
-                self._conn.send((op, args))
+                self._conn.send((op, slot, args))
                 return _answer(self._conn) if wait else None
             except (OSError, EOFError) as exc:
                 self._stop_child()
@@ -236,8 +257,9 @@ class SelectorHost:
 class HostedSelector:
     """The Selector interface, forwarded to the host's child process (see the module docstring)."""
 
-    def __init__(self, host: SelectorHost, generation: int, method: str, objective: Objective, params: dict):
-        self._host, self._generation = host, generation
+    def __init__(self, host: SelectorHost, slot: str, generation: int, method: str, objective: Objective,
+                 params: dict):
+        self._host, self._slot, self._generation = host, slot, generation
         #: a local copy of the objective (for saving parameters and merging shard solutions)
         self.objective = objective
         self.method = method
@@ -253,28 +275,33 @@ class HostedSelector:
             return
         vectors = np.ascontiguousarray(vectors)
         quality = None if quality is None else np.ascontiguousarray(quality)
-        self._host._call(self._generation, "insert", (ids, vectors, quality), wait=False)
+        self._host._call(self._slot, self._generation, "insert", (ids, vectors, quality), wait=False)
 
     def delete(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids):
-            self._host._call(self._generation, "delete", (ids,), wait=False)
+            self._host._call(self._slot, self._generation, "delete", (ids,), wait=False)
 
     def sync(self) -> None:
         """Wait until everything sent has been applied; raises what any of it raised."""
-        self._host._call(self._generation, "sync", (), wait=True)
+        self._host._call(self._slot, self._generation, "sync", (), wait=True)
 
     def solution(self) -> np.ndarray:
-        return self._host._call(self._generation, "solution", (), wait=True)
+        return self._host._call(self._slot, self._generation, "solution", (), wait=True)
 
     def value(self) -> float:
-        return self._host._call(self._generation, "value", (), wait=True)
+        return self._host._call(self._slot, self._generation, "value", (), wait=True)
 
     def stats(self) -> dict:
-        return self._host._call(self._generation, "stats", (), wait=True)
+        return self._host._call(self._slot, self._generation, "stats", (), wait=True)
 
     def __len__(self) -> int:
         return int(self.stats()["n_live"])
+
+    def close(self) -> None:
+        """Free this selector in the child (the host and the other slots go on)."""
+        if self._host._slots.get(self._slot) == self._generation:
+            self._host.drop_selector(self._slot)
 
 
 def _answer(conn: Connection):
@@ -315,15 +342,16 @@ def _serve(conn: Connection, ring: _VectorRing | None) -> None:
         os.nice(int(os.environ["SPONGE_NICE"]))
     warm_up()
     conn.send(("ok", "ready"))
-    selector = None
-    failure: str | None = None   # the first error of a pipelined call, until the next waiting call
+    selectors: dict = {}   # slot -> the selector
+    failures: dict = {}    # slot -> the first error of a pipelined call, until the next waiting call
     while True:
         try:
-            op, args = conn.recv()
+            op, slot, args = conn.recv()
         except (EOFError, OSError):
             return   # the parent is gone
         if op == "exit":
             return
+        selector, failure = selectors.get(slot), failures.get(slot)
         try:
             if op == "insert_ring":   # take the vectors out first: even a dropped insert frees its space
                 ids, offset, end, dtype, shape, quality = args
@@ -331,8 +359,12 @@ def _serve(conn: Connection, ring: _VectorRing | None) -> None:
             if op == "new":
                 method, objective_name, scalars, arrays, params = args
                 objective = OBJECTIVES[objective_name].from_params(scalars, arrays)
-                selector, failure = METHODS[method](objective, **params), None
+                selectors[slot] = METHODS[method](objective, **params)
+                failures.pop(slot, None)
                 conn.send(("ok", None))
+            elif op == "drop":
+                selectors.pop(slot, None)
+                failures.pop(slot, None)
             elif failure is not None:
                 if op in ("sync", "solution", "value", "stats"):
                     conn.send(("error", failure))
@@ -352,9 +384,9 @@ def _serve(conn: Connection, ring: _VectorRing | None) -> None:
             else:
                 conn.send(("error", f"unknown operation {op!r}"))
         except Exception:
-            failure = traceback.format_exc()
+            failures[slot] = traceback.format_exc()
             if op not in ("insert", "delete"):
-                conn.send(("error", failure))
+                conn.send(("error", failures[slot]))
 
 
 if __name__ == "__main__":
