@@ -39,6 +39,9 @@ DEAD_LETTER_SCHEMA = pa.schema([
     pa.field("reason", pa.string()),        # JSON list of violations: field, rule, row, rollout_id
     pa.field("value", pa.binary()),         # the original message bytes
     pa.field("received_at", pa.timestamp("ms", tz="UTC")),
+    # topic/partition/offset/sha256(value)[:32]: equal for every copy of one letter (files written
+    # before it existed lack it; the store's view computes it for them)
+    pa.field("letter_id", pa.string()),
 ])
 
 

@@ -226,10 +226,10 @@ def test_dead_letters_are_appended_and_queryable(tmp_path):
         "received_at": pa.array([1, 2], pa.timestamp("ms", tz="UTC")),
     })
     store.write_dead_letters(letters)
-    store.write_dead_letters(letters.slice(0, 1))
+    store.write_dead_letters(letters.slice(0, 1))   # a replay's copy of the first: shown once
     got = store.sql("SELECT \"offset\", value, reason->>'$[0].rule' AS rule FROM dead_letters ORDER BY 1")
-    assert got.to_pydict() == {"offset": [5, 5, 9], "value": [b"\x00\x01", b"\x00\x01", b"not arrow"],
-                               "rule": ["non-finite", "non-finite", "undecodable"]}
+    assert got.to_pydict() == {"offset": [5, 9], "value": [b"\x00\x01", b"not arrow"],
+                               "rule": ["non-finite", "undecodable"]}
     with pytest.raises(StoreError, match="lack column"):
         store.write_dead_letters(letters.drop_columns(["reason"]))
 

@@ -83,7 +83,7 @@ def test_empty_store_views_are_typed_and_empty(tmp_path):
     assert rollouts.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
     for view, columns in {
         "tombstones": ["rollout_id", "reason", "deleted_at"],
-        "dead_letters": ["topic", "partition", "offset", "reason", "value", "received_at"],
+        "dead_letters": ["topic", "partition", "offset", "reason", "value", "received_at", "letter_id"],
         "replay_subset": ["rollout_id", "selection_version", "objective_value", "selected_at"],
         "segments": ["file", "policy_version", "rows", "bytes"],
     }.items():

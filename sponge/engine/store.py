@@ -625,9 +625,14 @@ class RolloutStore:
     # ------------------------------------------------------------------ other files
 
     def write_dead_letters(self, table: pa.Table) -> None:
-        """Append rejected messages (topic, partition, offset, reason JSON, value bytes, received_at)."""
+        """Append rejected messages (topic, partition, offset, reason JSON, value bytes, received_at, letter_id).
+
+        Without a `letter_id` column the view computes each row's id from its source and value.
+        """
         if not isinstance(table, pa.Table):
             raise StoreError(f"dead letters must be a pyarrow Table, got {type(table).__name__}")
+        if "letter_id" not in table.column_names:
+            table = table.append_column("letter_id", pa.nulls(table.num_rows, pa.string()))
         missing = [n for n in DEAD_LETTER_SCHEMA.names if n not in table.column_names]
         if missing:
             raise StoreError(f"dead letters lack column(s) {missing}; need {DEAD_LETTER_SCHEMA.names}")
@@ -744,7 +749,16 @@ class RolloutStore:
         return [
             f"CREATE OR REPLACE VIEW tombstones AS {flat(TOMBSTONES_DIR, '*.parquet', TOMBSTONE_SCHEMA)}",
             f"CREATE OR REPLACE VIEW rollouts AS {rollouts}",
-            f"CREATE OR REPLACE VIEW dead_letters AS {flat(DEAD_LETTERS_DIR, '*.parquet', DEAD_LETTER_SCHEMA)}",
+            # Dead letters are at-least-once (a replay sends one again): the view shows each letter_id
+            # once. Files from before letter ids lack the column (read by name); theirs is computed
+            # here as sponge.streams.dlq.letter_id computes it.
+            "CREATE OR REPLACE VIEW dead_letters AS SELECT * FROM (SELECT topic, partition, \"offset\", reason, "
+            "value, received_at, coalesce(letter_id, concat_ws('/', topic, partition, \"offset\", "
+            "left(sha256(coalesce(value, ''::BLOB)), 32))) AS letter_id "
+            f"FROM ({_typed_empty(DEAD_LETTER_SCHEMA, dim)} UNION ALL BY NAME SELECT * FROM read_parquet("
+            f"{_sql_str(str(self.root / DEAD_LETTERS_DIR / '*.parquet'))}, allow_empty=true, "
+            "hive_partitioning=false, union_by_name=true))) "
+            "QUALIFY row_number() OVER (PARTITION BY letter_id ORDER BY received_at) = 1",
             f"CREATE OR REPLACE VIEW replay_subset AS {replay_subset}",
             f"CREATE OR REPLACE VIEW segments AS {segments}",
         ]
