@@ -133,7 +133,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from sponge.engine.service import IngestConfig
     from sponge.streams.broker import EmbeddedBroker
     from sponge.streams.producer import RolloutProducer
-    from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
+    from sponge.trainer import (
+        CharTokenizer,
+        ReMixConfig,
+        ReMixTrainer,
+        build_tiny_model,
+        make_task,
+        warm_start,
+    )
 
     out = Path(cfg.out)
     for sub in ("runs", "store"):
@@ -174,7 +181,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         try:
             print(f"[3/5] ReMix with curated replay: rollouts → Kafka → store → selector → replay "
                   f"(service at {server.http.url})")
-            source = ServiceReplaySource(client, window=remix_cfg.replay_window)
+            source = _ContractSource(ServiceReplaySource(client, window=remix_cfg.replay_window))
 
             published = {"rollouts": 0}
 
@@ -227,6 +234,50 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return summary
+
+
+class _ContractSource:
+    """The service's curated subset behind the trainer's replay contract (`sponge.contract`), until
+    `sponge.client.ServiceReplaySource` replaces it. Fresh rollouts and versions reach the service
+    through the trainer's hooks below (Kafka and /policy), so send/report_version do nothing here."""
+
+    def __init__(self, legacy) -> None:
+        self.legacy = legacy
+
+    def register(self, run_id: str, fingerprint: str) -> int:
+        return 0
+
+    def send(self, rollouts: pa.Table) -> None:
+        pass
+
+    def report_version(self, version: int) -> None:
+        pass
+
+    def candidates(self, version: int, unit: str = "group") -> pa.Table:
+        import pyarrow.compute as pc
+
+        from sponge.groups import group_id_column, with_group_columns
+
+        rows = self.legacy.candidates(version)
+        if rows.num_rows == 0:
+            return rows
+        rows = rows.filter(pc.less(rows.column("policy_version"), version))
+        if "run_id" not in rows.column_names:   # the subset does not name its run: one run here
+            rows = rows.append_column("run_id", pa.nulls(rows.num_rows, pa.string()))
+        if "advantage" not in rows.column_names:
+            return with_group_columns(rows)
+        if "group_id" in rows.column_names:
+            return rows
+        return rows.append_column("group_id", group_id_column(rows))
+
+    def clear(self) -> None:
+        self.legacy.clear()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def write_report(out: Path, store, histories: dict[str, list[dict]]) -> dict:

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["GROUP_KEY", "group_advantages", "group_codes", "group_id_column", "with_group_columns"]
+__all__ = ["GROUP_KEY", "group_advantages", "group_codes", "group_id_column", "group_reward_stats", "has_signal",
+           "with_group_columns"]
 
 #: The columns that together name a group.
 GROUP_KEY = ("run_id", "prompt_id", "policy_version")
@@ -36,6 +37,34 @@ def group_advantages(rewards: np.ndarray, groups: np.ndarray, scale: bool = True
         return centred.astype(np.float32)
     std = np.sqrt(np.bincount(inverse, weights=centred**2) / np.maximum(counts, 1))
     return (centred / (std[inverse] + eps)).astype(np.float32)
+
+
+def group_reward_stats(rewards: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: its group's mean reward, population std of rewards, and size (float64, int64).
+
+    The group's std is its learning signal under GRPO: 0 means every advantage is 0; for 0/1
+    rewards it is sqrt(p(1 − p)), largest when half the group succeeds."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.bincount(inverse).astype(np.float64)
+    mean = np.bincount(inverse, weights=rewards) / np.maximum(counts, 1)
+    var = np.bincount(inverse, weights=(rewards - mean[inverse]) ** 2) / np.maximum(counts, 1)
+    return mean[inverse], np.sqrt(var)[inverse], counts[inverse].astype(np.int64)
+
+
+def has_signal(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """bool per row: its group's rewards are not all equal (a GRPO learning signal exists)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if inverse.size == 0:
+        return np.zeros(0, dtype=bool)
+    lo = np.full(inverse.max() + 1, np.inf)
+    hi = np.full(inverse.max() + 1, -np.inf)
+    np.minimum.at(lo, inverse, rewards)
+    np.maximum.at(hi, inverse, rewards)
+    return (hi > lo)[inverse]
 
 
 def group_codes(table: pa.Table) -> np.ndarray:
@@ -69,11 +98,7 @@ def with_group_columns(table: pa.Table, scale: bool = True, drop_no_signal: bool
     out = _set(table, "group_id", group_id_column(table))
     out = _set(out, "advantage", pa.array(advantage, pa.float32()))
     if drop_no_signal and out.num_rows:
-        lo = np.full(codes.max() + 1, np.inf)
-        hi = np.full(codes.max() + 1, -np.inf)
-        np.minimum.at(lo, codes, rewards)
-        np.maximum.at(hi, codes, rewards)
-        keep = (hi > lo)[codes]
+        keep = has_signal(rewards, codes)
         if not keep.all():
             out = out.filter(pa.array(keep))
     return out

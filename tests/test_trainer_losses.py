@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from sponge.groups import group_advantages
 from sponge.trainer import losses as L
 
 torch.set_num_threads(1)
@@ -15,15 +17,15 @@ def t(*xs):
 
 
 def test_group_advantages_hand_computed():
-    rewards = t(1, 0, 0, 0, 1, 1)
-    groups = torch.tensor([7, 7, 7, 7, 3, 3])
-    adv = L.group_advantages(rewards, groups)
+    rewards = np.array([1, 0, 0, 0, 1, 1], dtype=np.float32)
+    groups = np.array([7, 7, 7, 7, 3, 3])
+    adv = group_advantages(rewards, groups)
     # group 7: mean 0.25, population std sqrt(0.1875) = 0.4330
     std = math.sqrt(0.1875)
     assert adv[:4].tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std], rel=1e-5)
     # group 3 has no reward variance: zero advantage, no division by zero
     assert adv[4:].tolist() == [0.0, 0.0]
-    centred = L.group_advantages(rewards, groups, scale=False)
+    centred = group_advantages(rewards, groups, scale=False)
     assert centred.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0])
 
 
@@ -110,3 +112,24 @@ def test_aggregation_modes_and_weights():
 def test_entropy_bonus_is_masked():
     ent = t(0.5, 0.7, 9.0).reshape(1, 3)
     assert L.entropy_bonus(ent, t(1, 1, 0).reshape(1, 3)).tolist() == [[0.5, pytest.approx(0.7), 0.0]]
+
+
+def test_decoupled_ppo_is_ppo_when_proximal_is_behaviour_and_weights_scale_it():
+    g = torch.Generator().manual_seed(1)
+    logp_old = -torch.rand(5, 4, generator=g) * 2
+    logp = (logp_old + torch.randn(5, 4, generator=g) * 0.3).requires_grad_(True)
+    adv, mask = torch.randn(5, generator=g), (torch.rand(5, 4, generator=g) > 0.2).float()
+    ones = torch.ones(5, 4)
+    assert torch.equal(L.decoupled_ppo_loss(logp, logp_old, ones, adv, mask), L.ppo_clip_loss(logp, logp_old, adv, mask))
+    w = torch.rand(5, 4, generator=g) * 2
+    assert torch.allclose(L.decoupled_ppo_loss(logp, logp_old, w, adv, mask),
+                          w * L.ppo_clip_loss(logp, logp_old, adv, mask))
+
+
+def test_clip_higher_bounds():
+    logp_old = torch.zeros(2, 1)
+    logp = torch.log(t(1.5, 0.5))[:, None]
+    adv = t(1, -1)
+    loss = L.ppo_clip_loss(logp, logp_old, adv, torch.ones(2, 1), clip_eps=0.2, clip_eps_high=0.28)[:, 0]
+    # r=1.5, A=+1: min(1.5, 1.28) = 1.28 ; r=0.5, A=-1: min(-0.5, -0.8) = -0.8
+    assert loss.tolist() == pytest.approx([-1.28, 0.8], rel=1e-5)

@@ -78,8 +78,11 @@ def _table(n, version, behavior_p, rewards=None, prompts=None, responses=None, a
 
 
 def _fixed_scores(current_p):
+    """log π_k of each row's one response token, looked up by that token (3 + row index % 10)."""
+    by_token = {3 + i: p for i, p in enumerate(current_p)}
+
     def score(prompt_tokens, response_tokens):
-        lp = torch.log(torch.tensor(current_p, dtype=torch.float32))[:, None]
+        lp = torch.log(torch.tensor([by_token[r[0]] for r in response_tokens], dtype=torch.float32))[:, None]
         return lp, torch.ones_like(lp)
     return score
 
@@ -118,7 +121,7 @@ def test_sampler_resample_mode_draws_proportional_to_truncated_ratio():
 def test_sampler_cap_schedule_uses_number_of_versions_and_recency():
     cands = pa.concat_tables([_table(4, v, [0.1] * 4, advantages=np.ones(4)) for v in (3, 4, 5)])
     sampler = ReplaySampler(mode="uniform", cap_gamma=1.5, recency_decay=0.5)
-    draw = sampler.draw(cands, 6000, _fixed_scores([0.1] * 12), 6, np.random.default_rng(2))
+    draw = sampler.draw(cands, 6000, _fixed_scores([0.1] * 4), 6, np.random.default_rng(2))
     assert draw.stats["cap"] == pytest.approx(4.5)   # clip(1.5 · 3 versions, 2, 10)
     staleness = 6 - draw.table.column("policy_version").to_numpy()
     share = np.bincount(staleness, minlength=4)[1:] / 6000
@@ -145,28 +148,38 @@ def test_sampler_rejects_bad_input():
 
 def test_fifo_pool_window_and_eviction():
     pool = FIFOReplayPool(window=2)
+    assert pool.register("run", "fp") == 0
+    signal = np.array([1.0, 0.0, 1.0, 1.0])          # p0: {1, 0} has signal, p1: {1, 1} has none
     for v in range(4):
-        pool.add(_table(3, v, [0.5] * 3))
+        pool.send(_table(4, v, [0.5] * 4, rewards=signal).set_column(2, "run_id", pa.array(["run"] * 4)))
+        pool.report_version(v + 1) if v < 2 else None
     assert sorted(set(pool.candidates(3).column("policy_version").to_pylist())) == [1, 2]
-    assert len(pool) == 9                    # version 0 evicted, version 3 kept for later
+    assert set(pool.candidates(3).column("prompt_id").to_pylist()) == {"p0"}   # no-signal group never kept
+    pool.report_version(3)
+    assert len(pool) == 6                    # version 0 evicted, version 3 kept for later
     assert sorted(set(pool.candidates(4).column("policy_version").to_pylist())) == [2, 3]
     pool.clear()
     assert pool.candidates(5).num_rows == 0
     with pytest.raises(ValueError, match="lacks"):
-        pool.add(pa.table({"rollout_id": ["x"]}))
+        pool.send(pa.table({"rollout_id": ["x"]}))
+    with pytest.raises(ValueError, match="only go up"):
+        pool.report_version(1)
 
 
-def test_diverse_pool_dedupes_drops_zero_advantage_and_caps():
-    prompts = ["12>"] * 4 + ["34>", "56>", "78>", "90>"]
-    responses = ["21", "21", "22", "11", "43", "65", "87", "09"]
-    adv = np.array([1.0, 1.0, 0.0, -1.0, 1.0, -1.0, 1.0, 1.0])
-    pool = DiverseReplayPool(window=2, capacity=5)
-    pool.add(_table(8, 0, [0.5] * 8, prompts=prompts, responses=responses, advantages=adv))
-    cands = pool.candidates(1)
-    assert cands.num_rows == 5
-    pairs = list(zip(cands.column("prompt").to_pylist(), cands.column("response").to_pylist()))
-    assert len(set(pairs)) == 5 and ("12>", "22") not in pairs
-    assert (np.abs(cands.column("advantage").to_numpy()) > 0).all()
+def test_diverse_pool_dedupes_and_caps_and_serves_whole_groups():
+    prompts = ["12>"] * 4 + ["34>", "34>", "78>", "78>"]
+    responses = ["21", "21", "22", "11", "43", "44", "87", "88"]
+    rewards = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    pool = DiverseReplayPool(window=2, capacity=3)
+    pool.send(_table(8, 0, [0.5] * 8, prompts=prompts, responses=responses, rewards=rewards))
+    rows = pool.candidates(1, unit="rollout")
+    assert rows.num_rows == 3
+    pairs = list(zip(rows.column("prompt").to_pylist(), rows.column("response").to_pylist()))
+    assert len(set(pairs)) == 3
+    groups = pool.candidates(1, unit="group")
+    sizes = dict(zip(*np.unique(groups.column("group_id").to_numpy(zero_copy_only=False), return_counts=True)))
+    full = {"p0@0": 2, "p1@0": 2, "p2@0": 2, "p3@0": 2}
+    assert all(full[g] == n for g, n in sizes.items())     # whole groups
 
 
 def test_generator_logprobs_match_scoring_so_fresh_ratios_are_one():
@@ -191,24 +204,40 @@ def test_generator_logprobs_match_scoring_so_fresh_ratios_are_one():
     assert draw.stats["ess_raw"] == pytest.approx(1.0, abs=1e-6) and draw.stats["clip_fraction"] == 0
 
 
+def _digit_groups(rng, n_groups, version, group=4, success=None):
+    """n_groups groups of `group` rollouts; group g has success[g] of its rollouts right."""
+    digits = rng.integers(0, 10, size=(n_groups, 4))
+    prompts = ["".join(map(str, d)) + ">" for d in digits for _ in range(group)]
+    answers = ["".join(map(str, d[::-1])) for d in digits for _ in range(group)]
+    success = np.full(n_groups, group // 2) if success is None else np.asarray(success)
+    rewards = np.concatenate([(np.arange(group) < k).astype(float) for k in success])
+    responses = [a if r else a[::-1] for a, r in zip(answers, rewards)]
+    n = n_groups * group
+    return rollouts_table(
+        rollout_ids=[f"v{version}-{i}" for i in range(n)], prompt_ids=[f"p{i // group}" for i in range(n)],
+        prompts=prompts, responses=responses, prompt_tokens=[[1, 3]] * n, response_tokens=[[3]] * n,
+        behavior_logprobs=[np.array([-0.5], np.float32)] * n, rewards=rewards, policy_version=version,
+        run_id="run")
+
+
 def test_selector_pool_inserts_deletes_with_the_window_and_caps():
     pytest.importorskip("sponge.selectors")
     from sponge.trainer import SelectorReplayPool
 
     rng = np.random.default_rng(0)
     pool = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
-    pool.add(_table(4, 0, [0.5] * 4, advantages=np.zeros(4)))   # no signal at all: nothing kept
+    pool.register("run", "fp")
+    pool.send(_digit_groups(rng, 3, 0, success=[0, 4, 0]))   # no signal at all: nothing kept
     assert len(pool) == 0 and pool.candidates(1).num_rows == 0
     for v in range(4):
-        digits = rng.integers(0, 10, size=(12, 4))
-        prompts = ["".join(map(str, d)) + ">" for d in digits]
-        responses = ["".join(map(str, d[::-1])) for d in digits]
-        adv = np.where(np.arange(12) % 3 == 0, 0.0, 1.0)    # a third carry no learning signal
-        pool.add(_table(12, v, [0.5] * 12, prompts=prompts, responses=responses, advantages=adv))
-    assert len(pool) == 4 * 8                                # zero-advantage rollouts never enter
-    cands = pool.candidates(4)
-    assert 0 < cands.num_rows <= 6
-    assert set(cands.column("policy_version").to_pylist()) <= {2, 3}
+        pool.send(_digit_groups(rng, 3, v, success=[2, 4, 1]))   # the middle group carries no signal
+        pool.report_version(v + 1)
+    assert len(pool) == 2 * 8                                # zero-variance groups never enter
+    rows = pool.candidates(4, unit="rollout")
+    assert 0 < rows.num_rows <= 6
+    assert set(rows.column("policy_version").to_pylist()) <= {2, 3}
     assert pool.selector.stats()["n_live"] == 16             # versions 0, 1 deleted; 2, 3 live (8 each)
-    pool.restore(pool.table)                                  # rebuilt from its rows (checkpoint path)
-    assert pool.candidates(4).num_rows > 0
+    state = pool.state_dict()
+    again = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
+    again.load_state_dict(state)                              # rebuilt from its rows (checkpoint path)
+    assert again.candidates(4).num_rows > 0 and again.version == 4

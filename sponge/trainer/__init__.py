@@ -2,10 +2,14 @@
 
 Public API:
 - config:     `ReMixConfig` (every knob, documented; `ReMixConfig.grpo()` for the on-policy baseline)
-- trainer:    `ReMixTrainer` (generate → reward → replay → m updates → version; checkpoints; hooks)
-- losses:     `sponge.trainer.losses` (GRPO advantages, PPO clip, Mix-PPG, KL-Convex, entropy, aggregation)
-- sampler:    `ReplaySampler`, `ReplaySource`, `FIFOReplayPool`, `DiverseReplayPool`, `rollouts_table`
-              and the density-ratio functions in `sponge.trainer.density_ratio`
+- trainer:    `ReMixTrainer` (generate → reward → replay → m updates → version; checkpoints; guard)
+- losses:     `sponge.trainer.losses` (PPO clip, decoupled PPO, Mix-PPG, KL-Convex, entropy, aggregation);
+              GRPO advantages are `sponge.groups.group_advantages`
+- replay:     the in-process `sponge.contract.ReplaySource` pools (`FIFOReplayPool`, `RandomReplayPool`,
+              `CuratedReplayPool`, `SelectorReplayPool`, `DiverseReplayPool`), `ReplaySampler`,
+              `draw_groups`, `rollouts_table`; the density ratios and off-policy corrections (TIS, MIS,
+              IcePop, geometric mask) in `sponge.trainer.density_ratio`
+- guard:      `CollapseGuard`
 - generators: `Generator`, `TransformersGenerator`, `VLLMGenerator` (lazy, optional extra)
 - tasks:      `ReverseTask`, `AdditionTask`, `make_task`
 - models:     `CharTokenizer`, `build_tiny_model`, `warm_start`, `load_pretrained`, `response_logprobs`
@@ -14,6 +18,7 @@ Public API:
 from . import density_ratio, losses
 from .config import ReMixConfig
 from .generators import Generation, Generator, TransformersGenerator, VLLMGenerator
+from .guard import CollapseGuard
 from .models import (
     CharTokenizer,
     HFTokenizer,
@@ -25,12 +30,16 @@ from .models import (
 )
 from .remix import ReMixTrainer
 from .replay import (
+    CuratedReplayPool,
     DiverseReplayPool,
     FIFOReplayPool,
+    RandomReplayPool,
     ReplayDraw,
     ReplaySampler,
     ReplaySource,
     SelectorReplayPool,
+    draw_groups,
+    make_pool,
     rollouts_table,
 )
 from .tasks import AdditionTask, ReverseTask, Task, make_task
@@ -38,11 +47,14 @@ from .tasks import AdditionTask, ReverseTask, Task, make_task
 __all__ = [
     "AdditionTask",
     "CharTokenizer",
+    "CollapseGuard",
+    "CuratedReplayPool",
     "DiverseReplayPool",
     "FIFOReplayPool",
     "Generation",
     "Generator",
     "HFTokenizer",
+    "RandomReplayPool",
     "ReMixConfig",
     "ReMixTrainer",
     "ReplayDraw",
@@ -56,8 +68,10 @@ __all__ = [
     "VLLMGenerator",
     "build_tiny_model",
     "density_ratio",
+    "draw_groups",
     "load_pretrained",
     "losses",
+    "make_pool",
     "make_task",
     "response_logprobs",
     "rollouts_table",

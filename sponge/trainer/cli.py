@@ -16,12 +16,14 @@ HELP = "train a tiny model on a toy task with ReMix or GRPO"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import ReMixConfig
+    from .config import CHOICES, ReMixConfig, field_docs
     from .tasks import TASKS
 
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--task", choices=sorted(TASKS), default="reverse", help="toy task")
     parser.add_argument("--algo", choices=["remix", "grpo"], default="remix",
-                        help="remix = off-policy ReMix; grpo = on-policy baseline (p=0, m=1, no reincarnation)")
+                        help="remix = off-policy ReMix; grpo = on-policy baseline as TRL runs it "
+                             "(p=0, m=1, no KL, no reincarnation, no dynamic sampling)")
     parser.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     parser.add_argument("--model", type=str, default=None,
@@ -31,21 +33,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-layer", type=int, default=2, help="tiny model: transformer blocks")
     parser.add_argument("--n-embd", type=int, default=64, help="tiny model: hidden width")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    defaults = ReMixConfig()
-    group = parser.add_argument_group("ReMixConfig (see sponge/trainer/config.py for each knob)")
+    defaults, docs = ReMixConfig(), field_docs(ReMixConfig)
+    optional_float = {"ratio_cap", "max_grad_norm", "target_kl", "reincarnate_after", "max_wall_seconds",
+                      "clip_eps_high"}
+    optional_int = {"reincarnate_at", "max_iterations", "checkpoint_every"}
+    optional_bool = {"recompute_logprobs"}
+    group = parser.add_argument_group("ReMixConfig (sponge/trainer/config.py documents each knob)")
     for f in dataclasses.fields(ReMixConfig):
         if f.name in ("progress",):
             continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            group.add_argument(flag, type=_bool, default=default, metavar="BOOL")
-        elif default is None or f.name in ("reincarnate_at", "ratio_cap", "max_iterations",
-                                           "checkpoint_every", "max_grad_norm"):
-            group.add_argument(flag, type=_optional(float if f.name in ("ratio_cap", "max_grad_norm") else int),
-                               default=default, metavar="VALUE|none")
+        text = docs.get(f.name, "") or f.name.replace("_", " ")
+        if f.name in optional_bool:
+            group.add_argument(flag, type=_optional(_bool), default=default, metavar="BOOL|none", help=text)
+        elif isinstance(default, bool):
+            group.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=text)
+        elif f.name in optional_float or f.name in optional_int:
+            kind = float if f.name in optional_float else int
+            group.add_argument(flag, type=_optional(kind), default=default, metavar="VALUE|none", help=text)
+        elif f.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[f.name], default=default, help=text)
         else:
-            group.add_argument(flag, type=type(default), default=default)
+            group.add_argument(flag, type=type(default), default=default, help=text)
 
 
 def _bool(s: str) -> bool:
@@ -80,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     knobs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReMixConfig) if hasattr(args, f.name)}
     try:
         if args.algo == "grpo":
-            knobs.update(replay_fraction=0.0, updates_per_batch=1, reincarnate_at=None)
+            knobs.update(replay_fraction=0.0, updates_per_batch=1, reincarnate_at=None, reincarnate_after=None,
+                         dynamic_sampling=False)
             if knobs["run_name"] == "remix":
                 knobs["run_name"] = "grpo"
         config = ReMixConfig(**knobs)

@@ -79,12 +79,39 @@ class CharTokenizer:
                 out.append(self.alphabet[i - 3])
         return "".join(out)
 
+    def to_hf(self):
+        """The same tokenizer as a Hugging Face `PreTrainedTokenizerFast` (same ids; a prompt gets
+        <bos> as a special token): for libraries that need one (TRL), built offline."""
+        from tokenizers import (
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            processors,
+        )
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **self._to_id}
+        inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+        inner.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+        inner.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>",
+                                       pad_token="<pad>", unk_token="<pad>")
+
 
 class HFTokenizer:
-    """Adapter giving a Hugging Face tokenizer the `Tokenizer` interface."""
+    """Adapter giving a Hugging Face tokenizer the `Tokenizer` interface.
 
-    def __init__(self, hf_tokenizer):
+    `decode` stops at the first end-of-sequence token; `skip_special_tokens` (default True) says
+    whether other special tokens are dropped from the text the reward sees (False keeps them, for
+    rewards that look at tool-call or reasoning markers). Rewards on token ids need no decoding at
+    all: override `Task.score`, which receives the token ids."""
+
+    def __init__(self, hf_tokenizer, skip_special_tokens: bool = True):
         self.hf = hf_tokenizer
+        self.skip_special_tokens = skip_special_tokens
         if hf_tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token; the trainer needs one to end responses")
         self.eos_token_id = int(hf_tokenizer.eos_token_id)
@@ -101,13 +128,15 @@ class HFTokenizer:
         ids = list(ids)
         if self.eos_token_id in ids:
             ids = ids[: ids.index(self.eos_token_id)]
-        return self.hf.decode(ids, skip_special_tokens=True)
+        return self.hf.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the tiny GPT-2 policy."""
+    """Shape of the tiny policy."""
 
+    #: "gpt2" (learned positions, GELU) or "llama" (rotary positions, RMSNorm, SwiGLU).
+    arch: str = "gpt2"
     #: Transformer blocks.
     n_layer: int = 2
     #: Hidden width.
@@ -119,11 +148,23 @@ class TinyModelConfig:
 
 
 def build_tiny_model(tokenizer: CharTokenizer, config: TinyModelConfig | None = None, seed: int = 0):
-    """A randomly initialised GPT-2 language model sized for `tokenizer`'s vocabulary."""
+    """A randomly initialised GPT-2 (or Llama, `config.arch`) language model sized for `tokenizer`'s
+    vocabulary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = config or TinyModelConfig()
     torch.manual_seed(seed)
+    if config.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=config.n_embd, intermediate_size=2 * config.n_embd,
+            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_head, max_position_embeddings=config.n_positions,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    if config.arch != "gpt2":
+        raise ValueError(f"unknown tiny model arch {config.arch!r}; use 'gpt2' or 'llama'")
     hf_config = GPT2Config(
         vocab_size=tokenizer.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, bos_token_id=tokenizer.bos_token_id,

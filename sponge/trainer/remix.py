@@ -3,21 +3,28 @@
 One iteration at policy version k (`ReMixTrainer.step`):
 
     1. generate   fresh prompts × group_size responses from π_k (fewer prompts while replay is on)
-    2. reward     the task's verifiable reward; GRPO group-relative advantages
+    2. reward     the task's verifiable reward; GRPO advantages within each group (sponge.groups)
     3. replay     draw p/(1−p) × (fresh responses) rollouts of π_{k−1..k−N} from the replay source,
-                  with truncated density-ratio weights (GLOW); then offer the fresh batch to it
-    4. update     m gradient steps on  Mix-PPG − c·H + β·KL-Convex  over fresh + replayed tokens
-    5. version    k ← k + 1; report it (hook); at k = T reincarnate: π_base ← π_k, replay off
+                  as whole groups; with dynamic sampling, also as many as the fresh groups without
+                  signal (all rewards equal) that leave the batch; then send the fresh batch to it
+    4. update     up to m gradient steps on  policy loss − c·H + β·KL-Convex  over fresh + replayed
+                  tokens, each token weighted by its off-policy correction of π_k/π_behaviour;
+                  the later steps are skipped once KL(π_k ‖ π_θ) passes target_kl
+    5. version    k ← k + 1; report it to the source; reincarnate when due: π_base ← π_k, replay off
+    6. guard      collapse check (entropy, reward, ratios): warn, stop or roll back
 
-With replay_fraction = 0 and updates_per_batch = 1 this is exactly GRPO (`ReMixConfig.grpo()`).
-The KL-Convex term holds π_base and π_{k−1} as frozen copies of the weights (choice).
+With replay_fraction = 0, updates_per_batch = 1 and no dynamic sampling this is exactly GRPO
+(`ReMixConfig.grpo()`). The trainer talks to its replay source only through the
+`sponge.contract.ReplaySource` protocol.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,79 +32,109 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sponge.contract import ReplaySource, tokenizer_fingerprint
+from sponge.groups import group_advantages, has_signal
+
 from .config import ReMixConfig
+from .density_ratio import correction_diagnostics, correction_weights, token_log_ratios
 from .generators import Generator, TransformersGenerator
+from .guard import CollapseGuard
 from .losses import (
     aggregate,
-    group_advantages,
+    decoupled_ppo_loss,
     kl_convex,
     kl_convex_lambda,
+    kl_k3,
     mix_ppg_loss,
 )
 from .metrics import MetricsLog, plot_runs
 from .models import response_logprobs
-from .replay import (
-    DiverseReplayPool,
-    FIFOReplayPool,
-    ReplaySampler,
-    ReplaySource,
-    SelectorReplayPool,
-    padded_list_column,
-    rollouts_table,
-)
+from .replay import ReplaySampler, make_pool, padded_list_column, rollouts_table
 
 __all__ = ["ReMixTrainer"]
+
+OptimizerArg = torch.optim.Optimizer | Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
 
 
 class ReMixTrainer:
     """Trains `model` on `task` with ReMix (or GRPO, see `ReMixConfig.grpo`).
 
-    Hooks: `on_policy_version(version)` after every update (the engine evicts stale rollouts),
-    `on_rollouts(table)` with every freshly generated batch as an Arrow table in the rollout
-    record schema (to publish to Kafka). `replay_source` defaults to the pool the config names.
+    Choices a custom setup makes (all optional; examples/custom_task.py shows them together):
+      replay_source  any `sponge.contract.ReplaySource` (default: the in-process pool the config
+                     names; none for on-policy GRPO without dynamic sampling)
+      optimizer      a torch optimiser over model.parameters(), or a function params → optimiser
+                     (default: config.optimizer at config.learning_rate)
+      eval_prompts   the held-out prompts (default: task.eval_set(config.eval_size), which never
+                     draws from the training stream; [] = no evaluation)
+      eval_fn        trainer → dict of metrics, replacing the default evaluation (greedy at
+                     config.eval_temperature, task.success on eval_prompts)
+      fingerprint    names the token ids of the rollouts for the source (default: computed from
+                     the tokenizer's vocabulary)
+      on_rollouts, on_policy_version   observers of each fresh batch (Arrow, record schema) and each
+                     new version, beside the replay source (which gets send/report_version itself)
     """
 
     def __init__(self, model, tokenizer, task, config: ReMixConfig, *, generator: Generator | None = None,
                  replay_source: ReplaySource | None = None, output_dir: str | Path | None = None,
+                 optimizer: OptimizerArg = None, eval_prompts: list[str] | None = None,
+                 eval_fn: Callable[[ReMixTrainer], dict] | None = None, fingerprint: str | None = None,
                  on_policy_version: Callable[[int], None] | None = None,
                  on_rollouts: Callable[[pa.Table], None] | None = None):
         self.config, self.task, self.tokenizer = config, task, tokenizer
         self.policy = model
         self.generator = generator or TransformersGenerator(tokenizer)
-        self.replay = replay_source or _make_pool(config)
+        wants_pool = config.replay_fraction > 0 or config.dynamic_sampling
+        self.replay = replay_source if replay_source is not None else (make_pool(config) if wants_pool else None)
         self.sampler = ReplaySampler(config.replay_sampling, config.ratio_mode, config.ratio_cap,
                                      config.ratio_cap_gamma, config.ratio_cap_min, config.ratio_cap_max,
                                      config.recency_decay)
         self.on_policy_version, self.on_rollouts = on_policy_version, on_rollouts
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log = MetricsLog(self.output_dir)
+        self.recompute = (config.recompute_logprobs if config.recompute_logprobs is not None
+                          else not isinstance(self.generator, TransformersGenerator))
 
         torch.manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.learning_rate)
+        self.optimizer = _make_optimizer(optimizer, self.policy, config)
         # Frozen references for KL-Convex: π_base (reset at reincarnation) and π_{k−1}.
         self.base = _frozen_copy(model) if config.kl_coef > 0 else None
         self.prev = _frozen_copy(model) if config.kl_coef > 0 else None
 
         self.rng = np.random.default_rng(config.seed)
-        self.version = 0            # policy version = updates applied so far
+        self.run_id = f"{config.run_name}-s{config.seed}"
+        self.fingerprint = fingerprint or _fingerprint(tokenizer)
+        # The source says where this run continues from (0 for a new run).
+        self.version = self.replay.register(self.run_id, self.fingerprint) if self.replay is not None else 0
         self.rollouts_generated = 0
+        self.rollouts_saved = 0.0       # dynamic sampling: generations a regenerate-until-full loop would need
+        self.signal_rate = 0.5          # running share of fresh rollouts whose group has signal
         self.replay_on = config.replay_fraction > 0
         self.lambda_clock_start = 0
         self.reincarnated_at: int | None = None
         self.history: list[dict] = []
         self.wall_time = 0.0
-        self.eval_prompts, _ = task.eval_set(config.eval_size)
+        self.guard = CollapseGuard(config.collapse_entropy_floor, config.collapse_reward_floor,
+                                   config.collapse_ratio_max)
+        self.collapses: list[dict] = []
+        self._healthy: deque = deque(maxlen=2)   # rollback points: the older one predates the decline
+        self.eval_fn = eval_fn
+        if eval_prompts is not None:
+            self.eval_prompts = list(eval_prompts)
+        elif hasattr(task, "eval_set"):
+            self.eval_prompts = list(task.eval_set(config.eval_size)[0])
+        else:
+            self.eval_prompts = []
 
     # ------------------------------------------------------------------ one iteration
     def step(self) -> dict:
         cfg, tok = self.config, self.tokenizer
         t0 = time.perf_counter()
-        policy_version = self.version
+        version = self.version
         replay_on = self.replay_on  # reincarnation at the end of this step must not relabel it
 
         # 1. generate: fewer fresh prompts while replay fills a fraction p of the batch.
         n_prompts = cfg.prompts_per_step
-        if self.replay_on:
+        if replay_on:
             n_prompts = max(1, round((1 - cfg.replay_fraction) * cfg.prompts_per_step))
         prompts, _ = self.task.sample(self.rng, n_prompts)
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
@@ -107,113 +144,157 @@ class ReMixTrainer:
                                       seed=int(self.rng.integers(2**62)))
         n_fresh = len(prompts)
         self.rollouts_generated += n_fresh
+        t_gen = time.perf_counter() - t0
 
         # 2. reward and GRPO advantages (group = the responses to one prompt).
-        rewards = self.task.reward(prompts, gen.responses)
-        advantages = group_advantages(torch.from_numpy(rewards), torch.from_numpy(group),
-                                      scale=cfg.scale_advantages).numpy()
-        tag = f"{cfg.run_name}-s{cfg.seed}-v{policy_version}"
+        rewards = np.asarray(self.task.score(prompts, gen), dtype=np.float32)
+        advantages = group_advantages(rewards, group, scale=cfg.scale_advantages)
+        signal = has_signal(rewards, group)
+        tag = f"{self.run_id}-v{version}"
         fresh = rollouts_table(
             rollout_ids=[f"{tag}-{i}" for i in range(n_fresh)],
             prompt_ids=[f"{tag}-p{g}" for g in group], prompts=prompts, responses=gen.responses,
             prompt_tokens=gen.prompt_tokens, response_tokens=gen.response_tokens,
-            behavior_logprobs=gen.logprobs, rewards=rewards, policy_version=policy_version,
-            advantages=advantages, run_id=cfg.run_name)
-        if self.on_rollouts is not None:
-            self.on_rollouts(fresh.drop_columns(["advantage"]))
+            behavior_logprobs=gen.logprobs, rewards=rewards, policy_version=version, run_id=self.run_id)
 
-        # 3. replay from earlier versions, corrected by truncated density ratios.
+        # 3. replay (whole groups), then offer the fresh batch: a batch never replays itself.
+        n_replay = round(cfg.replay_fraction / (1 - cfg.replay_fraction) * n_fresh) if replay_on else 0
+        n_fill = int((~signal).sum()) if cfg.dynamic_sampling else 0
         draw = None
-        if self.replay_on:
-            n_replay = round(cfg.replay_fraction / (1 - cfg.replay_fraction) * n_fresh)
-            draw = self.sampler.draw(self.replay.candidates(policy_version), n_replay,
-                                     self._score_current, policy_version, self.rng)
-            self.replay.add(fresh)  # after drawing: a batch never replays itself
+        if self.replay is not None and n_replay + n_fill > 0:
+            candidates = self.replay.candidates(version, unit=cfg.replay_unit)
+            draw = self.sampler.draw(candidates, n_replay + n_fill, self._score_current, version, self.rng,
+                                     unit=cfg.replay_unit)
+        if self.replay is not None:
+            self.replay.send(fresh)
+        if self.on_rollouts is not None:
+            self.on_rollouts(fresh)
+        n_drawn = 0 if draw is None else draw.table.num_rows
+        self.signal_rate = 0.9 * self.signal_rate + 0.1 * float(signal.mean())
+        filled = min(max(0, n_drawn - n_replay), n_fill)
+        saved = filled / max(self.signal_rate, 1.0 / n_fresh)
+        self.rollouts_saved += saved
 
-        # Assemble the batch: fresh rows first, then replayed rows.
-        all_prompts = list(gen.prompt_tokens)
-        all_responses = list(gen.response_tokens)
-        width = max(max((len(r) for r in all_responses), default=1), 1)
-        behavior = padded_list_column(fresh.column("behavior_logprobs"), 0.0, width)[0]
-        adv = advantages
-        weights = np.ones(n_fresh, dtype=np.float32)
+        # Assemble the batch: fresh rows (with signal, under dynamic sampling) first, then replayed rows.
+        keep = np.flatnonzero(signal) if cfg.dynamic_sampling else np.arange(n_fresh)
+        batch_prompts = [gen.prompt_tokens[i] for i in keep]
+        batch_responses = [gen.response_tokens[i] for i in keep]
+        behavior_col = fresh.column("behavior_logprobs").combine_chunks().take(pa.array(keep))
+        adv = advantages[keep]
+        row_weights = np.ones(len(keep), dtype=np.float32)
         if draw is not None:
-            all_prompts += draw.table.column("prompt_tokens").to_pylist()
-            all_responses += draw.table.column("response_tokens").to_pylist()
-            width = max(width, draw.logp_current.shape[1])
-            behavior = padded_list_column(fresh.column("behavior_logprobs"), 0.0, width)[0]
-            behavior = np.concatenate(
-                [behavior, padded_list_column(draw.table.column("behavior_logprobs"), 0.0, width)[0]])
-            adv = np.concatenate([advantages, draw.advantages])
-            weights = np.concatenate([weights, draw.weights])
-        logp_behavior = torch.from_numpy(behavior)
-        # Clip centre numerator log π_k: equal to the behaviour log-probs for fresh rows (c = 1
-        # exactly, so no replay + one update is exactly PPO/GRPO), scored for replayed rows.
-        logp_k = logp_behavior.clone()
-        if draw is not None:
-            logp_k[n_fresh:, : draw.logp_current.shape[1]] = draw.logp_current
-        adv_t, weights_t = torch.from_numpy(adv.astype(np.float32)), torch.from_numpy(weights)
-
-        # References for KL-Convex, scored once per batch.
-        lam = kl_convex_lambda(policy_version - self.lambda_clock_start, cfg.lambda_hold, cfg.lambda_every,
+            batch_prompts += draw.table.column("prompt_tokens").to_pylist()
+            batch_responses += draw.table.column("response_tokens").to_pylist()
+            behavior_col = pa.concat_arrays([behavior_col, draw.table.column("behavior_logprobs").combine_chunks()
+                                             .cast(behavior_col.type)])
+            adv = np.concatenate([adv, draw.advantages])
+            row_weights = np.concatenate([row_weights, draw.weights])
+        n_rows, n_kept = len(batch_prompts), len(keep)
+        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": float("nan"), "ratio_mean": 1.0,
+                 "ratio_max": 1.0, "clip_frac": 0.0, "approx_kl": 0.0}
+        lam = kl_convex_lambda(version - self.lambda_clock_start, cfg.lambda_hold, cfg.lambda_every,
                                cfg.lambda_decrement, cfg.lambda_floor)
-        if cfg.kl_coef > 0:
-            with torch.no_grad():
-                logp_base = self._score(self.base, all_prompts, all_responses, width)[0]
-                logp_prev = self._score(self.prev, all_prompts, all_responses, width)[0]
-            snapshot = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
-
-        # 4. m gradient steps on the same batch.
         m = cfg.updates_per_batch if self.reincarnated_at is None else cfg.updates_after_reincarnation
-        self.policy.train()
-        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0,
-                 "ratio_max": 0.0, "clip_frac": 0.0}
-        for _ in range(m):
-            scores = response_logprobs(self.policy, all_prompts, all_responses, tok.pad_token_id,
-                                       cfg.temperature, with_entropy=True)
-            logp, mask = _pad_to(scores.logprobs, width), _pad_to(scores.mask, width)
-            entropy = _pad_to(scores.entropy, width)
-            pg = mix_ppg_loss(logp, logp_behavior, logp_k, adv_t, mask, cfg.clip_eps)
-            per_token = pg - cfg.entropy_coef * entropy
-            kl = torch.zeros_like(pg)
-            if cfg.kl_coef > 0:
-                kl = kl_convex(logp, logp_base, logp_prev, mask, lam)
-                per_token = per_token + cfg.kl_coef * kl
-            loss = aggregate(per_token, mask, cfg.loss_aggregation, weights_t)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            with torch.no_grad():
-                ratio = torch.exp(logp - logp_behavior)[mask.bool()]
-                centre = torch.exp(logp_k - logp_behavior)[mask.bool()]
-                stats["loss"] += loss.item() / m
-                stats["pg_loss"] += aggregate(pg, mask, cfg.loss_aggregation, weights_t).item() / m
-                stats["kl"] += aggregate(kl, mask).item() / m
-                stats["entropy"] += aggregate(entropy, mask).item() / m
-                stats["ratio_mean"] += ratio.mean().item() / m
-                stats["ratio_max"] = max(stats["ratio_max"], ratio.max().item())
-                stats["clip_frac"] += ((ratio - centre).abs() > cfg.clip_eps).float().mean().item() / m
-        self.policy.eval()
+        updates_done = 0
+        t_update = time.perf_counter()
+        if n_rows:
+            width = max(max((len(r) for r in batch_responses), default=1), 1)
+            behavior_np, lengths = padded_list_column(behavior_col, 0.0, width)
+            logp_behavior = torch.from_numpy(behavior_np)
+            mask = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.float32))
+            # Proximal log π_k: the trainer's own for replayed rows (scored at the draw) and, when
+            # recomputing, for fresh rows; else the generator's (then the fresh weight is exactly 1).
+            logp_prox = logp_behavior.clone()
+            if self.recompute and n_kept:
+                logp_prox[:n_kept] = _pad_to(self._score_current(batch_prompts[:n_kept],
+                                                                 batch_responses[:n_kept])[0], width)
+            if draw is not None:
+                logp_prox[n_kept:] = _pad_to(draw.logp_current, width)
+            log_ratio = token_log_ratios(logp_prox, logp_behavior, mask)
+            is_weights = correction_weights(cfg.correction, log_ratio, mask, cfg.correction_low, cfg.correction_high)
+            if cfg.policy_loss == "mix_ppg":   # the ratio carries π_k/π_b itself: only masks apply
+                is_weights = (is_weights > 0).to(mask.dtype) * mask
+            stats.update(_prefixed("fresh_is_", correction_diagnostics(log_ratio[:n_kept], is_weights[:n_kept],
+                                                                        mask[:n_kept])) if self.recompute else {})
+            if draw is not None:
+                stats.update(_prefixed("replay_is_", correction_diagnostics(log_ratio[n_kept:], is_weights[n_kept:],
+                                                                             mask[n_kept:])))
+            adv_t, weights_t = torch.from_numpy(adv.astype(np.float32)), torch.from_numpy(row_weights)
 
-        # 5. new policy version; π_{k−1} ← π_k; reincarnation at T.
-        if cfg.kl_coef > 0:
-            self.prev.load_state_dict(snapshot)
+            if cfg.kl_coef > 0:  # references for KL-Convex, scored once per batch
+                with torch.no_grad():
+                    logp_base = self._score(self.base, batch_prompts, batch_responses, width)
+                    logp_prev = self._score(self.prev, batch_prompts, batch_responses, width)
+                snapshot = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
+
+            # 4. up to m gradient steps on the same batch.
+            self.policy.train()
+            totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
+            ratio_max, approx_kl = 1.0, 0.0
+            for j in range(m):
+                scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
+                                           cfg.temperature, with_entropy=True)
+                logp, entropy = _pad_to(scores.logprobs, width), _pad_to(scores.entropy, width)
+                with torch.no_grad():
+                    approx_kl = float(aggregate(kl_k3(logp.detach(), logp_prox, mask), mask))
+                if j > 0 and cfg.target_kl is not None and approx_kl > cfg.target_kl:
+                    break   # the policy already left the trust region on this batch
+                if cfg.policy_loss == "decoupled":
+                    pg = decoupled_ppo_loss(logp, logp_prox, is_weights, adv_t, mask, cfg.clip_eps, cfg.eps_high)
+                else:
+                    pg = is_weights * mix_ppg_loss(logp, logp_behavior, logp_prox, adv_t, mask, cfg.clip_eps,
+                                                   cfg.eps_high)
+                per_token = pg
+                if cfg.entropy_coef:
+                    per_token = per_token - cfg.entropy_coef * entropy
+                kl = torch.zeros_like(pg)
+                if cfg.kl_coef > 0:
+                    kl = kl_convex(logp, logp_base, logp_prev, mask, lam)
+                    per_token = per_token + cfg.kl_coef * kl
+                loss = aggregate(per_token, mask, cfg.loss_aggregation, weights_t)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                updates_done += 1
+                with torch.no_grad():
+                    on = mask.bool()
+                    ratio = torch.exp(logp - logp_prox)[on]
+                    totals["loss"] += loss.item()
+                    totals["pg_loss"] += aggregate(pg, mask, cfg.loss_aggregation, weights_t).item()
+                    totals["kl"] += aggregate(kl, mask).item()
+                    totals["entropy"] += aggregate(entropy, mask).item()
+                    totals["ratio_mean"] += ratio.mean().item()
+                    totals["clip_frac"] += ((ratio < 1 - cfg.clip_eps) | (ratio > 1 + cfg.eps_high)).float().mean().item()
+                    ratio_max = max(ratio_max, ratio.max().item())
+            self.policy.eval()
+            stats.update({k: v / max(updates_done, 1) for k, v in totals.items()})
+            stats.update({"ratio_max": ratio_max, "approx_kl": approx_kl})
+            if cfg.kl_coef > 0:
+                self.prev.load_state_dict(snapshot)
+        t_update = time.perf_counter() - t_update
+
+        # 5. new policy version; reincarnation when due.
         self.version += 1
+        if self.replay is not None:
+            self.replay.report_version(self.version)
         if self.on_policy_version is not None:
             self.on_policy_version(self.version)
-        if cfg.reincarnate_at is not None and self.version == cfg.reincarnate_at and self.reincarnated_at is None:
+        if self.reincarnated_at is None and self._reincarnation_due():
             self.reincarnate()
 
         self.wall_time += time.perf_counter() - t0
         record = {
             "iteration": self.version, "policy_version": self.version, "rollouts": self.rollouts_generated,
-            "n_fresh": n_fresh, "n_replay": 0 if draw is None else draw.table.num_rows,
+            "n_fresh": n_fresh, "n_replay": n_drawn, "n_batch": n_rows,
             "reward_mean": float(rewards.mean()),
             "success_train": float(self.task.success(prompts, gen.responses).mean()),
             "response_len": float(np.mean([len(r) for r in gen.response_tokens])),
-            "lambda": lam, "updates": m, "replay_on": replay_on, "wall_time": self.wall_time,
+            "lambda": lam, "updates": updates_done, "replay_on": replay_on, "wall_time": self.wall_time,
+            "step_s": time.perf_counter() - t0, "generate_s": t_gen, "update_s": t_update,
+            "ds_zero_var_groups": int((~signal).sum() // cfg.group_size), "ds_filled_rows": int(filled),
+            "ds_rollouts_saved": float(saved), "rollouts_saved_total": float(self.rollouts_saved),
             **stats,
         }
         if draw is not None:
@@ -221,28 +302,38 @@ class ReMixTrainer:
             record.update({"replay_ess_raw": s["ess_raw"], "replay_ess_truncated": s["ess_truncated"],
                            "replay_clip_fraction": s["clip_fraction"], "replay_clipped_mass": s["clipped_mass"],
                            "replay_mean_raw_weight": s["mean_raw_weight"], "replay_cap": s["cap"],
-                           "replay_candidates": s["candidates"], "replay_mean_staleness": s["mean_staleness"],
-                           "replay_staleness_hist": s["staleness_hist"]})
+                           "replay_candidates": s["candidates"], "replay_candidate_groups": s["candidate_groups"],
+                           "replay_mean_staleness": s["mean_staleness"],
+                           "replay_staleness_hist": s["staleness_hist"],
+                           "replay_reward_mean": float(np.mean(draw.table.column("reward").to_numpy())),
+                           "replay_abs_adv": float(np.abs(draw.advantages).mean())})
+        # 6. collapse guard.
+        reason = self.guard.check(record) if updates_done else None
+        if reason is not None:
+            record["collapse"] = reason
+            self._on_collapse(reason, record)
         return record
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
-        """Iterate until the rollout budget (or max_iterations) is spent; returns the history."""
+        """Iterate until the rollout budget, max_iterations or max_wall_seconds is spent (or a
+        collapse stops the run, with collapse_action "stop"); returns the history."""
         from tqdm.auto import tqdm
 
         cfg = self.config
+        started = time.perf_counter()
         if not self.history:
-            self._record(self._evaluated({"iteration": 0, "policy_version": 0, "rollouts": 0,
+            self._record(self._evaluated({"iteration": 0, "policy_version": self.version, "rollouts": 0,
                                           "wall_time": 0.0}))
         bar = tqdm(total=cfg.rollout_budget, initial=min(self.rollouts_generated, cfg.rollout_budget),
                    desc=cfg.run_name, unit="rollout", disable=not cfg.progress, leave=False)
-        while self.rollouts_generated < cfg.rollout_budget and (
-                cfg.max_iterations is None or self.version < cfg.max_iterations):
+        self._stop = False
+        while not self._done(started):
             before = self.rollouts_generated
+            if self.version % cfg.eval_every == 0 and "collapse" not in (self.history[-1] if self.history else {}):
+                self._healthy.append(self._snapshot())
             record = self.step()
-            done = self.rollouts_generated >= cfg.rollout_budget or (
-                cfg.max_iterations is not None and self.version >= cfg.max_iterations)
-            if self.version % cfg.eval_every == 0 or done:
+            if self.version % cfg.eval_every == 0 or self._done(started):
                 record = self._evaluated(record)
             self._record(record)
             bar.update(min(self.rollouts_generated, cfg.rollout_budget) - min(before, cfg.rollout_budget))
@@ -255,35 +346,80 @@ class ReMixTrainer:
         if self.output_dir is not None:
             self.log.write_csv(self.history)
             plot_runs({cfg.run_name: self.history}, self.output_dir / "curves.png",
-                      title=f"{cfg.run_name} on {self.task.name}")
+                      title=f"{cfg.run_name} on {getattr(self.task, 'name', type(self.task).__name__)}")
             self.save_checkpoint(self.output_dir / "checkpoint")
         return self.history
 
+    def _done(self, started: float) -> bool:
+        cfg = self.config
+        return (self._stop or self.rollouts_generated >= cfg.rollout_budget
+                or (cfg.max_iterations is not None and self.version >= cfg.max_iterations)
+                or (cfg.max_wall_seconds is not None and time.perf_counter() - started >= cfg.max_wall_seconds))
+
+    def _reincarnation_due(self) -> bool:
+        cfg = self.config
+        if cfg.reincarnate_at is not None:
+            return self.version >= cfg.reincarnate_at
+        if cfg.reincarnate_after is not None:
+            return self.rollouts_generated >= cfg.reincarnate_after * cfg.rollout_budget
+        return False
+
     def reincarnate(self) -> None:
-        """Policy reincarnation: π_base ← current policy, replay off (on-policy from here)."""
+        """Policy reincarnation: π_base ← current policy, replay off (on-policy from here; dynamic
+        sampling may still fill groups without signal from what the source holds afterwards)."""
         if self.base is not None:
             self.base.load_state_dict(self.policy.state_dict())
         self.replay_on = False
-        self.replay.clear()
+        if self.replay is not None:
+            self.replay.clear()
         if self.config.restart_lambda_clock:
             self.lambda_clock_start = self.version
         self.reincarnated_at = self.version
 
+    def _on_collapse(self, reason: str, record: dict) -> None:
+        action = self.config.collapse_action
+        event = {"policy_version": self.version, "rollouts": self.rollouts_generated, "reason": reason,
+                 "action": action}
+        if action == "rollback" and self._healthy:
+            state = self._healthy[0]
+            self.policy.load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.5
+            self._healthy.clear()
+            self.guard.reset_reward()
+            event["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+            record["collapse_lr"] = event["learning_rate"]
+        elif action == "stop":
+            self._stop = True
+        self.collapses.append(event)
+        print(f"sponge.trainer: collapse detected at version {self.version} "
+              f"({self.rollouts_generated} rollouts): {reason}; action: {action}", file=sys.stderr)
+
+    def _snapshot(self) -> dict:
+        return {"policy": {k: v.detach().clone() for k, v in self.policy.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out success rate and response length (fixed prompts and sampling seed)."""
+        """Held-out metrics: `eval_fn(trainer)` when given, else success rate, reward and response
+        length on eval_prompts (fixed sampling seed, config.eval_temperature; 0 = greedy)."""
+        if self.eval_fn is not None:
+            return dict(self.eval_fn(self))
+        if not self.eval_prompts:
+            return {}
         cfg = self.config
         tokens = [self.tokenizer.encode_prompt(p) for p in self.eval_prompts]
         gen = self.generator.generate(self.policy, tokens, cfg.max_new_tokens, cfg.eval_temperature,
                                       seed=cfg.seed + 1_000_003)
-        return {"eval_success": float(self.task.success(self.eval_prompts, gen.responses).mean()),
-                "eval_reward": float(self.task.reward(self.eval_prompts, gen.responses).mean()),
+        return {"eval_success": float(np.mean(self.task.success(self.eval_prompts, gen.responses))),
+                "eval_reward": float(np.mean(self.task.score(self.eval_prompts, gen))),
                 "eval_response_len": float(np.mean([len(r) for r in gen.response_tokens]))}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Everything needed to resume bit-for-bit: weights, optimiser, references, counters, RNG,
-        replay pool (Arrow IPC) and history."""
+        the replay source's state_dict and the history."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {
@@ -291,28 +427,22 @@ class ReMixTrainer:
             "base": None if self.base is None else self.base.state_dict(),
             "prev": None if self.prev is None else self.prev.state_dict(),
             "version": self.version, "rollouts_generated": self.rollouts_generated,
+            "rollouts_saved": self.rollouts_saved, "signal_rate": self.signal_rate,
             "replay_on": self.replay_on, "lambda_clock_start": self.lambda_clock_start,
             "reincarnated_at": self.reincarnated_at, "rng": self.rng.bit_generator.state,
             "history": self.history, "wall_time": self.wall_time, "config": self.config.to_dict(),
+            "guard": copy.deepcopy(self.guard.state), "collapses": self.collapses,
+            "source": None if self.replay is None else self.replay.state_dict(),
         }
         tmp = directory / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(directory / "state.pt")
-        table = getattr(self.replay, "table", None)
-        pool_path = directory / "replay.arrow"
-        if table is not None:
-            with pa.OSFile(str(pool_path) + ".tmp", "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
-            Path(str(pool_path) + ".tmp").replace(pool_path)
-        elif pool_path.exists():
-            pool_path.unlink()
         (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore a checkpoint written by `save_checkpoint` into this trainer."""
-        directory = Path(directory)
-        path = directory / "state.pt"
+        path = Path(directory) / "state.pt"
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
         state = torch.load(path, weights_only=False)
@@ -322,18 +452,19 @@ class ReMixTrainer:
             self.base.load_state_dict(state["base"])
             self.prev.load_state_dict(state["prev"])
         self.version, self.rollouts_generated = state["version"], state["rollouts_generated"]
+        self.rollouts_saved, self.signal_rate = state["rollouts_saved"], state["signal_rate"]
         self.replay_on, self.lambda_clock_start = state["replay_on"], state["lambda_clock_start"]
         self.reincarnated_at, self.history = state["reincarnated_at"], state["history"]
-        self.wall_time = state["wall_time"]
+        self.wall_time, self.collapses = state["wall_time"], state["collapses"]
+        self.guard.state = state["guard"]
         self.rng.bit_generator.state = state["rng"]
-        pool_path = directory / "replay.arrow"
-        if hasattr(self.replay, "restore"):
-            self.replay.restore(pa.ipc.open_file(str(pool_path)).read_all() if pool_path.exists() else None)
+        if self.replay is not None and state["source"] is not None:
+            self.replay.load_state_dict(state["source"])
 
     # ------------------------------------------------------------------ helpers
-    def _score(self, model, prompts, responses, width):
+    def _score(self, model, prompts, responses, width) -> torch.Tensor:
         s = response_logprobs(model, prompts, responses, self.tokenizer.pad_token_id, self.config.temperature)
-        return _pad_to(s.logprobs, width), _pad_to(s.mask, width)
+        return _pad_to(s.logprobs, width)
 
     @torch.no_grad()
     def _score_current(self, prompts, responses):
@@ -355,12 +486,28 @@ class ReMixTrainer:
         return float("nan")
 
 
-def _make_pool(config: ReMixConfig) -> ReplaySource:
-    if config.replay_pool == "diverse":
-        return DiverseReplayPool(config.replay_window, config.pool_capacity)
-    if config.replay_pool == "selector":
-        return SelectorReplayPool(config.replay_window, config.pool_capacity, seed=config.seed)
-    return FIFOReplayPool(config.replay_window)
+def _make_optimizer(optimizer: OptimizerArg, model, config: ReMixConfig) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    params = list(model.parameters())
+    if optimizer is not None:
+        return optimizer(params)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _fingerprint(tokenizer) -> str:
+    try:
+        return tokenizer_fingerprint(tokenizer)
+    except TypeError:   # a tokenizer without a vocabulary to hash: name its class (pass fingerprint=)
+        return f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+
+
+def _prefixed(prefix: str, stats: dict) -> dict:
+    return {prefix + k: v for k, v in stats.items()}
 
 
 def _frozen_copy(model):
@@ -375,3 +522,4 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     if x.shape[1] >= width:
         return x[:, :width]
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+

@@ -4,6 +4,17 @@ A task makes prompts, knows each prompt's correct answer, scores a response and 
 fixed held-out evaluation set (drawn from a seed disjoint from training prompts' stream).
 Prompts and answers are short strings over a small alphabet, so the character tokenizer in
 `models.py` covers them.
+
+What the trainer calls on a task (your own needs only these; see examples/custom_task.py):
+
+    sample(rng, n) -> (prompts, answers)   training prompts; `rng` is the trainer's generator, which
+                                           a task with a fixed prompt stream may ignore
+    score(prompts, generation) -> [n]      rewards; the default calls `reward(prompts, texts)`, override
+                                           it to reward on token ids (generation.response_tokens)
+    success(prompts, responses) -> [n]     held-out success (only by the default evaluation)
+    eval_set(n) -> (prompts, answers)      held-out prompts, only when the trainer is given none
+                                           (`eval_prompts=`); the default draws from its own seed,
+                                           never from the training stream
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TASKS", "AdditionTask", "ReverseTask", "Task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "MixedReverseTask", "ReverseTask", "Task", "make_task"]
 
 
 class Task:
@@ -46,6 +57,11 @@ class Task:
                 hits = sum(a == b for a, b in zip(ans, resp))
                 out[i] = self.partial_credit * hits / max(len(ans), len(resp), 1)
         return out
+
+    def score(self, prompts: list[str], generation) -> np.ndarray:
+        """Rewards for a `Generation` (text, token ids and log-probs of each response). The default
+        rewards the decoded text; override to reward token ids."""
+        return self.reward(prompts, generation.responses)
 
     def success(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """1.0 where the response is exactly the answer."""
@@ -114,11 +130,23 @@ class AdditionTask(Task):
         return str(int(left) + int(right))
 
 
-TASKS: dict[str, type[Task]] = {"reverse": ReverseTask, "add": AdditionTask}
+@dataclass
+class MixedReverseTask(ReverseTask):
+    """Reverse a digit string of 2 to 8 digits: prompts of very different difficulty and answer
+    length (short ones are soon always right, long ones long always wrong: both give groups without
+    learning signal), with partial credit for the positions right."""
+
+    min_len: int = 2
+    max_len: int = 8
+    partial_credit: float = 0.3
+    name: str = "reverse_mixed"
+
+
+TASKS: dict[str, type[Task]] = {"reverse": ReverseTask, "add": AdditionTask, "reverse_mixed": MixedReverseTask}
 
 
 def make_task(name: str, **kwargs) -> Task:
-    """Build a task by name (`reverse` or `add`)."""
+    """Build a task by name (`reverse`, `reverse_mixed` or `add`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name](**kwargs)
