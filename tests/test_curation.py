@@ -1,13 +1,16 @@
-"""The curator over a real Parquet store and the real dynamic selector."""
+"""The curator over a real Parquet store and the real dynamic selector, one run or several."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from sponge.engine.curation import CurationConfig, Curator, _group_has_signal, embedding_matrix
+from sponge.engine.curation import CurationConfig, Curator, embedding_matrix, group_has_signal
+from sponge.engine.runs import RunError
 from sponge.engine.shards import greedy_subset
 from sponge.engine.store import RolloutStore, SegmentWrite
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
@@ -21,9 +24,12 @@ def write(store: RolloutStore, curator: Curator, rows: pa.Table, first: int) -> 
     return w
 
 
-def versions(n_per: int, n_versions: int, seed: int = 0) -> list[pa.Table]:
-    return [synthetic_rollouts(n_per, seed=seed + v, config=SyntheticConfig(policy_version=v, response_tokens=30),
-                               id_prefix=f"v{v}") for v in range(n_versions)]
+def versions(n_per: int, n_versions: int, seed: int = 0, run: str = "synthetic") -> list[pa.Table]:
+    cfg = SyntheticConfig(response_tokens=30, run_id=run)
+    return [synthetic_rollouts(n_per, seed=seed + v, config=dataclasses.replace(cfg, policy_version=v),
+                               id_prefix=f"{run}-v{v}") for v in range(n_versions)]
+
+RUN = "synthetic"   # synthetic_rollouts' run; it registers itself when its rollouts arrive
 
 
 @pytest.fixture
@@ -41,20 +47,21 @@ def test_subset_is_kept_and_snapshotted(store):
     ids = cur.subset_ids()
     assert len(ids) == 12 and len(set(ids)) == 12
     cur.snapshot()
-    snap = store.sql("SELECT rollout_id, selection_version, objective_value FROM replay_subset")
+    snap = store.sql("SELECT rollout_id, run_id, selection_version, objective_value FROM replay_subset")
     assert sorted(snap.column("rollout_id").to_pylist()) == sorted(ids)
-    assert set(snap.column("selection_version").to_pylist()) == {cur.selection_version}
-    assert snap.column("objective_value")[0].as_py() == pytest.approx(cur.value())
+    assert set(snap.column("run_id").to_pylist()) == {RUN}
+    assert set(snap.column("selection_version").to_pylist()) == {cur.selection_version(RUN)}
+    assert snap.column("objective_value")[0].as_py() == pytest.approx(cur.describe_run(RUN)["objective_value"])
     # The dynamic solution is competitive with lazy greedy on the same live set.
     greedy_value = lazy_greedy_value(cur)
-    assert cur.value() >= 0.5 * greedy_value
+    assert cur.describe_run(RUN)["objective_value"] >= 0.5 * greedy_value
 
 
 def lazy_greedy_value(cur: Curator) -> float:
     """Lazy greedy over every live rollout in the store, on the curator's objective."""
     live = cur.store.connect().sql("SELECT prompt_id, reward, embedding FROM rollouts").to_arrow_table()
-    _, value = greedy_subset(cur.selector.objective, np.arange(live.num_rows), embedding_matrix(live),
-                             cur.config.k, quality=_group_has_signal(live))
+    _, value = greedy_subset(cur._run(RUN).selection.selector.objective, np.arange(live.num_rows),
+                             embedding_matrix(live), cur.config.k, quality=group_has_signal(live))
     return value
 
 
@@ -65,24 +72,27 @@ def test_retention_evicts_from_store_and_selector(store):
         write(store, cur, table, first)
         first += table.num_rows
     assert cur.describe()["n_live"] == 480
-    evicted = cur.report_policy_version(3)   # keep versions >= 2
+    evicted = cur.report_version(RUN, 3)["evicted"]   # keep versions >= 2
     assert evicted == 240
     left = store.sql("SELECT DISTINCT policy_version FROM rollouts ORDER BY 1").column(0).to_pylist()
     assert left == [2, 3]
-    assert cur.describe()["n_live"] == 240 and cur.describe()["retired_below"] == 2
+    assert cur.describe()["n_live"] == 240 and cur.describe_run(RUN)["retired_below"] == 2
     subset_versions = store.sql(
         "SELECT DISTINCT r.policy_version FROM rollouts r WHERE rollout_id IN ("
         + ",".join(f"'{i}'" for i in cur.subset_ids()) + ")").column(0).to_pylist()
     assert set(subset_versions) <= {2, 3}
-    with pytest.raises(ValueError, match="backwards"):
-        cur.report_policy_version(1)
+    with pytest.raises(RunError, match="backwards"):
+        cur.report_version(RUN, 1)
+    with pytest.raises(RunError, match="largest jump"):
+        cur.report_version(RUN, 10**9)
 
 
 def test_explicit_removal_and_sampling(store):
     cur = Curator(store, CurationConfig(k=10, n_references=64))
     write(store, cur, versions(200, 1)[0], 0)
     victim = cur.subset_ids()[0]
-    assert cur.remove([victim, "no-such-id"]) == 1
+    removal = cur.remove([victim, "no-such-id"])
+    assert removal.removed == 1 and removal.unknown == ["no-such-id"]
     assert victim not in cur.subset_ids()
     assert store.sql(f"SELECT count(*) FROM rollouts WHERE rollout_id = '{victim}'").column(0)[0].as_py() == 0
     sample = cur.sample(64, weighting="quality", seed=3)
@@ -108,7 +118,7 @@ def test_a_rollout_removed_while_queued_for_selection_stays_out(store):
     w = store.write_segment(queued, topic="rollouts", partition=0, offsets=np.arange(100, 200, dtype=np.int64),
                             first_offset=100, last_offset=199)   # stored; its curation batch still queued
     gone = queued.column("rollout_id").to_pylist()[:30]
-    assert cur.remove(gone) == 30
+    assert cur.remove(gone).removed == 30
     cur.on_segment(w, queued)                                    # the queued batch arrives after the removal
     assert cur.describe()["n_live"] == 170
     assert not set(gone) & set(cur.subset_ids())
@@ -121,20 +131,21 @@ def test_rebuild_from_store_reaches_the_same_value(store):
     for table in versions(150, 3, seed=5):
         write(store, cur, table, first)
         first += table.num_rows
-    value = cur.value()
+    value = cur.describe_run(RUN)["objective_value"]
     restarted = Curator(store, cfg)          # a new process: same references from disk
     seconds = restarted.rebuild()
     assert seconds > 0
     assert restarted.describe()["n_live"] == 450
-    assert restarted.value() == pytest.approx(value, rel=0.05)
-    np.testing.assert_allclose(restarted.selector.objective.references, cur.selector.objective.references,
-                               atol=1e-6)
+    assert restarted.describe_run(RUN)["objective_value"] == pytest.approx(value, rel=0.05)
+    np.testing.assert_allclose(restarted._run(RUN).selection.selector.objective.references,
+                               cur._run(RUN).selection.selector.objective.references, atol=1e-6)
 
 
 def test_empty_subset_sampling_is_a_clear_error(store):
     cur = Curator(store, CurationConfig(k=4, n_references=64))
+    cur.register_run("fresh")
     with pytest.raises(ValueError, match="empty"):
-        cur.sample(3)
+        cur.sample(3, run_id="fresh")
 
 
 def test_reference_refresh_never_inserts_a_rollout_twice(store):
@@ -149,13 +160,14 @@ def test_reference_refresh_never_inserts_a_rollout_twice(store):
                                            first_offset=0, last_offset=rows.num_rows - 1), rows))
     for w, rows in writes:
         cur.on_segment(w, rows)
-    assert cur.describe()["references"] == 100
+    assert cur.describe_run(RUN)["references"] == 100
     assert cur.describe()["n_live"] == store.count() == 120
 
 
 def test_rows_arriving_outside_the_window_are_evicted_at_once(store):
     cur = Curator(store, CurationConfig(k=8, n_references=32, retention_window=1))
-    cur.report_policy_version(5)
+    cur.register_run(RUN)
+    cur.report_version(RUN, 5)
     old = synthetic_rollouts(40, seed=1, id_prefix="late", config=SyntheticConfig(policy_version=2))
     assert write(store, cur, old, 0).rows_skipped_retired == 40   # the store refuses retired versions
     assert store.count() == 0 and cur.describe()["n_live"] == 0
@@ -166,7 +178,80 @@ def test_rows_arriving_outside_the_window_are_evicted_at_once(store):
     older = synthetic_rollouts(40, seed=3, id_prefix="older", config=SyntheticConfig(policy_version=5))
     offsets = np.arange(100, 140, dtype=np.int64)
     w = store.write_segment(older, topic="rollouts", partition=0, offsets=offsets, first_offset=100, last_offset=139)
-    assert cur.report_policy_version(7) == 80 and cur.describe()["n_live"] == 0
+    assert cur.report_version(RUN, 7)["evicted"] == 80 and cur.describe()["n_live"] == 0
     cur.on_segment(w, older)
     assert store.count() == 0 and cur.describe()["n_live"] == 0
-    assert cur.describe()["evicted_total"] == 80
+    assert cur.describe_run(RUN)["evicted_total"] == 80
+
+
+def test_runs_are_namespaces_each_with_its_own_version_retention_and_subset(store):
+    cur = Curator(store, CurationConfig(k=8, n_references=32, retention_window=1, max_runs=2))
+    assert cur.register_run("a", "fp-a")[1] is True
+    assert cur.register_run("a", "fp-a")[1] is False                  # resumed, not new
+    with pytest.raises(RunError, match="fingerprint") as err:
+        cur.register_run("a", "fp-other")
+    assert err.value.status == 409
+    first = 0
+    for run in ("a", "b"):
+        for table in versions(40, 3, run=run):
+            write(store, cur, table, first)
+            first += table.num_rows
+    assert cur.registry.get("b").fingerprint == ""                    # b registered itself on arrival
+    assert cur.register_run("b", "fp-b")[0].fingerprint == "fp-b"     # and takes its trainer's fingerprint
+    with pytest.raises(RunError, match="too many live runs"):
+        cur.register_run("c")
+    cur.report_version("a", 2)                                        # a's window: versions >= 1
+    assert store.version_counts("a") == {1: 40, 2: 40} and store.version_counts("b") == {0: 40, 1: 40, 2: 40}
+    assert cur.describe_run("b")["policy_version"] == 0               # b's version untouched
+    candidates = cur.candidates("a", 2).table
+    assert set(candidates.column("run_id").to_pylist()) == {"a"}      # never another run's rows
+    assert set(candidates.column("policy_version").to_pylist()) <= {1}   # [2 - 1, 2): no future versions
+    assert set(cur.subset_ids("b")) <= set(store.rows_by_id(cur.subset_ids("b"), ["rollout_id"])
+                                          .column(0).to_pylist())
+    with pytest.raises(RunError, match="say which"):
+        cur.subset_ids()                                              # two runs: the legacy routes must be told
+    assert cur.delete_run("b") == 120
+    assert store.version_counts("b") == {} and cur.runs()[0]["run_id"] == "a"
+    with pytest.raises(RunError, match="deleted") as err:
+        cur.register_run("b")
+    assert err.value.status == 410
+    late = versions(10, 1, seed=99, run="b")[0]
+    assert write(store, cur, late, first).retired == {"b": 10}          # a deleted run's late rows are refused
+
+
+def test_group_candidates_are_whole_groups_with_signal_and_exact_advantages(store):
+    cur = Curator(store, CurationConfig(k=16, n_references=32, retention_window=3))
+    first = 0
+    for table in versions(96, 3):
+        write(store, cur, table, first)
+        first += table.num_rows
+    table = cur.candidates(RUN, 3, unit="group").table
+    assert table.num_rows > 0
+    stored = store.sql("SELECT prompt_id, policy_version, reward FROM rollouts").to_pandas()
+    for group_id, rows in table.to_pandas().groupby("group_id"):
+        prompt, version = group_id.rsplit("@", 1)
+        whole = stored[(stored.prompt_id == prompt) & (stored.policy_version == int(version))]
+        assert len(rows) == len(whole)                                # the whole group, every stored rollout
+        assert rows.reward.max() > rows.reward.min()                  # never a group without signal
+        expected = (rows.reward - whole.reward.mean()) / (whole.reward.std(ddof=0) + 1e-6)
+        np.testing.assert_allclose(rows.advantage, expected, rtol=1e-4, atol=1e-5)
+    singles = cur.candidates(RUN, 3, unit="rollout").table
+    assert set(singles.column("rollout_id").to_pylist()) <= set(cur.subset_ids(RUN))
+
+
+def test_retention_waits_for_the_rollouts_the_trainer_sent(store):
+    cur = Curator(store, CurationConfig(k=8, n_references=32, retention_window=1, retention_grace_s=60))
+    cur.register_run(RUN)
+    tables = versions(40, 3)
+    write(store, cur, tables[0], 0)
+    # The trainer has sent 40 rollouts of versions 0, 1 and 2 but only version 0 has arrived; at
+    # version 3 its window keeps >= 2, yet nothing of 1 may be retired before it is in.
+    reply = cur.report_version(RUN, 3, sent={0: 40, 1: 40, 2: 40})
+    assert reply["retired_below"] == 1 and reply["retention_deferred_to"] == 2
+    w = write(store, cur, tables[1], 40)
+    assert w.rows_written == 40 and w.retired == {}                   # not refused: it was in flight
+    assert store.retired_below(RUN) == 2                               # and now retired, as asked
+    gap = cur.wait_for(RUN, {2: 40}, timeout_s=0.3)
+    assert gap == {2: 40}                                              # bounded wait, says what is missing
+    write(store, cur, tables[2], 80)
+    assert cur.wait_for(RUN, {2: 40}, timeout_s=5) == {}

@@ -8,7 +8,7 @@ fsynced and renamed, so a reader or a crash never sees half a file):
     rollouts/run=R/policy_version=V/<topic>+<partition>+<first>-<last>.parquet
     tombstones/<time>-<uuid>.parquet        deleted rollout ids (rollout_id, reason, deleted_at)
     dead_letters/<time>-<uuid>.parquet      rejected messages (topic, partition, offset, reason, value, received_at)
-    replay/selection-<version>.parquet      curated replay subsets, the last few kept
+    replay/selection-<seq>.parquet          curated replay subsets of every run, the last few kept
     _locks/<topic>+<partition>.lock         advisory locks between writer processes
 
 Every rollout belongs to a run (its `run_id`; a rollout without one belongs to the run named
@@ -55,8 +55,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sponge.contract import REPLAY_COLUMNS
 from sponge.engine.idmap import RolloutIdSet, first_occurrence
-from sponge.engine.sql import QueryResult, SqlLimits, run_read_only
+from sponge.engine.sql import QueryResult, SqlLimits
+from sponge.engine.sql_worker import SqlWorkers
 from sponge.record import (
     DEAD_LETTER_SCHEMA,
     DEFAULT_EMBEDDING_DIM,
@@ -88,6 +90,7 @@ TOMBSTONE_SCHEMA = pa.schema([
 ])
 REPLAY_SCHEMA = pa.schema([
     pa.field("rollout_id", pa.string(), nullable=False),
+    pa.field("run_id", pa.string()),
     pa.field("selection_version", pa.int64()),
     pa.field("objective_value", pa.float64()),
     pa.field("selected_at", pa.timestamp("ms", tz="UTC")),
@@ -158,6 +161,8 @@ class SegmentWrite:
     new_ids: pa.Array
     #: rows refused because their run's retention had retired their policy_version, per run.
     retired: dict[str, int] = field(default_factory=dict)
+    #: rows skipped because the store already held (or had tombstoned) their rollout_id, per run.
+    duplicates: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_skipped_retired(self) -> int:
@@ -300,8 +305,11 @@ class RolloutStore:
             h1, h2 = self._index.hash(rows.column("rollout_id"))
             keep = ~self._index.contains_hashed(h1, h2) & first_occurrence(h1, h2)
             n_keep = int(keep.sum())
+            duplicates = {} if n_keep == rows.num_rows else {
+                r["values"]: r["counts"]
+                for r in pc.value_counts(rows.column("run_id").filter(pa.array(~keep))).to_pylist()}
             if n_keep == 0:
-                return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()), retired)
+                return SegmentWrite([], 0, rows.num_rows, pa.array([], pa.string()), retired, duplicates)
             new_rows = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
             new_offsets = offsets[keep]
             table = self._with_store_columns(new_rows, topic, partition, new_offsets)
@@ -328,6 +336,7 @@ class RolloutStore:
                 rows_skipped_duplicate=rows.num_rows - n_keep,
                 new_ids=new_rows.column("rollout_id").combine_chunks(),
                 retired=retired,
+                duplicates=duplicates,
             )
 
     def _conform_rows(self, rows: pa.Table) -> pa.Table:
@@ -645,38 +654,26 @@ class RolloutStore:
         path = self.root / DEAD_LETTERS_DIR / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
         self._write_parquet(table, path)
 
-    def write_replay_snapshot(
-        self,
-        rollout_ids: Sequence[str] | pa.Array,
-        *,
-        objective_value: float,
-        selection_version: int,
-        extra: dict | None = None,
-    ) -> Path:
-        """Persist one curated replay subset; the `replay_subset` view shows the newest version.
-
-        `extra` (JSON-serialisable) goes into the file's metadata under `sponge.extra`.
-        """
-        ids = _as_string_array(rollout_ids)
-        if ids.null_count:
+    def write_replay_snapshot(self, subsets: pa.Table | None, *, seq: int, extra: dict | None = None) -> Path:
+        """Persist the curated replay subsets of every run (rollout_id, run_id, selection_version,
+        objective_value); the `replay_subset` view shows the newest file. `seq` numbers the files;
+        `extra` (JSON-serialisable) goes into the file's metadata under `sponge.extra`."""
+        seq = int(seq)
+        if seq < 0:
+            raise StoreError(f"snapshot seq must be >= 0, got {seq}")
+        if subsets is None:
+            subsets = REPLAY_SCHEMA.empty_table().drop_columns(["selected_at"])
+        if subsets.column("rollout_id").null_count:
             raise StoreError("replay snapshot rollout_ids contain nulls")
-        version = int(selection_version)
-        if version < 0:
-            raise StoreError(f"selection_version must be >= 0, got {selection_version}")
-        n = len(ids)
-        now = int(time.time() * 1000)
-        table = pa.Table.from_arrays(
-            [ids, pa.array(np.full(n, version, dtype=np.int64)),
-             pa.array(np.full(n, float(objective_value), dtype=np.float64)),
-             pa.array(np.full(n, now, dtype=np.int64)).cast(pa.timestamp("ms", tz="UTC"))],
-            schema=REPLAY_SCHEMA,
-        )
+        now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+        table = subsets.append_column("selected_at", pa.repeat(now, subsets.num_rows)).select(
+            REPLAY_SCHEMA.names).cast(REPLAY_SCHEMA)
         try:
             extra_json = json.dumps(extra or {}, sort_keys=True)
         except TypeError as exc:
             raise StoreError(f"replay snapshot extra is not JSON-serialisable: {exc}") from None
         table = table.replace_schema_metadata({b"sponge.extra": extra_json.encode()})
-        path = self.root / REPLAY_DIR / f"selection-{version:012d}.parquet"
+        path = self.root / REPLAY_DIR / f"selection-{seq:012d}.parquet"
         self._write_parquet(table, path)
         snapshots = sorted((self.root / REPLAY_DIR).glob("selection-*.parquet"))
         for old in snapshots[: max(0, len(snapshots) - self.config.replay_keep)]:
@@ -717,10 +714,11 @@ class RolloutStore:
         retired = " OR ".join(f"(run = {_sql_str(run)} AND policy_version < {int(mark)})"
                               for run, mark in sorted(marks.items()))
         rollouts_all = (
-            f"SELECT {', '.join(columns)} FROM ({_typed_empty(self._stored_schema, dim)} UNION ALL BY NAME "
+            f"SELECT {', '.join(columns)} FROM (SELECT *, NULL::VARCHAR AS run FROM "
+            f"{_typed_empty(self._stored_schema, dim)} UNION ALL BY NAME "
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=true, "
-            "hive_types={'run': 'VARCHAR', 'policy_version': 'BIGINT'})"
-            + (f" WHERE NOT ({retired})" if retired else "") + ")"
+            "hive_types={'run': 'VARCHAR', 'policy_version': 'BIGINT'}))"
+            + (f" WHERE NOT ({retired})" if retired else "")
         )
 
         def flat(directory: str, pattern: str, schema: pa.Schema) -> str:
@@ -729,7 +727,12 @@ class RolloutStore:
             return (f"SELECT {cols} FROM ({_typed_empty(schema, dim)} UNION ALL BY NAME "
                     f"SELECT * FROM read_parquet({glob}, allow_empty=true, hive_partitioning=false))")
 
-        replay_all = flat(REPLAY_DIR, "selection-*.parquet", REPLAY_SCHEMA)
+        replay_glob = _sql_str(str(self.root / REPLAY_DIR / "selection-*.parquet"))
+        replay_all = (f"SELECT {', '.join(_quote_ident(n) for n in REPLAY_SCHEMA.names)}, filename FROM "
+                      f"(SELECT *, NULL::VARCHAR AS filename FROM {_typed_empty(REPLAY_SCHEMA, dim)} "
+                      "UNION ALL BY NAME SELECT * FROM read_parquet("
+                      f"{replay_glob}, allow_empty=true, hive_partitioning=false, union_by_name=true, "
+                      "filename=true))")
         segment_counts = (
             f"SELECT filename, count(*) AS n FROM ((SELECT NULL::VARCHAR AS filename WHERE false) UNION ALL BY NAME "
             f"SELECT * FROM read_parquet({rollouts_glob}, allow_empty=true, hive_partitioning=false, filename=true)) "
@@ -737,8 +740,8 @@ class RolloutStore:
         )
         rollouts = (f"SELECT * FROM ({rollouts_all}) "
                     "WHERE rollout_id NOT IN (SELECT rollout_id FROM tombstones)")
-        replay_subset = (f"SELECT * FROM ({replay_all}) "
-                         f"WHERE selection_version = (SELECT max(selection_version) FROM ({replay_all}))")
+        replay_subset = (f"SELECT * EXCLUDE (filename) FROM ({replay_all}) "
+                         f"WHERE filename = (SELECT max(filename) FROM ({replay_all}))")
         segments = (
             "SELECT b.filename AS file, "
             "regexp_extract(b.filename, '/run=([^/]+)/', 1) AS run_id, "
@@ -770,17 +773,19 @@ class RolloutStore:
             conn.execute(statement)
         return conn
 
-    @_retry_if_a_segment_vanished
-    def query(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None) -> QueryResult:
-        """Run user SQL read-only within the configured bounds; returns the table and whether it was cut."""
-        base = self.config.sql_limits
-        limits = SqlLimits(
-            max_rows=base.max_rows if max_rows is None else int(max_rows),
-            timeout_s=base.timeout_s if timeout_s is None else float(timeout_s),
-            memory_limit=base.memory_limit,
-            threads=base.threads,
-        )
-        return run_read_only(query, setup_sql=self.view_sql(), allowed_dir=self.root, limits=limits)
+    def query(self, query: str, *, max_rows: int | None = None, timeout_s: float | None = None,
+              workers: SqlWorkers | None = None) -> QueryResult:
+        """Run user SQL read-only within the configured bounds; returns the table and whether it was cut.
+
+        The query runs in a child process (`sponge.engine.sql_worker`) with an address-space
+        limit and a SIGKILL at the deadline; `workers` is the pool to use (default: this store's
+        own, started on first use). A segment that vanishes under it is retried in the child.
+        """
+        limits = self.config.sql_limits.narrowed(max_rows=max_rows, timeout_s=timeout_s)
+        if workers is None:
+            # setdefault is atomic: two first queries at once share one pool (which starts lazily).
+            workers = self.__dict__.setdefault("_sql_workers", SqlWorkers(self.config.sql_limits))
+        return workers.run(query, setup_sql=self.view_sql(), allowed_dir=self.root, limits=limits)
 
     def sql(self, query: str, *, max_rows: int = 10_000, timeout_s: float = 10.0) -> pa.Table:
         """Run user SQL read-only (single SELECT, store files only, bounded rows/time/memory).
@@ -790,23 +795,76 @@ class RolloutStore:
         """
         return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
 
-    def scan(self, columns: list[str] | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
-        """Stream the live rollouts in batches with the stored schema's types (bounded memory)."""
-        names = list(columns) if columns is not None else self._stored_schema.names
-        unknown = [c for c in names if c not in self._stored_schema.names]
-        if unknown:
-            raise StoreError(f"unknown column(s) {unknown}; the rollouts have {self._stored_schema.names}")
+    def scan(self, columns: list[str] | None = None, batch_size: int = 65_536,
+             run: str | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream the live rollouts (of one run, if given) in batches with the stored schema's types."""
+        names = self._check_columns(columns)
         target = pa.schema([self._stored_schema.field(c) for c in names])
         conn = self.connect()
         try:
-            reader = conn.sql(f"SELECT {', '.join(_quote_ident(c) for c in names)} FROM rollouts").to_arrow_reader(
-                int(batch_size)
-            )
+            where = "" if run is None else f" WHERE run_id = {_sql_str(_check_run(run))}"
+            reader = conn.sql(f"SELECT {', '.join(_quote_ident(c) for c in names)} FROM rollouts{where}"
+                              ).to_arrow_reader(int(batch_size))
             for batch in reader:
                 if batch.num_rows:
                     yield batch.cast(target)
         finally:
             conn.close()
+
+    def _check_columns(self, columns: list[str] | None) -> list[str]:
+        names = list(columns) if columns is not None else self._stored_schema.names
+        unknown = [c for c in names if c not in self._stored_schema.names]
+        if unknown:
+            raise StoreError(f"unknown column(s) {unknown}; the rollouts have {self._stored_schema.names}")
+        return names
+
+    @_retry_if_a_segment_vanished
+    def rows_by_id(self, rollout_ids: Sequence[str] | pa.Array, columns: list[str]) -> pa.Table:
+        """The live rows of `rollout_ids` (those the store holds), ordered by id."""
+        names = self._check_columns(columns)
+        conn = self.connect()
+        try:
+            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            return conn.sql(f"SELECT {cols} FROM rollouts r JOIN (SELECT DISTINCT rollout_id FROM wanted) "
+                            "USING (rollout_id) ORDER BY r.rollout_id").to_arrow_table()
+        finally:
+            conn.close()
+
+    @_retry_if_a_segment_vanished
+    def group_rows(self, run: str, rollout_ids: Sequence[str] | pa.Array, low: int, high: int,
+                   columns: Sequence[str] = REPLAY_COLUMNS) -> pa.Table:
+        """Every live row of the GRPO groups (run, prompt_id, policy_version) that `rollout_ids` belong
+        to, for versions in [low, high): whole groups, so advantages can be computed over them."""
+        names = self._check_columns(list(columns))
+        conn = self.connect()
+        try:
+            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            return conn.sql(
+                f"WITH g AS (SELECT DISTINCT prompt_id, policy_version FROM rollouts JOIN wanted USING (rollout_id) "
+                "WHERE run_id = $1 AND policy_version >= $2 AND policy_version < $3) "
+                f"SELECT {cols} FROM rollouts r JOIN g USING (prompt_id, policy_version) WHERE r.run_id = $1 "
+                "ORDER BY r.policy_version, r.prompt_id, r.rollout_id",
+                params=[_check_run(run), int(low), int(high)]).to_arrow_table()
+        finally:
+            conn.close()
+
+    @_retry_if_a_segment_vanished
+    def version_counts(self, run: str) -> dict[int, int]:
+        """Live rollouts of `run` per policy version."""
+        conn = self.connect()
+        try:
+            rows = conn.execute("SELECT policy_version, count(*) FROM rollouts WHERE run_id = $1 GROUP BY 1",
+                                [_check_run(run)]).fetchall()
+        finally:
+            conn.close()
+        return {int(v): int(n) for v, n in rows}
+
+    @_retry_if_a_segment_vanished
+    def run_ids(self) -> list[str]:
+        """The runs with live rollouts in the store."""
+        return sorted(self._first_column("SELECT DISTINCT run_id FROM rollouts").to_pylist())
 
     @_retry_if_a_segment_vanished
     def rollout_ids(self) -> pa.Array:

@@ -41,6 +41,7 @@ class CurationWorker:
         self._pending_rows = 0
         self._oldest = 0.0         # when the oldest queued rows arrived
         self._draining = 0         # drain() callers waiting: hand everything over now
+        self._kicked = False       # kick(): hand the next batch over without holding back
         self._busy = False
         self._cond = threading.Condition()
         self._stop = False
@@ -61,6 +62,12 @@ class CurationWorker:
                 self._oldest = time.monotonic()
             self._queue.append(rows)
             self._pending_rows += rows.num_rows
+            self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Hand what has queued to the curator now instead of at its batch deadline (non-blocking)."""
+        with self._cond:
+            self._kicked = True
             self._cond.notify_all()
 
     @property
@@ -108,6 +115,7 @@ class CurationWorker:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
+                self._kicked = False
                 self._pending_rows = 0
                 self._busy = True
                 self._cond.notify_all()
@@ -132,7 +140,7 @@ class CurationWorker:
     def _holding_back(self) -> bool:
         """Wait for a bigger batch? (never when stopping, draining or broken)"""
         return (bool(self._queue) and self._pending_rows < self.batch_rows and not self._stop
-                and not self._draining and self.broken_since is None
+                and not self._draining and not self._kicked and self.broken_since is None
                 and time.monotonic() - self._oldest < self.batch_wait_s)
 
     def _recover(self) -> None:

@@ -313,7 +313,7 @@ def _answer(conn: Connection):
 
 def _shutdown(process: subprocess.Popen, conn: Connection, ring: _VectorRing | None) -> None:
     try:
-        conn.send(("exit", ()))
+        conn.send(("exit", "", ()))
     except (OSError, EOFError):
         pass
     try:

@@ -1,0 +1,239 @@
+"""Talk to a running sponge service from a training script: the replay contract over HTTP + Kafka.
+
+    from sponge.client import ServiceReplaySource
+    source = ServiceReplaySource("http://127.0.0.1:8765", bootstrap_servers="127.0.0.1:9092")
+    version = source.register("my-run-1", tokenizer_fingerprint(tokenizer))
+    source.send(rollouts)              # → Kafka → the service's store (fresh rollouts)
+    source.report_version(version + 1) # → retention, once the rollouts sent have arrived
+    table = source.candidates(version + 1, unit="group")   # waits (bounded) for what it sent
+
+`ServiceReplaySource` implements `sponge.contract.ReplaySource`, so sponge's trainer and the
+TRL/TorchRL adapters use it like any in-process pool. It counts the rollouts it sends per policy
+version and tells the service, so retention never retires a version whose rollouts are still on
+their way, and a candidates request waits until they have arrived (read-your-writes), at most
+`wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
+
+`ServiceClient` is the plain HTTP API (runs, candidates, legacy samples, SQL, removal).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sponge.contract import CANDIDATE_COLUMNS, Unit
+
+__all__ = ["ServiceClient", "ServiceError", "ServiceReplaySource"]
+
+log = logging.getLogger("sponge.client")
+
+
+class ServiceError(RuntimeError):
+    """The service answered with an error; the message is the service's own."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServiceClient:
+    """The service's HTTP API, one method per route."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 30.0) -> None:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail")
+            except ValueError:
+                detail = response.text
+            raise ServiceError(f"{response.request.method} {response.request.url.path}: "
+                               f"{response.status_code} {detail}", response.status_code)
+        return response
+
+    def ready(self) -> dict:
+        return self._check(self._http.get("/readyz")).json()
+
+    # -- runs ----------------------------------------------------------------------------------------
+    def register_run(self, run_id: str, fingerprint: str = "", window: int | None = None) -> dict:
+        body: dict[str, Any] = {"run_id": run_id, "fingerprint": fingerprint}
+        if window is not None:
+            body["window"] = int(window)
+        return self._check(self._http.post("/runs", json=body)).json()
+
+    def runs(self) -> list[dict]:
+        return self._check(self._http.get("/runs")).json()["runs"]
+
+    def run(self, run_id: str) -> dict:
+        return self._check(self._http.get(f"/runs/{run_id}")).json()
+
+    def delete_run(self, run_id: str) -> dict:
+        return self._check(self._http.delete(f"/runs/{run_id}")).json()
+
+    def report_version(self, run_id: str, version: int, sent: dict[int, int] | None = None) -> dict:
+        body: dict[str, Any] = {"policy_version": int(version)}
+        if sent:
+            body["sent"] = {str(v): int(n) for v, n in sent.items()}
+        return self._check(self._http.post(f"/runs/{run_id}/version", json=body)).json()
+
+    def candidates(self, run_id: str, version: int, unit: Unit = "group", expect: dict[int, int] | None = None,
+                   wait_s: float = 0.0) -> tuple[pa.Table, dict]:
+        """(candidate table, {"complete", "missing", "waited_s"}) for the run's trainer at `version`."""
+        body: dict[str, Any] = {"version": int(version), "unit": unit, "wait_s": float(wait_s)}
+        if expect:
+            body["expect"] = {str(v): int(n) for v, n in expect.items()}
+        response = self._check(self._http.post(f"/runs/{run_id}/candidates", json=body,
+                                               timeout=self._http.timeout.read + wait_s))
+        missing = response.headers.get("x-sponge-missing", "")
+        info = {"complete": response.headers.get("x-sponge-complete") == "true",
+                "missing": {int(v): int(n) for v, n in (p.split(":") for p in missing.split(",") if p)},
+                "waited_s": float(response.headers.get("x-sponge-waited-s", "0"))}
+        return _read_arrow(response.content), info
+
+    # -- the rest of the API ------------------------------------------------------------------------
+    def sample(self, n: int = 256, weighting: str = "uniform", seed: int | None = None,
+               run: str | None = None) -> pa.Table:
+        params: dict[str, Any] = {"n": n, "weighting": weighting}
+        if seed is not None:
+            params["seed"] = seed
+        if run is not None:
+            params["run"] = run
+        return _read_arrow(self._check(self._http.get("/replay/sample", params=params)).content)
+
+    def subset(self, run: str | None = None) -> pa.Table:
+        params = {"format": "arrow", **({"run": run} if run is not None else {})}
+        return _read_arrow(self._check(self._http.get("/replay/subset", params=params)).content)
+
+    def sql(self, query: str, max_rows: int = 1000, timeout_s: float = 5.0) -> pa.Table:
+        body = {"query": query, "max_rows": max_rows, "timeout_s": timeout_s, "format": "arrow"}
+        return _read_arrow(self._check(self._http.post("/sql", json=body)).content)
+
+    def report_policy_version(self, version: int, run: str | None = None) -> dict:
+        """Legacy: the only live run's version (use `report_version` with a run id)."""
+        return self._check(self._http.post("/policy", json={"policy_version": int(version), "run_id": run})).json()
+
+    def remove(self, rollout_ids: list[str], reason: str = "explicit") -> dict:
+        """Tombstone rollouts: {"removed": n, "unknown": [ids the store does not hold], ...}."""
+        body = {"rollout_ids": list(rollout_ids), "reason": reason}
+        return self._check(self._http.post("/rollouts/remove", json=body)).json()
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class ServiceReplaySource:
+    """`sponge.contract.ReplaySource` backed by a sponge service: Kafka in, HTTP out.
+
+    Args:
+        url: the service's HTTP address (`sponge serve` prints it).
+        bootstrap_servers: Kafka, for `send` (or pass `producer`, anything with send(table) and flush()).
+        topic: the topic the service ingests.
+        window: the run's replay and retention window in policy versions (None: the service's default).
+        wait_s: how long `candidates` waits for the rollouts this source sent (read-your-writes).
+        token: the service's bearer token, if it has one.
+    """
+
+    def __init__(self, url: str, bootstrap_servers: str | None = None, topic: str = "rollouts", *,
+                 window: int | None = None, wait_s: float = 30.0, token: str | None = None,
+                 producer: Any = None, client: ServiceClient | None = None) -> None:
+        self.client = client or ServiceClient(url, token=token)
+        if producer is None:
+            if bootstrap_servers is None:
+                raise ValueError("pass bootstrap_servers (the Kafka the service reads) or a producer")
+            from sponge.streams.producer import RolloutProducer
+
+            producer = RolloutProducer(bootstrap_servers, topic)
+        self.producer = producer
+        self.window, self.wait_s = window, wait_s
+        self.run_id: str | None = None
+        self.fingerprint = ""
+        self.enabled = True
+        self.sent: Counter = Counter()          # rollouts sent per policy version
+        self.incomplete_draws = 0
+        self.last_draw: dict = {}
+
+    # -- the contract --------------------------------------------------------------------------------
+    def register(self, run_id: str, fingerprint: str) -> int:
+        answer = self.client.register_run(run_id, fingerprint, self.window)
+        self.run_id, self.fingerprint, self.window = run_id, fingerprint, answer["window"]
+        if not answer["created"]:
+            log.info("resuming run %s at policy version %d", run_id, answer["policy_version"])
+        return int(answer["policy_version"])
+
+    def send(self, rollouts: pa.Table) -> None:
+        self._registered()
+        run_ids = rollouts.column("run_id")
+        if run_ids.null_count or not pc.all(pc.equal(run_ids, self.run_id)).as_py():
+            raise ValueError(f"rollouts sent through this source must carry run_id {self.run_id!r}")
+        self.producer.send(rollouts)
+        versions, counts = np.unique(rollouts.column("policy_version").to_numpy(), return_counts=True)
+        self.sent.update(dict(zip(versions.tolist(), counts.tolist())))
+
+    def report_version(self, version: int) -> None:
+        self._registered()
+        self.producer.flush()   # what it says it sent must be on its way, not in a local buffer
+        low = version - self.window if self.window is not None else min(self.sent, default=version)
+        for v in [v for v in self.sent if v < low - 1]:
+            del self.sent[v]    # retired for good: nothing will ever wait for them again
+        self.client.report_version(self.run_id, version, dict(self.sent))
+
+    def candidates(self, version: int, unit: Unit = "group") -> pa.Table:
+        self._registered()
+        if not self.enabled:
+            return _empty_candidates()
+        self.producer.flush()
+        low = version - self.window if self.window is not None else 0
+        expect = {v: n for v, n in self.sent.items() if low <= v < version}
+        table, info = self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
+        self.last_draw = info
+        if not info["complete"]:
+            self.incomplete_draws += 1
+            log.warning("run %s: replay candidates at version %d came after %.1f s without %d of the rollouts "
+                        "this trainer sent (per version: %s); going on with what the service has",
+                        self.run_id, version, info["waited_s"], sum(info["missing"].values()), info["missing"])
+        return table
+
+    def clear(self) -> None:
+        self.enabled = False   # reincarnation: replay off here; the service keeps curating for others
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "fingerprint": self.fingerprint, "window": self.window,
+                "enabled": self.enabled, "sent": {str(v): n for v, n in self.sent.items()},
+                "incomplete_draws": self.incomplete_draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id, self.fingerprint = state["run_id"], state["fingerprint"]
+        self.window, self.enabled = state["window"], state["enabled"]
+        self.sent = Counter({int(v): int(n) for v, n in state["sent"].items()})
+        self.incomplete_draws = int(state.get("incomplete_draws", 0))
+
+    # -- housekeeping --------------------------------------------------------------------------------
+    def _registered(self) -> None:
+        if self.run_id is None:
+            raise RuntimeError("register(run_id, fingerprint) first: the service keeps runs apart")
+
+    def close(self) -> None:
+        try:
+            self.producer.close()
+        finally:
+            self.client.close()
+
+
+def _read_arrow(payload: bytes) -> pa.Table:
+    return pa.ipc.open_stream(payload).read_all()
+
+
+def _empty_candidates() -> pa.Table:
+    from sponge.record import rollout_schema
+
+    schema = rollout_schema()
+    fields = [schema.field(c) for c in CANDIDATE_COLUMNS if c in schema.names]
+    return pa.schema(fields + [pa.field("group_id", pa.string()), pa.field("advantage", pa.float32())]).empty_table()

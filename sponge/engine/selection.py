@@ -1,0 +1,293 @@
+"""Selection for one run: the dynamic selector over the run's live rollouts, and their int ids.
+
+`RunSelection` is the piece of curation that talks to `sponge.selectors`: every newly stored
+rollout of the run goes in (its embedding, and a quality bonus when its GRPO group has reward
+variance, the only groups that carry a learning signal); retention, removal and the per-run cap
+take rollouts out; the subset is read out lazily, only when someone asks or a snapshot is due.
+Its state is derived from the store: `rebuild` re-inserts the run's live rollouts. The objective's
+reference vectors (facility-location clients) are the run's first embeddings, saved beside the
+store so a restart optimises the same f.
+
+In shard mode (several services on one store, each owning some Kafka partitions) each process
+selects over its own partitions and the run's subset is greedy over the union of every shard's
+solution (a composable core-set, `sponge.engine.shards`), exchanged through small files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sponge.engine.idmap import RolloutIdMap
+from sponge.files import atomic_write
+from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, load_params, save_params
+from sponge.selectors.process import HostedSelector, SelectorHost
+
+if TYPE_CHECKING:
+    from sponge.engine.curation import CurationConfig
+    from sponge.engine.store import RolloutStore
+
+__all__ = ["SELECTION_COLUMNS", "RunSelection", "embedding_matrix", "group_has_signal"]
+
+#: Columns selection reads: the curation queue holds only these (not the text and token columns).
+SELECTION_COLUMNS = ["rollout_id", "run_id", "prompt_id", "reward", "policy_version", "embedding"]
+
+
+class RunSelection:
+    """The selector over one run's live rollouts. Not thread-safe: the curator's lock guards it."""
+
+    def __init__(self, run_id: str, store: RolloutStore, config: CurationConfig,
+                 host: SelectorHost | None, partitions: set[int] | None = None,
+                 shard: str | None = None) -> None:
+        self.run_id, self.store, self.config, self.host = run_id, store, config, host
+        self.partitions, self.shard = partitions, shard
+        self.state_dir = Path(store.root) / "selector" / run_id
+        self.selector: Selector | HostedSelector | None = None
+        self.ids = RolloutIdMap()
+        self.references: list[np.ndarray] = []
+        self.selection_version = 0
+        self._solution = np.empty(0, dtype=np.int64)
+        self._dirty = False
+        self._merged: tuple | None = None
+        self.evicted_total = 0
+
+    # -- building -----------------------------------------------------------------------------------
+    def rebuild(self, progress: bool = False) -> None:
+        """A new selector over the run's live rollouts in the store (references from disk when saved)."""
+        self.references = []
+        if (self.state_dir / "selector.json").exists():
+            self.references = list(load_params(self.state_dir).objective.references)
+        else:
+            for batch in self.store.scan(columns=["embedding"], run=self.run_id):
+                self._collect_references(pa.Table.from_batches([batch]))
+                if len(self.references) >= self.config.n_references:
+                    break
+        self.close()
+        if len(self.references) >= self._min_references():
+            self._start(progress)
+
+    def _min_references(self) -> int:
+        # Shards must optimise one f: no reference refresh, the first shard's set is everyone's.
+        return self.config.n_references if self.shard is not None else self.config.min_references
+
+    def _collect_references(self, rows: pa.Table) -> None:
+        room = self.config.n_references - len(self.references)
+        if room > 0:
+            valid = rows.filter(pc.is_valid(rows.column("embedding")))
+            self.references.extend(embedding_matrix(valid.slice(0, room)))
+
+    def _start(self, progress: bool = False) -> None:
+        """A new selector over the current references, filled with every live rollout of the run."""
+        objective = FacilityLocation(np.stack(self.references), m=self.config.neighbours,
+                                     quality_weight=self.config.quality_weight)
+        params = {"k": self.config.k, "seed": self.config.seed}
+        if self.config.method == "dynamic":
+            params["eps"] = self.config.eps
+        objective = self._fix_objective(objective, params)
+        if self.host is not None:
+            self.selector = self.host.new_selector(self.config.method, objective, slot=self.run_id, **params)
+        else:
+            self.selector = METHODS[self.config.method](objective, **params)
+        self.ids.close()
+        self.ids = RolloutIdMap()
+        self._solution = np.empty(0, dtype=np.int64)   # ints are reassigned: old answers mean nothing
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"rebuilding selector of run {self.run_id}", unit="rollout")
+        columns = ["rollout_id", "prompt_id", "reward", "policy_version", "partition", "embedding"]
+        for batch in self.store.scan(columns=columns, run=self.run_id):
+            rows = pa.Table.from_batches([batch])
+            if self.partitions is not None:
+                rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
+            self._insert(rows)
+            if bar is not None:
+                bar.update(batch.num_rows)
+        if bar is not None:
+            bar.close()
+        self.changed()
+
+    def _fix_objective(self, objective: Objective, params: dict) -> Objective:
+        """Save f's parameters beside the store; in shard mode the first shard to get here fixes f
+        for all (an exclusive claim file, so two shards starting at once cannot both win) and the
+        others load it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.state_dir / "selector.json"
+        if self.shard is not None:
+            try:
+                os.close(os.open(self.state_dir / "objective.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                deadline = time.monotonic() + 30.0   # the claimant writes it right after claiming
+                while not saved.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if saved.exists():
+                    objective = load_params(self.state_dir).objective
+                    self.references = list(objective.references)
+                    return objective
+        save_params(METHODS[self.config.method](objective, **params), self.state_dir)
+        return objective
+
+    # -- updates ----------------------------------------------------------------------------------
+    def add(self, rows: pa.Table) -> None:
+        """Insert durable rows of this run (rollout_id, prompt_id, reward, policy_version, embedding)."""
+        rows = rows.filter(pc.is_valid(rows.column("embedding"))) if rows.column("embedding").null_count else rows
+        if rows.num_rows == 0:
+            return
+        before = len(self.references)
+        self._collect_references(rows)
+        target = self.config.n_references
+        if (self.selector is None and len(self.references) >= self._min_references()) or (
+                before < target <= len(self.references)):
+            # First start, or the reference set just reached its full size: f changes, so the
+            # selector is rebuilt over everything live (these rows are in the store already).
+            self._start()
+        elif self.selector is not None:
+            self._insert(rows)
+        self._enforce_cap()
+        self.changed()
+
+    def _insert(self, rows: pa.Table) -> None:
+        # A reference refresh rescans the store, which may hold rows whose hook has not run yet.
+        new, ints = self.ids.assign(rows.column("rollout_id"), rows.column("policy_version").to_numpy())
+        if not new.all():
+            rows = rows.filter(pa.array(new))
+        if rows.num_rows:
+            self.selector.insert(ints, embedding_matrix(rows), quality=group_has_signal(rows))
+
+    def forget(self, rollout_ids: pa.Array) -> int:
+        """Take rollouts out of the selector (removal); returns how many it held."""
+        ints = np.unique(self.ids.lookup(rollout_ids))
+        return self._forget_ints(ints[ints >= 0])
+
+    def evict_below(self, version: int) -> int:
+        """Retention: take out every rollout of a policy version below `version`."""
+        n = self._forget_ints(self.ids.live_below(version))
+        self.evicted_total += n
+        return n
+
+    def _enforce_cap(self) -> None:
+        """Memory bound per run: past `max_live_per_run` the oldest arrivals leave the selector (not the store)."""
+        excess = len(self.ids) - self.config.max_live_per_run
+        if excess > 0:
+            live = self.ids.live_below(np.iinfo(np.int64).max)
+            self.evicted_total += self._forget_ints(live[:excess])
+
+    def _forget_ints(self, ints: np.ndarray) -> int:
+        ints = ints[self.ids.is_alive(ints)]
+        if len(ints) and self.selector is not None:
+            self.ids.forget(ints)
+            self.selector.delete(ints)
+            self.changed()
+        return len(ints)
+
+    def changed(self) -> None:
+        """The live set changed: the solution is read again when next asked for."""
+        if self.selector is None:
+            return
+        self._dirty = True
+        if self.shard is not None:
+            self.refresh()   # the other shards merge the solution this publishes: keep it current
+
+    def refresh(self) -> bool:
+        """Read the selector's solution if the live set changed; True (and the version bumped) if it moved."""
+        if not self._dirty or self.selector is None:
+            return False
+        self._dirty = False
+        solution = np.sort(self.selector.solution())
+        if np.array_equal(solution, self._solution):
+            return False
+        self._solution = solution
+        self.selection_version += 1
+        if self.shard is not None:
+            self._publish_shard_solution()
+        return True
+
+    # -- the subset ---------------------------------------------------------------------------------
+    def subset_ids(self) -> list[str]:
+        """The run's replay subset: this selector's solution, or in shard mode the merge of all shards'."""
+        self.refresh()
+        if self.selector is None:
+            return []
+        own = self.ids.strings(self._solution).to_pylist()
+        return own if self.shard is None else self._merged_subset(own)[0]
+
+    def value(self) -> float:
+        """f(the run's replay subset); in shard mode f of the merged subset."""
+        if self.selector is None:
+            return 0.0
+        if self.shard is not None:
+            return self._merged_subset(self.ids.strings(self._solution).to_pylist())[1]
+        return float(self.selector.value())
+
+    def stats(self) -> dict:
+        stats = self.selector.stats() if self.selector is not None else {}
+        return {"n_live": int(stats.get("n_live", 0)), "oracle_queries": int(stats.get("queries", 0)),
+                "references": len(self.references), "selection_version": self.selection_version,
+                "evicted_total": self.evicted_total}
+
+    def sync(self) -> None:
+        """Wait until a selector process has applied everything handed to it."""
+        if isinstance(self.selector, HostedSelector):
+            self.selector.sync()
+
+    def close(self) -> None:
+        """Free the selector (in the selector process: its slot)."""
+        if isinstance(self.selector, HostedSelector):
+            self.selector.close()
+        self.selector = None
+
+    # -- shard merging ---------------------------------------------------------------------------------
+    def _shard_dir(self) -> Path:
+        return self.state_dir / "shards"
+
+    def _publish_shard_solution(self) -> None:
+        """Write this shard's solution (ids + embeddings) for the others to merge."""
+        table = self.store.rows_by_id(self.ids.strings(self._solution), ["rollout_id", "embedding"])
+        self._shard_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write(self._shard_dir() / f"{self.shard}.parquet", lambda tmp: pq.write_table(table, tmp))
+
+    def _merged_subset(self, own: list[str]) -> tuple[list[str], float]:
+        from sponge.engine.shards import merge_shard_solutions
+
+        files = sorted(p for p in self._shard_dir().glob("*.parquet")
+                       if p.stem != self.shard) if self._shard_dir().exists() else []
+        key = (self.selection_version, tuple((p.name, p.stat().st_mtime_ns) for p in files))
+        if self._merged is not None and self._merged[0] == key:
+            return self._merged[1], self._merged[2]
+        tables = [self.store.rows_by_id(pa.array(own, pa.string()), ["rollout_id", "embedding"])]
+        for path in files:
+            try:
+                tables.append(pq.read_table(path))
+            except FileNotFoundError:
+                continue
+        union = pa.concat_tables(tables)
+        names = union.column("rollout_id").to_pylist()
+        chosen, value = merge_shard_solutions(self.selector.objective,
+                                              [(np.arange(len(names)), embedding_matrix(union))], self.config.k)
+        merged = [names[int(i)] for i in chosen]
+        self._merged = (key, merged, float(value))
+        return merged, float(value)
+
+
+def embedding_matrix(rows: pa.Table) -> np.ndarray:
+    """The `embedding` column as an (n, d) float32 array, without per-row Python."""
+    column = rows.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def group_has_signal(rows: pa.Table) -> np.ndarray:
+    """1.0 for rollouts whose prompt group (within `rows`) has non-zero reward variance, else 0.0."""
+    groups = rows.select(["prompt_id", "reward"]).group_by("prompt_id").aggregate(
+        [("reward", "min"), ("reward", "max")])
+    signal = pc.not_equal(groups.column("reward_min"), groups.column("reward_max"))
+    index = pc.index_in(rows.column("prompt_id"), value_set=groups.column("prompt_id"))
+    return pc.take(signal, index).to_numpy(zero_copy_only=False).astype(np.float32)
