@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from sponge.engine.api import ApiConfig, ApiServer, create_app
-from sponge.engine.client import ServiceClient, ServiceError, ServiceReplaySource
+from sponge.client import ServiceClient, ServiceError
 from sponge.engine.curation import CurationConfig, Curator
 from sponge.engine.store import RolloutStore
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
@@ -46,17 +46,28 @@ def client(service):
 def test_health_needs_no_token_but_everything_else_does(service):
     url = service[0].url
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-    for path in ("/readyz", "/metrics", "/replay/sample", "/policy"):
+    for path in ("/readyz", "/metrics", "/replay/sample", "/policy", "/runs", "/docs", "/openapi.json",
+                 "/no-such-route"):
         r = httpx.get(f"{url}{path}")
         assert r.status_code == 401, path
         assert "bearer token" in r.json()["detail"]
+    assert httpx.post(f"{url}/runs", json={"run_id": "x"}).status_code == 401
     r = httpx.get(f"{url}/readyz", headers={"authorization": "Bearer wrong"})
     assert r.status_code == 401
+    assert httpx.get(f"{url}/openapi.json", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+@pytest.mark.parametrize("header", [b"Bearer s3cr\xe9t", b"Bearer \xff\xfe", b"\xc3\xa9", b"Bearer", b"Basic s3cret"])
+def test_a_malformed_or_odd_byte_authorization_header_is_401_not_500(service, header):
+    url = service[0].url
+    r = httpx.get(f"{url}/readyz", headers=[(b"authorization", header)])
+    assert r.status_code == 401
+    assert httpx.get(f"{url}/healthz").status_code == 200
 
 
 def test_replay_sample_is_arrow_with_weights(client, service):
     _, _, curator = service
-    table = client.sample(256, weighting="recency", seed=7)
+    table = client.sample(256, weighting="recency", seed=7)   # one run here: ?run= may be left out
     assert table.num_rows == 256
     assert {"rollout_id", "behavior_logprobs", "policy_version", "advantage", "weight", "sample_prob"} \
         <= set(table.column_names)
@@ -77,6 +88,9 @@ def test_bad_requests_get_clear_4xx(client, service):
     assert httpx.get(f"{url}/replay/sample", params={"weighting": "magic"}, headers=h).status_code == 422
     assert httpx.post(f"{url}/sql", content=b"{not json", headers=h).status_code == 422
     assert httpx.post(f"{url}/policy", json={"policy_version": -1}, headers=h).status_code == 422
+    for version in (2**63, 10**30, 1.5, "7"):   # beyond int64, or not an integer: refused, nothing written
+        assert httpx.post(f"{url}/policy", json={"policy_version": version}, headers=h).status_code == 422
+    assert httpx.post(f"{url}/runs", json={"run_id": "../etc"}, headers=h).status_code == 400
     assert httpx.post(f"{url}/rollouts/remove", json={"rollout_ids": []}, headers=h).status_code == 422
     assert httpx.get(f"{url}/healthz").status_code == 200  # still up
 
@@ -94,7 +108,7 @@ def test_hostile_sql_is_refused(client, query):
 
 
 def test_sql_runaway_query_is_stopped(client):
-    with pytest.raises(ServiceError, match="400"):
+    with pytest.raises(ServiceError, match="422 query stopped after 1 s"):
         client.sql("SELECT count(*) FROM range(100000000000) a", timeout_s=1.0)
 
 
@@ -105,24 +119,59 @@ def test_sql_reads_the_views(client):
     assert table.column("n").to_pylist() == [160, 160, 160]
 
 
-def test_policy_report_evicts_and_replay_source_filters(client, service):
+def test_policy_report_evicts_and_candidates_come_from_the_window(client, service):
     _, store, _ = service
-    source = ServiceReplaySource(client, window=1)
     result = client.report_policy_version(2)        # window 1: keep versions >= 1
     assert result["policy_version"] == 2 and result["evicted"] == 160
     assert store.sql("SELECT min(policy_version) FROM rollouts").column(0)[0].as_py() == 1
-    candidates = source.candidates(2)
-    assert candidates.num_rows > 0
-    assert min(candidates.column("policy_version").to_pylist()) >= 1
+    candidates, info = client.candidates("synthetic", 2)
+    assert candidates.num_rows > 0 and info["complete"]
+    assert set(candidates.column("policy_version").to_pylist()) == {1}
     with pytest.raises(ServiceError, match="backwards"):
         client.report_policy_version(1)
-    source.clear()
-    assert source.candidates(2).num_rows == 0
+    with pytest.raises(ServiceError, match="largest jump"):
+        client.report_version("synthetic", 2 + 10**7)
+    assert client.run("synthetic")["policy_version"] == 2 and store.retired_below("synthetic") == 1
 
 
-def test_explicit_removal(client, service):
-    _, _, curator = service
-    victim = curator.subset_ids()[0]
-    assert client.remove([victim], reason="bad label") == 1
-    assert victim not in curator.subset_ids()
-    assert client.remove([victim]) == 0
+def test_runs_over_http(client, service):
+    h = client.register_run("trainer-1", "fp-1", window=2)
+    assert h["created"] and h["policy_version"] == 0 and h["window"] == 2
+    assert not client.register_run("trainer-1", "fp-1")["created"]
+    with pytest.raises(ServiceError, match="409.*fingerprint"):
+        client.register_run("trainer-1", "fp-2")
+    assert {r["run_id"] for r in client.runs()} == {"synthetic", "trainer-1"}
+    client.report_version("trainer-1", 3, sent={2: 5})
+    run = client.run("trainer-1")
+    assert run["policy_version"] == 3 and run["expected"] == {"2": 5} and run["refused"] == {}
+    table, info = client.candidates("trainer-1", 3, expect={2: 5}, wait_s=0.2)
+    assert table.num_rows == 0 and not info["complete"] and info["missing"] == {2: 5}
+    assert client.run("trainer-1")["incomplete_draws"] == 1
+    with pytest.raises(ServiceError, match="say which"):
+        client.subset()                                    # two runs now: the legacy route must be told
+    assert client.subset(run="synthetic").num_rows > 0
+    with pytest.raises(ServiceError, match="404"):
+        client.run("nobody")
+    assert client.delete_run("trainer-1")["deleted"]
+    with pytest.raises(ServiceError, match="410"):
+        client.report_version("trainer-1", 4)
+
+
+def test_metrics_show_runs(service):
+    url = service[0].url
+    # The app here was built with a stub metrics_text; the server's per-run collector is tested with the
+    # real server in test_replay_loop.py. Here: /metrics answers with the token.
+    r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200
+
+
+def test_explicit_removal_reports_unknown_ids_and_writes_nothing_for_them(client, service):
+    _, store, curator = service
+    victim = curator.subset_ids("synthetic")[0]
+    tombstone_files = len(list((store.root / "tombstones").glob("*.parquet")))
+    answer = client.remove([victim, "never-stored"], reason="bad label")
+    assert answer["removed"] == 1 and answer["unknown"] == ["never-stored"]
+    assert victim not in curator.subset_ids("synthetic")
+    again = client.remove([victim, "never-stored"])
+    assert again["removed"] == 0 and again["unknown_count"] == 2
+    assert len(list((store.root / "tombstones").glob("*.parquet"))) == tombstone_files + 1

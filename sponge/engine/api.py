@@ -64,7 +64,8 @@ class SqlRequest(BaseModel):
 
 
 class PolicyReport(BaseModel):
-    policy_version: int = Field(..., ge=0, le=MAX_VERSION, description="the trainer step whose weights now generate")
+    policy_version: int = Field(..., ge=0, le=MAX_VERSION, strict=True,
+                                description="the trainer step whose weights now generate")
     run_id: str | None = Field(None, description="the run (default: the only live run)")
 
 
@@ -76,13 +77,15 @@ class RunRequest(BaseModel):
 
 
 class VersionReport(BaseModel):
-    policy_version: int = Field(..., ge=0, le=MAX_VERSION, description="the policy version that now generates")
+    policy_version: int = Field(..., ge=0, le=MAX_VERSION, strict=True,
+                                description="the policy version that now generates")
     sent: dict[int, int] | None = Field(None, description="rollouts the trainer sent so far, per policy version: "
                                         "retention waits for them before retiring their version")
 
 
 class CandidatesRequest(BaseModel):
-    version: int = Field(..., ge=0, le=MAX_VERSION, description="the trainer's current policy version")
+    version: int = Field(..., ge=0, le=MAX_VERSION, strict=True,
+                         description="the trainer's current policy version")
     unit: str = Field("group", pattern="^(group|rollout)$")
     expect: dict[int, int] | None = Field(None, description="wait until this many rollouts of each version "
                                           "have arrived (read-your-writes)")
@@ -90,7 +93,8 @@ class CandidatesRequest(BaseModel):
 
 
 class RetentionRequest(BaseModel):
-    retired_below: int = Field(..., ge=0, le=MAX_VERSION, description="the new, lower retention mark")
+    retired_below: int = Field(..., ge=0, le=MAX_VERSION, strict=True,
+                               description="the new, lower retention mark")
 
 
 class RemoveRequest(BaseModel):
