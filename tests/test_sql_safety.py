@@ -128,7 +128,7 @@ def test_the_engine_itself_enforces_the_lock_without_the_parser(store, outside):
 
 
 def test_reading_the_stores_own_files_directly_is_allowed(store):
-    got = store.sql(f"SELECT count(*) AS n FROM read_parquet('{store.root}/rollouts/*/*.parquet')")
+    got = store.sql(f"SELECT count(*) AS n FROM read_parquet('{store.root}/rollouts/**/*.parquet')")
     assert got.column("n")[0].as_py() == 500
 
 

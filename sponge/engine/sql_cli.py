@@ -10,18 +10,17 @@ failed query prints one line to stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import csv
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import pyarrow as pa
+if TYPE_CHECKING:   # imported when needed: the worker starts before this process pays for pyarrow
+    import pyarrow as pa
 
 HELP = "run a read-only SQL query over the rollout store"
 DEFAULT_STORE = "./sponge-data"
@@ -47,15 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.engine.sql import SqlError
-    from sponge.engine.store import RolloutStore, StoreError
+    from sponge.engine.sql import SqlError, SqlLimits
+    from sponge.engine.sql_worker import SqlWorkers
 
-    try:
-        store = RolloutStore.open(args.store)
-        result = store.query(args.query, max_rows=args.max_rows, timeout_s=args.timeout)
-    except (SqlError, StoreError) as exc:
-        print(f"sponge sql: error: {exc}", file=sys.stderr)
-        return 2
+    # Start the worker first: it imports duckdb while this process opens the store.
+    with SqlWorkers(SqlLimits(max_concurrent=1)).start() as workers:
+        from sponge.engine.store import RolloutStore, StoreError
+
+        try:
+            store = RolloutStore.open(args.store)
+            result = store.query(args.query, max_rows=args.max_rows, timeout_s=args.timeout, workers=workers)
+        except (SqlError, StoreError) as exc:
+            print(f"sponge sql: error: {exc}", file=sys.stderr)
+            return 2
+    import pyarrow as pa
+
     table = result.table
     if args.format == "arrow":
         if args.output is None and sys.stdout.isatty():
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 def format_table(table: pa.Table, max_cell: int = MAX_CELL) -> str:
     """A plain-text grid that fits a terminal: long strings and lists are shortened."""
     names = table.column_names
-    rows = [[_cell(v, max_cell) for v in row.values()] for row in table.to_pylist()]
+    columns = [_column_values(c) for c in table.columns]
+    rows = [[_cell(v, max_cell) for v in row] for row in zip(*columns)]
     widths = [len(n) for n in names]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
@@ -103,6 +109,18 @@ def format_table(table: pa.Table, max_cell: int = MAX_CELL) -> str:
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     out = [rule, line(names), rule] + [line(r) for r in rows] + [rule]
     return "\n".join(out) + "\n"
+
+
+def _column_values(column: pa.ChunkedArray) -> list[Any]:
+    """Python values for display; a column Python cannot hold (an infinite date) as its JSON text."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError, pa.ArrowException):
+        from sponge.engine.sql_json import json_column
+
+        return json_column(column)
 
 
 def _fit(text: str, width: int) -> str:
@@ -125,35 +143,19 @@ def _cell(value: Any, max_cell: int) -> str:
     return _fit(str(value).replace("\n", "\\n"), max_cell)
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def write_json_lines(table: pa.Table, out: TextIO) -> None:
-    """One JSON object per row; bytes as base64, times as ISO 8601."""
-    for row in table.to_pylist():
-        out.write(json.dumps({k: _json_value(v) for k, v in row.items()}, separators=(",", ":")))
-        out.write("\n")
+    """One JSON object per row, every type encoded as `sponge.engine.sql_json` documents."""
+    from sponge.engine.sql_json import write_json_lines as write
+
+    write(table, out)
 
 
 def write_csv(table: pa.Table, out: TextIO) -> None:
-    """CSV with a header; list values as JSON arrays, bytes as base64."""
+    """CSV with a header; values as in JSON output (lists/structs/maps as JSON text, NaN empty)."""
+    from sponge.engine.sql_json import json_column
+
     writer = csv.writer(out)
     writer.writerow(table.column_names)
-    for row in table.to_pylist():
-        writer.writerow([
-            "" if v is None else json.dumps(_json_value(v)) if isinstance(v, (list, dict)) else _json_value(v)
-            for v in row.values()
-        ])
+    columns = [json_column(c) for c in table.columns]
+    for row in zip(*columns):
+        writer.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in row])
