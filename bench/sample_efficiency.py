@@ -1,175 +1,474 @@
-"""Sample efficiency of ReMix against on-policy GRPO at toy scale (the ReMix paper's claim).
+"""Sample efficiency of ReMix (window, curated, random-subset replay) against on-policy GRPO and TRL's
+GRPOTrainer, counted in rollouts generated, with bootstrap confidence intervals over seeds.
 
-One toy task, one tiny model (warm-started once per seed, the same start for every method), the
-same rollout budget and the same seeds for three methods:
+Setups (task, tiny model, supervised warm start), the same start for every method of a seed:
 
-    grpo            on-policy GRPO (p = 0, m = 1)
-    remix_fifo      ReMix: p = 0.4 replay from the last N = 2 versions (uniform), m = 2, reincarnation at T
-    remix_curated   ReMix drawing replay by truncated density ratios (SIR) from a diversity-curated pool
-                    (sponge.selectors' dynamic submodular selector when importable, else the simple
-                    dedupe + farthest-point pool)
+    reverse        reverse 3-5 digits; tiny GPT-2; exact-match reward
+    reverse_mixed  reverse 2-8 digits (easy short and hard long prompts, answers of 2-8 tokens);
+                   tiny Llama (another family than the defaults were first tuned on); partial credit
 
-Reports rollouts needed to reach a target held-out success rate (median and spread over seeds),
-final success, response length and wall time, and plots every run against cumulative rollouts.
+Methods (every one with ReMixConfig's defaults, only the named knobs changed; one learning rate):
 
-    .venv/bin/python bench/sample_efficiency.py                      # default: ~5-15 min on 2 cores
-    .venv/bin/python bench/sample_efficiency.py --seeds 5 --budget 20000 --target 0.6
+    grpo            on-policy GRPO as TRL runs it (ReMixConfig.grpo(): p = 0, m = 1, no KL)
+    remix_window    ReMix, replay = every signal group of the last N versions (FIFO window)
+    remix_curated   ReMix, replay = pool_capacity groups curated by the dynamic selector (learning
+                    signal + diversity, staleness-decayed draw weight)
+    remix_random    ReMix, replay = a random subset of pool_capacity groups of the same window
+    trl_grpo        TRL 1.16's GRPOTrainer, same task/model/warm start/batch/lr (needs `trl`)
+
+Reports, per setup: rollouts to the target held-out success (median over seeds, bootstrap 95% CI,
+seeds reaching), × fewer than GRPO and than the window (ratio of medians, bootstrap CI), success at
+fixed budgets, seconds per step and per generated rollout, collapses, what replay served (reward,
+|advantage|, staleness, ratio spread), and curves with bands. `--ablations` adds: the whipping effect
+(response length against p), reincarnation on/off/when, and the correction cap's ESS against clipped
+mass.
+
+    python bench/sample_efficiency.py --quick            # a few minutes: 2 seeds, small budget
+    python bench/sample_efficiency.py --seeds 5 --jobs 2 --ablations     # the full run (~1 h, 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import statistics
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from sponge.trainer import (
-    CharTokenizer,
-    ReMixConfig,
-    ReMixTrainer,
-    build_tiny_model,
-    make_task,
-    warm_start,
-)
-from sponge.trainer.metrics import plot_runs
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+#: setup name → (task, model arch, warm-start steps, max new tokens, target held-out success)
+SETUPS = {
+    "reverse": ("reverse", "gpt2", 50, 6, 0.6),
+    "reverse_mixed": ("reverse_mixed", "llama", 150, 9, 0.35),
+}
 
-def selector_available() -> bool:
-    try:
-        from sponge.selectors import DynamicSelector, FacilityLocation  # noqa: F401
-        return True
-    except Exception:  # noqa: BLE001 - any import failure means: use the simple pool
-        return False
+METHODS = ("grpo", "remix_window", "remix_curated", "remix_random", "trl_grpo")
 
 
-def method_configs(args, pool: str) -> dict[str, ReMixConfig]:
+def method_config(method: str, args, setup: str, seed: int, **overrides):
+    from sponge.trainer import ReMixConfig
+
+    _, _, _, max_new, _ = SETUPS[setup]
     common = {"rollout_budget": args.budget, "eval_every": args.eval_every, "eval_size": args.eval_size,
-                  "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
-                  "learning_rate": args.lr, "kl_coef": args.kl_coef, "progress": False}
-    remix = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "reincarnate_at": args.reincarnate_at}
-    return {
-        "grpo": ReMixConfig.grpo(run_name="grpo", **common),
-        "remix_fifo": ReMixConfig(run_name="remix_fifo", replay_pool="fifo", replay_sampling="uniform",
-                                  **remix, **common),
-        "remix_curated": ReMixConfig(run_name="remix_curated", replay_pool=pool, replay_sampling="resample",
-                                     pool_capacity=args.pool_capacity, **remix, **common),
-    }
+              "max_new_tokens": max_new, "progress": False, "seed": seed, "run_name": method}
+    if args.lr is not None:
+        common["learning_rate"] = args.lr
+    if method in ("grpo", "trl_grpo"):
+        cfg = ReMixConfig.grpo(**common)
+    elif method == "remix_window":
+        cfg = ReMixConfig(replay_pool="fifo", **common)
+    elif method == "remix_curated":
+        cfg = ReMixConfig(replay_pool="curated", replay_window=args.curated_window, **common)
+    elif method == "remix_random":
+        cfg = ReMixConfig(replay_pool="random", replay_window=args.curated_window, **common)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return cfg.replace(**overrides) if overrides else cfg
 
+
+KEEP = ("rollouts", "wall_time", "step_s", "eval_success", "eval_response_len", "reward_mean", "response_len",
+        "n_replay", "replay_reward_mean", "replay_abs_adv", "replay_mean_staleness", "replay_is_ess",
+        "replay_is_ess_raw", "replay_is_clipped_mass", "replay_is_masked_tokens", "replay_is_abs_log_ratio",
+        "replay_candidate_groups", "ds_zero_var_groups", "ds_filled_rows", "rollouts_saved_total", "collapse",
+        "updates", "n_fresh", "replay_on")
+
+
+def run_one(job: dict) -> dict:
+    """One (setup, method, seed[, overrides]) run in a worker process; returns a compact history."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from sponge.trainer import (
+        CharTokenizer,
+        ReMixTrainer,
+        build_tiny_model,
+        make_task,
+        warm_start,
+    )
+    from sponge.trainer.models import TinyModelConfig
+
+    args = argparse.Namespace(**job["args"])
+    task_name, arch, ws, _, _ = SETUPS[job["setup"]]
+    task = make_task(task_name)
+    tok = CharTokenizer(task.alphabet)
+    model = build_tiny_model(tok, TinyModelConfig(arch=arch), seed=job["seed"])
+    warm_start(model, tok, task, steps=ws, seed=job["seed"])
+    cfg = method_config(job["method"], args, job["setup"], job["seed"], **job.get("overrides", {}))
+    eval_prompts = task.eval_set(cfg.eval_size)[0]
+    t0 = time.perf_counter()
+    collapses = []
+    if job["method"] == "trl_grpo":
+        from bench.trl_baseline import run_trl
+        history = run_trl(model, tok, task, cfg, eval_prompts)
+    else:
+        trainer = ReMixTrainer(model, tok, task, cfg, eval_prompts=eval_prompts)
+        history = trainer.train()
+        collapses = trainer.collapses
+    compact = [{k: r[k] for k in KEEP if k in r} for r in history]
+    return {**{k: job[k] for k in ("setup", "method", "seed", "label")}, "history": compact,
+            "wall_s": time.perf_counter() - t0, "collapses": collapses}
+
+
+# ------------------------------------------------------------------------------------------ statistics
 
 def rollouts_to_target(history: list[dict], target: float) -> float:
     for r in history:
-        if "eval_success" in r and r["eval_success"] >= target:
+        if r.get("eval_success") is not None and r["eval_success"] >= target:
             return float(r["rollouts"])
     return math.inf
+
+
+def success_at(history: list[dict], budget: float) -> float:
+    """Held-out success of the last evaluation at or before `budget` rollouts."""
+    best = float("nan")
+    for r in history:
+        if "eval_success" in r and r["rollouts"] <= budget:
+            best = r["eval_success"]
+    return best
+
+
+def bootstrap_median_ci(x: np.ndarray, rng: np.random.Generator, n: int = 2000) -> tuple[float, float]:
+    x = np.asarray(x, dtype=float)
+    meds = np.median(rng.choice(x, size=(n, len(x)), replace=True), axis=1)
+    return float(np.quantile(meds, 0.025)), float(np.quantile(meds, 0.975))
+
+
+def bootstrap_ratio_ci(base: np.ndarray, other: np.ndarray, rng: np.random.Generator,
+                       n: int = 2000) -> tuple[float, float, float]:
+    """median(base) / median(other) (× fewer rollouts than base) and its 95% bootstrap CI, seeds
+    resampled independently; an unreached target counts as infinite rollouts."""
+    b = np.median(rng.choice(base, size=(n, len(base)), replace=True), axis=1)
+    o = np.median(rng.choice(other, size=(n, len(other)), replace=True), axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = np.where(np.isinf(b) & np.isinf(o), np.nan, b / o)
+    ratios = ratios[~np.isnan(ratios)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = float(np.median(base) / np.median(other)) if not (np.isinf(np.median(base)) and
+                                                                  np.isinf(np.median(other))) else float("nan")
+    if ratios.size == 0:
+        return point, float("nan"), float("nan")
+    return point, float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "not reached" if x > 0 else "0"
+    return f"{x:.{digits}f}"
+
+
+def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Generator) -> dict:
+    target = SETUPS[setup][4]
+    by_method: dict[str, list[dict]] = {}
+    for r in results:
+        if r["setup"] == setup and r["label"] == r["method"]:
+            by_method.setdefault(r["method"], []).append(r)
+    out: dict[str, dict] = {}
+    for method, runs in by_method.items():
+        reach = np.array([rollouts_to_target(r["history"], target) for r in runs])
+        steps = [x for r in runs for x in [h.get("step_s") for h in r["history"][1:]] if x is not None]
+        per_step_rollouts = [h.get("n_fresh") for r in runs for h in r["history"][1:] if h.get("n_fresh")]
+        fresh = np.median(per_step_rollouts) if per_step_rollouts else 128.0
+        finals = [success_at(r["history"], budget) for r in runs]
+        replay = [h for r in runs for h in r["history"] if "replay_reward_mean" in h]
+
+        def mean_of(key, rows=replay):
+            vals = [h[key] for h in rows if h.get(key) is not None and not
+                    (isinstance(h[key], float) and math.isnan(h[key]))]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        out[method] = {
+            "rollouts_to_target": reach.tolist(), "median": float(np.median(reach)),
+            "ci": bootstrap_median_ci(reach, rng), "reached": int(np.isfinite(reach).sum()), "seeds": len(runs),
+            "success_at": {f: float(np.nanmean([success_at(r["history"], f * budget) for r in runs]))
+                           for f in (0.25, 0.5, 1.0)},
+            "final_success": finals, "final_mean": float(np.nanmean(finals)),
+            "final_ci": bootstrap_median_ci(np.array(finals), rng) if finals else (float("nan"),) * 2,
+            "step_s": float(np.median(steps)) if steps else float("nan"),
+            "s_per_rollout": float(np.median(steps) / fresh) if steps else float("nan"),
+            "collapses": sum(len(r["collapses"]) for r in runs),
+            "replay": {k: mean_of(k) for k in ("replay_reward_mean", "replay_abs_adv", "replay_mean_staleness",
+                                               "replay_is_abs_log_ratio", "replay_is_ess", "replay_is_clipped_mass",
+                                               "replay_candidate_groups")},
+            "rollouts_saved": float(np.mean([r["history"][-1].get("rollouts_saved_total", 0.0) for r in runs])),
+            "final_len": float(np.nanmean([next((h["eval_response_len"] for h in reversed(r["history"])
+                                                 if "eval_response_len" in h), float("nan")) for r in runs])),
+        }
+    arrays = {m: np.array(s["rollouts_to_target"]) for m, s in out.items()}
+    for method, s in out.items():
+        for base in ("grpo", "remix_window", "trl_grpo"):
+            if base in arrays and method != base:
+                s[f"vs_{base}"] = bootstrap_ratio_ci(arrays[base], arrays[method], rng)
+    if "trl_grpo" in out:   # ≥ 4× fewer than TRL to the success TRL reaches at the end of its budget
+        trl_level = out["trl_grpo"]["final_mean"]
+        trl_runs = [r for r in results if r["setup"] == setup and r["label"] == "trl_grpo"]
+        trl_reach = np.array([rollouts_to_target(r["history"], trl_level) for r in trl_runs])
+        for method, runs in by_method.items():
+            reach = np.array([rollouts_to_target(r["history"], trl_level) for r in runs])
+            out[method]["to_trl_level"] = {"level": trl_level, "median": float(np.median(reach)),
+                                           "vs_trl": bootstrap_ratio_ci(trl_reach, reach, rng)}
+    return {"target": target, "methods": out}
+
+
+def table(summary: dict, setup: str, budget: int) -> str:
+    s = summary["methods"]
+    target = summary["target"]
+    lines = [f"**{setup}** (target held-out success {target}, budget {budget} rollouts)", "",
+             ("| method | rollouts to target: median [95% CI] (seeds reaching) | × fewer than GRPO [CI] "
+             "| × fewer than window [CI] | success @25% / 50% / 100% budget | s/step | ms/rollout | collapses |"),
+             "|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if method not in s:
+            continue
+        m = s[method]
+
+        def ratio(key, m=m):
+            if key not in m:
+                return "—"
+            p, lo, hi = m[key]
+            return f"{fmt(p, 2)}× [{fmt(lo, 2)}, {fmt(hi, 2)}]"
+        sa = m["success_at"]
+        lines.append(f"| {method} | {fmt(m['median'])} [{fmt(m['ci'][0])}, {fmt(m['ci'][1])}] "
+                     f"({m['reached']}/{m['seeds']}) | {ratio('vs_grpo')} | {ratio('vs_remix_window')} "
+                     f"| {sa[0.25]:.3f} / {sa[0.5]:.3f} / {sa[1.0]:.3f} | {m['step_s']:.3f} "
+                     f"| {1000 * m['s_per_rollout']:.2f} | {m['collapses']} |")
+    if any("to_trl_level" in m for m in s.values()):
+        level = next(m["to_trl_level"]["level"] for m in s.values() if "to_trl_level" in m)
+        lines += ["", f"To the success TRL's GRPOTrainer reaches at {budget} rollouts ({level:.3f}):", "",
+                  "| method | rollouts: median | × fewer than TRL [CI] |", "|---|---|---|"]
+        for method in METHODS:
+            if method in s and "to_trl_level" in s[method]:
+                t = s[method]["to_trl_level"]
+                p, lo, hi = t["vs_trl"]
+                lines.append(f"| {method} | {fmt(t['median'])} | {fmt(p, 2)}× [{fmt(lo, 2)}, {fmt(hi, 2)}] |")
+    lines += ["", "What replay served (means over replay draws):", "",
+              ("| method | reward of replayed rows | mean abs advantage | staleness | mean abs log ratio π_k/π_b "
+              "| token ESS | clipped mass | candidate groups | rollouts saved by dynamic sampling |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if method in s and method.startswith("remix"):
+            r = s[method]["replay"]
+            lines.append(f"| {method} | {r['replay_reward_mean']:.3f} | {r['replay_abs_adv']:.3f} "
+                         f"| {r['replay_mean_staleness']:.2f} | {r['replay_is_abs_log_ratio']:.4f} "
+                         f"| {r['replay_is_ess']:.3f} | {r['replay_is_clipped_mass']:.4f} "
+                         f"| {r['replay_candidate_groups']:.1f} | {s[method]['rollouts_saved']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], setups: list[str], budget: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(setups), figsize=(6.5 * len(setups), 8), squeeze=False)
+    grid = np.linspace(0, budget, 41)
+    for col, setup in enumerate(setups):
+        for i, method in enumerate(METHODS):
+            runs = [r for r in results if r["setup"] == setup and r["label"] == method]
+            if not runs:
+                continue
+            for row, (key, ylabel) in enumerate([("eval_success", "held-out success"),
+                                                 ("eval_response_len", "held-out response length")]):
+                curves = []
+                for r in runs:
+                    pts = [(h["rollouts"], h[key]) for h in r["history"] if key in h]
+                    x, y = np.array(pts).T
+                    curves.append(np.interp(grid, x, y, right=np.nan))
+                c = np.array(curves)
+                mean, lo, hi = np.nanmean(c, 0), np.nanpercentile(c, 25, 0), np.nanpercentile(c, 75, 0)
+                ax = axes[row, col]
+                ax.plot(grid, mean, color=f"C{i}", label=method)
+                ax.fill_between(grid, lo, hi, color=f"C{i}", alpha=0.15)
+                ax.set_xlabel("rollouts generated")
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+        axes[0, col].axhline(SETUPS[setup][4], color="grey", ls="--", lw=1)
+        axes[0, col].set_title(f"{setup}: mean over seeds, band = 25–75%")
+        axes[0, col].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ ablations
+
+def ablation_jobs(args, seeds: list[int]) -> list[dict]:
+    jobs = []
+    for seed in seeds:
+        for p in (0.0, 0.2, 0.4, 0.6, 0.8):   # whipping effect: response length against p
+            jobs.append({"setup": "reverse_mixed", "method": "remix_window", "seed": seed, "label": f"whip_p{p}",
+                         "overrides": {"replay_fraction": p, "reincarnate_after": None}})
+        for label, ov in (("reinc_never", {"reincarnate_after": None}), ("reinc_0.25", {"reincarnate_after": 0.25}),
+                          ("reinc_0.5", {"reincarnate_after": 0.5}), ("reinc_T30", {"reincarnate_at": 30})):
+            jobs.append({"setup": "reverse", "method": "remix_window", "seed": seed, "label": label, "overrides": ov})
+        for cap in (1.1, 1.5, 2.0, 5.0, 20.0):   # the correction cap: token ESS against clipped mass
+            jobs.append({"setup": "reverse", "method": "remix_window", "seed": seed, "label": f"cap_{cap}",
+                         "overrides": {"correction_high": cap, "replay_window": 4, "reincarnate_after": None}})
+    return jobs
+
+
+def ablation_report(results: list[dict], budget: int, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def runs(label):
+        return [r for r in results if r["label"] == label]
+
+    lines = ["**Whipping effect** (reverse_mixed, ReMix window, no reincarnation): response length against p", "",
+             "| p | train response length, last quarter | held-out response length, end | held-out success, end |",
+             "|---|---|---|---|"]
+    whip = []
+    for p in (0.0, 0.2, 0.4, 0.6, 0.8):
+        rs = runs(f"whip_p{p}")
+        if not rs:
+            continue
+        tr = np.mean([np.mean([h["response_len"] for h in r["history"] if "response_len" in h and
+                               h["rollouts"] >= 0.75 * budget] or [np.nan]) for r in rs])
+        ev = np.mean([next(h["eval_response_len"] for h in reversed(r["history"]) if "eval_response_len" in h)
+                      for r in rs])
+        su = np.mean([success_at(r["history"], budget) for r in rs])
+        whip.append((p, tr, ev))
+        lines.append(f"| {p} | {tr:.2f} | {ev:.2f} | {su:.3f} |")
+    lines += ["", "**Reincarnation** (reverse, ReMix window)", "",
+              "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
+              "|---|---|---|---|"]
+    target = SETUPS["reverse"][4]
+    for label in ("reinc_never", "reinc_0.25", "reinc_0.5", "reinc_T30"):
+        rs = runs(label)
+        if not rs:
+            continue
+        reach = np.array([rollouts_to_target(r["history"], target) for r in rs])
+        on = np.mean([np.mean([bool(h.get("replay_on")) for h in r["history"][1:]]) for r in rs])
+        lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
+                     f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
+                     f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {on:.2f} |")
+    lines += ["", "**Correction cap** (reverse, ReMix window N = 4, token TIS at cap C): ESS against clipped mass", "",
+              "| C | token ESS (raw → truncated) | clipped mass | held-out success, end |", "|---|---|---|---|"]
+    caps = []
+    for cap in (1.1, 1.5, 2.0, 5.0, 20.0):
+        rs = runs(f"cap_{cap}")
+        if not rs:
+            continue
+        hs = [h for r in rs for h in r["history"] if h.get("replay_is_ess") is not None]
+        ess_raw = np.nanmean([h["replay_is_ess_raw"] for h in hs]) if hs else np.nan
+        ess = np.nanmean([h["replay_is_ess"] for h in hs]) if hs else np.nan
+        clipped = np.nanmean([h["replay_is_clipped_mass"] for h in hs]) if hs else np.nan
+        su = np.mean([success_at(r["history"], budget) for r in rs])
+        caps.append((cap, ess, clipped))
+        lines.append(f"| {cap} | {ess_raw:.4f} → {ess:.4f} | {clipped:.4f} | {su:.3f} |")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    if whip:
+        p, tr, ev = np.array(whip).T
+        ax[0].plot(p, tr, "o-", label="training (last quarter)")
+        ax[0].plot(p, ev, "s-", label="held-out (end)")
+        ax[0].set_xlabel("replay fraction p")
+        ax[0].set_ylabel("response length (tokens)")
+        ax[0].set_title("whipping effect (reverse_mixed)")
+        ax[0].legend()
+    if caps:
+        _c, e, m = np.array(caps).T
+        ax[1].plot(m, e, "o-")
+        for ci, mi, ei in caps:
+            ax[1].annotate(f"C={ci:g}", (mi, ei))
+        ax[1].set_xlabel("clipped mass")
+        ax[1].set_ylabel("token ESS after truncation")
+        ax[1].set_title("correction cap: ESS vs clipped mass")
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "sample_efficiency_ablations.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="reverse", choices=["reverse", "add"])
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1")
-    p.add_argument("--budget", type=int, default=8000, help="rollouts per run")
-    p.add_argument("--target", type=float, default=0.5, help="held-out success rate to reach")
+    p.add_argument("--setups", default="reverse,reverse_mixed", help=f"comma-separated, of {sorted(SETUPS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1")
+    p.add_argument("--budget", type=int, default=8000, help="rollouts generated per run")
     p.add_argument("--eval-every", type=int, default=4, help="iterations between held-out evaluations")
-    p.add_argument("--eval-size", type=int, default=256)
-    p.add_argument("--prompts-per-step", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--kl-coef", type=float, default=0.01)
-    p.add_argument("--reincarnate-at", type=int, default=50, help="T (policy versions)")
-    p.add_argument("--pool-capacity", type=int, default=128)
-    p.add_argument("--pool", choices=["auto", "selector", "diverse"], default="auto",
-                   help="curated pool: the dynamic selector (auto when importable) or the simple one")
-    p.add_argument("--warm-start-steps", type=int, default=50)
-    p.add_argument("--methods", default="grpo,remix_fifo,remix_curated")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--eval-size", type=int, default=256, help="held-out prompts")
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: ReMixConfig's)")
+    p.add_argument("--curated-window", type=int, default=4,
+                   help="N for the curated and random-subset pools (they choose from a longer window)")
+    p.add_argument("--ablations", action="store_true", help="also run the whipping, reincarnation and cap ablations")
+    p.add_argument("--ablation-seeds", type=int, default=2)
+    p.add_argument("--ablation-budget", type=int, default=None, help="rollouts per ablation run (default: --budget)")
+    p.add_argument("--trl-setups", default="reverse_mixed",
+                   help="setups that run trl_grpo (TRL does not pass position ids, so GPT-2's absolute positions "
+                        "see left-padded prompts shifted in its training forward: not a fair baseline on 'reverse')")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 3000 rollouts, eval 128: a few minutes")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each --threads torch threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    pool = args.pool if args.pool != "auto" else ("selector" if selector_available() else "diverse")
-    configs = method_configs(args, pool)
+    if args.quick:
+        args.seeds, args.budget, args.eval_size, args.ablation_seeds = 2, 3000, 128, 1
+    setups = [s.strip() for s in args.setups.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = set(methods) - set(configs)
-    if unknown:
-        p.error(f"unknown method(s) {sorted(unknown)}; choose from {sorted(configs)}")
-    task = make_task(args.task)
-    tok = CharTokenizer(task.alphabet)
-    print(f"task={task.name} seeds={args.seeds} budget={args.budget} target={args.target} "
-          f"curated pool={pool} (selector importable: {selector_available()})", flush=True)
+    if "trl_grpo" in methods:
+        from bench.trl_baseline import trl_available
+        if not trl_available():
+            print("trl is not installed: skipping trl_grpo (pip install trl==1.16.0 torch==2.13.0)")
+            methods.remove("trl_grpo")
+    bad = set(setups) - set(SETUPS) | set(methods) - set(METHODS)
+    if bad:
+        p.error(f"unknown setup(s)/method(s) {sorted(bad)}")
+    shared = {k: v for k, v in vars(args).items() if k != "out"}
+    trl_setups = {s.strip() for s in args.trl_setups.split(",")}
+    jobs = [{"setup": s, "method": m, "seed": seed, "label": m} for seed in range(args.seeds) for s in setups
+            for m in methods if m != "trl_grpo" or s in trl_setups]
+    if args.ablations:
+        extra = ablation_jobs(args, list(range(args.ablation_seeds)))
+        for j in extra:
+            j["overrides"] = {**j["overrides"], "rollout_budget": args.ablation_budget or args.budget}
+        jobs += extra
+    for j in jobs:
+        j.update(args=shared, threads=args.threads)
+    print(f"{len(jobs)} runs, {args.jobs} at a time: setups {setups}, methods {methods}, seeds {args.seeds}, "
+          f"budget {args.budget}", flush=True)
+    results = []
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for res in pool.map(run_one, jobs):
+            results.append(res)
+            last = [h for h in res["history"] if "eval_success" in h][-1]
+            print(f"  [{time.perf_counter() - t0:6.0f}s] {res['setup']:13s} {res['label']:14s} seed {res['seed']} "
+                  f"success {res['history'][0]['eval_success']:.3f} → {last['eval_success']:.3f} "
+                  f"collapses {len(res['collapses'])} wall {res['wall_s']:.0f}s", flush=True)
 
-    runs: dict[str, list[dict]] = {}
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for seed in range(args.seeds):
-        start = build_tiny_model(tok, seed=seed)
-        warm_start(start, tok, task, steps=args.warm_start_steps, seed=seed)
-        for method in methods:
-            cfg = configs[method].replace(seed=seed)
-            trainer = ReMixTrainer(copy.deepcopy(start), tok, task, cfg)
-            t0 = time.perf_counter()
-            history = trainer.train()
-            wall = time.perf_counter() - t0
-            runs[f"{method}/{seed}"] = history
-            last = [r for r in history if "eval_success" in r][-1]
-            res = {"seed": seed, "rollouts_to_target": rollouts_to_target(history, args.target),
-                   "start_success": history[0]["eval_success"], "final_success": last["eval_success"],
-                   "final_response_len": last["eval_response_len"], "wall_s": wall,
-                   "rollouts": trainer.rollouts_generated, "updates": trainer.version}
-            results[method].append(res)
-            print(f"  seed {seed} {method:14s} to-target={res['rollouts_to_target']:>7} "
-                  f"start={res['start_success']:.3f} final={res['final_success']:.3f} "
-                  f"len={res['final_response_len']:.2f} wall={wall:.1f}s", flush=True)
-
-    summary = {}
-    for method, rs in results.items():
-        reach = [r["rollouts_to_target"] for r in rs]
-        summary[method] = {
-            "median_rollouts_to_target": statistics.median(reach),
-            "min_rollouts_to_target": min(reach), "max_rollouts_to_target": max(reach),
-            "seeds_reaching_target": sum(math.isfinite(x) for x in reach),
-            "final_success_mean": float(np.mean([r["final_success"] for r in rs])),
-            "final_success_std": float(np.std([r["final_success"] for r in rs])),
-            "final_response_len_mean": float(np.mean([r["final_response_len"] for r in rs])),
-            "wall_s_median": statistics.median(r["wall_s"] for r in rs),
-        }
-    base = summary.get("grpo", {}).get("median_rollouts_to_target")
-    for method, s in summary.items():
-        med = s["median_rollouts_to_target"]
-        s["speedup_vs_grpo"] = (base / med) if base and math.isfinite(base) and math.isfinite(med) else None
-
-    lines = [(f"task `{task.name}`, {args.seeds} seeds, budget {args.budget} rollouts, target held-out "
-             f"success {args.target}, curated pool: `{pool}`"), "",
-             ("| method | rollouts to target: median [min, max] (seeds reaching) | × fewer than GRPO "
-             "| final success (mean ± std) | final response len | wall s (median) |"),
-             "|---|---|---|---|---|---|"]
-    for method, s in summary.items():
-        fmt = lambda x: "not reached" if not math.isfinite(x) else f"{x:.0f}"
-        speed = "—" if s["speedup_vs_grpo"] is None else f"{s['speedup_vs_grpo']:.2f}×"
-        lines.append(f"| {method} | {fmt(s['median_rollouts_to_target'])} [{fmt(s['min_rollouts_to_target'])}, "
-                     f"{fmt(s['max_rollouts_to_target'])}] ({s['seeds_reaching_target']}/{args.seeds}) | {speed} "
-                     f"| {s['final_success_mean']:.3f} ± {s['final_success_std']:.3f} "
-                     f"| {s['final_response_len_mean']:.2f} | {s['wall_s_median']:.1f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-
+    rng = np.random.default_rng(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    png = plot_runs(runs, args.out / "sample_efficiency.png", target=args.target,
-                    title=f"{task.name}: GRPO vs ReMix ({args.seeds} seeds, same rollout budget)")
-    payload = {"command": "python bench/sample_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "args": {k: str(v) for k, v in vars(args).items()}, "pool": pool, "summary": summary,
-               "runs": results}
-    (args.out / "sample_efficiency.json").write_text(json.dumps(payload, indent=2, default=str))
-    (args.out / "sample_efficiency.md").write_text(table + "\n")
-    print(f"\nwrote {png}, {args.out / 'sample_efficiency.json'}, {args.out / 'sample_efficiency.md'}")
+    summaries = {s: summarise(results, s, args.budget, rng) for s in setups}
+    command = "python bench/sample_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = [f"`{command}` ({args.seeds} seeds, {len(jobs)} runs, {time.perf_counter() - t0:.0f} s)", ""]
+    for s in setups:
+        text += [table(summaries[s], s, args.budget), ""]
+    if args.ablations:
+        text += [ablation_report(results, args.ablation_budget or args.budget, args.out), ""]
+    report = "\n".join(text)
+    print("\n" + report)
+    stem = "sample_efficiency_quick" if args.quick else "sample_efficiency"
+    plot_curves(results, setups, args.budget, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(report + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"command": command, "summaries": summaries,
+                                                       "runs": results}, default=str))
+    print(f"\nwrote {args.out / (stem + '.md')}, {stem}.png, {stem}.json", flush=True)
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

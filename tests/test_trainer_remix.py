@@ -176,3 +176,100 @@ def test_cli_train_runs_resumes_and_rejects_bad_flags(tmp_path, capsys):
     assert "resumed at policy version 2" in text and '"rollouts": 32' in text
     assert main(["train", "--replay-fraction", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "replay_fraction must be in [0, 1)" in capsys.readouterr().out
+
+
+class StreamTask:
+    """A fixed prompt stream (ignores the trainer's RNG) with a reward on token ids."""
+
+    name = "stream"
+
+    def __init__(self, task, tok):
+        self.inner, self.tok, self.drawn = task, tok, 0
+        self.stream = task.sample(np.random.default_rng(5), 10_000)[0]
+
+    def sample(self, rng, n):
+        out = self.stream[self.drawn: self.drawn + n]
+        self.drawn += n
+        return out, [self.inner.answer(p) for p in out]
+
+    def score(self, prompts, generation):
+        return np.array([float(list(ids) == self.tok.encode_response(self.inner.answer(p)))
+                         for p, ids in zip(prompts, generation.response_tokens)], dtype=np.float32)
+
+    def success(self, prompts, responses):
+        return self.inner.success(prompts, responses)
+
+
+def test_custom_task_eval_prompts_eval_fn_optimizer_and_wall_clock(warm_model):
+    task, tok, model = warm_model
+    stream = StreamTask(task, tok)
+    held_out = task.eval_set(16, seed=77)[0]
+    cfg = ReMixConfig(**small(max_iterations=2, eval_every=1))
+    trainer = ReMixTrainer(copy.deepcopy(model), tok, stream, cfg, eval_prompts=held_out,
+                           optimizer=lambda params: torch.optim.SGD(params, lr=0.01))
+    assert stream.drawn == 0                                    # evaluation never eats the stream
+    history = trainer.train()
+    assert stream.drawn == sum(r["n_fresh"] for r in history[1:]) // cfg.group_size
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and "eval_success" in history[-1]
+    calls = []
+    custom = ReMixTrainer(copy.deepcopy(model), tok, stream, cfg.replace(max_iterations=1),
+                          eval_fn=lambda t: calls.append(t.version) or {"my_metric": 1.0})
+    h = custom.train()
+    assert calls == [0, 1] and h[-1]["my_metric"] == 1.0 and "eval_success" not in h[-1]
+    capped = ReMixTrainer(copy.deepcopy(model), tok, task, cfg.replace(max_iterations=None, max_wall_seconds=0.01))
+    capped.train()
+    assert capped.version <= 1 < cfg.rollout_budget // 16       # stopped by the clock, not the budget
+
+
+def test_dynamic_sampling_drops_no_signal_groups_and_fills_from_replay(warm_model):
+    task, tok, model = warm_model
+    cfg = ReMixConfig(**small(prompts_per_step=8, replay_fraction=0.25, reincarnate_after=None))
+    trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg)
+    records = [trainer.step() for _ in range(4)]
+    for r in records:
+        dropped = r["ds_zero_var_groups"] * cfg.group_size
+        assert r["n_batch"] == r["n_fresh"] - dropped + r["n_replay"]
+        assert r["ds_filled_rows"] <= dropped
+    assert any(r["ds_filled_rows"] > 0 for r in records[1:]) and trainer.rollouts_saved > 0
+    assert records[-1]["rollouts_saved_total"] == pytest.approx(trainer.rollouts_saved)
+    grpo = ReMixTrainer(copy.deepcopy(model), tok, task, ReMixConfig.grpo(**small()))
+    r = grpo.step()
+    assert grpo.replay is None and r["n_batch"] == r["n_fresh"] and r["ds_filled_rows"] == 0
+
+
+def test_collapse_guard_detects_and_rolls_back(warm_model, capsys):
+    from sponge.trainer import CollapseGuard
+
+    guard = CollapseGuard(entropy_floor=0.1, warmup_steps=2)
+    assert guard.check({"entropy": 1.0, "reward_mean": 0.5, "ratio_max": 1.1}) is None
+    assert "entropy fell" in guard.check({"entropy": 0.05, "reward_mean": 0.5})
+    assert "token ratio" in guard.check({"ratio_max": 500.0})
+    assert "non-finite" in guard.check({"loss": float("nan")})
+    g = CollapseGuard(warmup_steps=2, reward_alpha=1.0)
+    for reward in (0.5, 0.5, 0.5, 0.5):
+        assert g.check({"reward_mean": reward}) is None
+    assert "reward" in g.check({"reward_mean": 0.05})
+
+    task, tok, model = warm_model
+    cfg = ReMixConfig(**small(max_iterations=1, eval_every=1, collapse_ratio_max=1.0 + 1e-9, learning_rate=1e-3))
+    trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg)
+    history = trainer.train()
+    assert len(trainer.collapses) == 1 and "collapse" in history[-1]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    for a, b in zip(trainer.policy.parameters(), model.parameters()):   # rolled back to the start
+        assert torch.equal(a, b)
+    assert "collapse detected" in capsys.readouterr().err
+
+
+def test_train_help_documents_every_flag(capsys):
+    from sponge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    import dataclasses
+    for f in dataclasses.fields(ReMixConfig):
+        if f.name != "progress":
+            assert "--" + f.name.replace("_", "-") in text
+    assert "{none,tis,seq_tis,mis,icepop,geo_mask}" in text and "(default: tis)" in text
+    assert "Per-token correction" in text
