@@ -243,3 +243,62 @@ def test_bad_configuration_is_refused_in_one_line():
         SpongeReplayConfig(replay_fraction=1.0)
     with pytest.raises(ValueError, match="policy_loss must be"):
         SpongeReplayConfig(policy_loss="ppo")
+
+
+@pytest.fixture
+def service(broker, topic, tmp_path):
+    """`sponge serve` in a thread: ingest from the test's topic, curation with a small selector."""
+    import threading
+
+    from sponge.engine.api import ApiConfig
+    from sponge.engine.curation import CurationConfig
+    from sponge.engine.server import CurationServer, ServerConfig
+    from sponge.engine.service import IngestConfig
+
+    config = ServerConfig(
+        ingest=IngestConfig(bootstrap_servers=broker, topic=topic, group_id=f"g-{topic}",
+                            store_path=str(tmp_path / "store"), flush_interval_s=0.2, session_timeout_ms=6000,
+                            create_topics=False, log_level="WARNING"),
+        curation=CurationConfig(k=8, n_references=32, snapshot_interval_s=0.0, batch_wait_s=0.2),
+        api=ApiConfig(port=0))
+    server = CurationServer(config)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
+    thread.start()
+    assert server.ready.wait(120), "service never became ready"
+    yield server
+    stop.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "service did not stop on its stop event"
+
+
+def test_trl_trains_on_replay_from_the_service(setup, service, broker, topic, tmp_path):
+    """TRL → Kafka → `sponge serve` (store, selector) → curated groups over HTTP → TRL's batches."""
+    from helpers import wait_for
+
+    from sponge.client import ServiceClient, ServiceReplaySource
+
+    task, tok, model0, dataset = setup
+    source = ServiceReplaySource(service.http.url, bootstrap_servers=broker, topic=topic, window=4, wait_s=60)
+    assert isinstance(source, ReplaySource)
+    steps = 4
+    trainer = SpongeGRPOTrainer(model=copy.deepcopy(model0), reward_funcs=_reward(task), args=_args(tmp_path, steps),
+                                train_dataset=dataset, processing_class=tok, replay=source,
+                                sponge_config=SpongeReplayConfig(run_id="trl-service", replay_fraction=0.5))
+    trainer.train()
+    source.close()
+
+    def stored() -> dict[int, int]:
+        rows = service.store.sql("SELECT policy_version, count(*) AS n FROM rollouts "
+                                 "WHERE run_id = 'trl-service' GROUP BY 1 ORDER BY 1")
+        return dict(zip(rows.column(0).to_pylist(), rows.column(1).to_pylist()))
+
+    wait_for(lambda: sum(stored().values()) == steps * BATCH, 60, "every rollout TRL generated to be stored")
+    assert stored() == {v: BATCH for v in range(steps)}
+    client = ServiceClient(service.http.url)
+    assert client.run("trl-service")["policy_version"] == steps
+    client.close()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(h["loss"]) for h in logged)
+    assert sum(h.get("sponge/replay_rows", 0) for h in logged) > 0, [h.get("sponge/replay_rows") for h in logged]
+    assert source.incomplete_draws == 0        # every draw saw every rollout this trainer had sent
