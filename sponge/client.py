@@ -8,7 +8,9 @@
     table = source.candidates(version + 1, unit="group")   # waits (bounded) for what it sent
 
 `ServiceReplaySource` implements `sponge.contract.ReplaySource`, so sponge's trainer and the
-TRL/TorchRL adapters use it like any in-process pool. It counts the rollouts it sends per policy
+TRL/TorchRL adapters use it like any in-process pool. Rollouts sent without an embedding get a
+cheap one here (`sponge.features`: hashed token n-grams), so the service need not run its text
+embedder on the trainer's hot path. It counts the rollouts it sends per policy
 version and tells the service, so retention never retires a version whose rollouts are still on
 their way, and a candidates request waits until they have arrived (read-your-writes), at most
 `wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
@@ -28,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sponge.contract import CANDIDATE_COLUMNS, Unit
+from sponge.features import with_embeddings
 
 __all__ = ["ServiceClient", "ServiceError", "ServiceReplaySource"]
 
@@ -154,6 +157,7 @@ class ServiceReplaySource:
         self.producer = producer
         self.window, self.wait_s = window, wait_s
         self.run_id: str | None = None
+        self.embedding_dim = 0
         self.fingerprint = ""
         self.enabled = True
         self.sent: Counter = Counter()          # rollouts sent per policy version
@@ -164,6 +168,7 @@ class ServiceReplaySource:
     def register(self, run_id: str, fingerprint: str) -> int:
         answer = self.client.register_run(run_id, fingerprint, self.window)
         self.run_id, self.fingerprint, self.window = run_id, fingerprint, answer["window"]
+        self.embedding_dim = int(answer["embedding_dim"])
         if not answer["created"]:
             log.info("resuming run %s at policy version %d", run_id, answer["policy_version"])
         return int(answer["policy_version"])
@@ -173,7 +178,7 @@ class ServiceReplaySource:
         run_ids = rollouts.column("run_id")
         if run_ids.null_count or not pc.all(pc.equal(run_ids, self.run_id)).as_py():
             raise ValueError(f"rollouts sent through this source must carry run_id {self.run_id!r}")
-        self.producer.send(rollouts)
+        self.producer.send(with_embeddings(rollouts, self.embedding_dim))
         versions, counts = np.unique(rollouts.column("policy_version").to_numpy(), return_counts=True)
         self.sent.update(dict(zip(versions.tolist(), counts.tolist())))
 
@@ -206,11 +211,13 @@ class ServiceReplaySource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "fingerprint": self.fingerprint, "window": self.window,
+                "embedding_dim": self.embedding_dim,
                 "enabled": self.enabled, "sent": {str(v): n for v, n in self.sent.items()},
                 "incomplete_draws": self.incomplete_draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id, self.fingerprint = state["run_id"], state["fingerprint"]
+        self.embedding_dim = int(state.get("embedding_dim", self.embedding_dim))
         self.window, self.enabled = state["window"], state["enabled"]
         self.sent = Counter({int(v): int(n) for v, n in state["sent"].items()})
         self.incomplete_draws = int(state.get("incomplete_draws", 0))

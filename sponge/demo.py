@@ -98,21 +98,25 @@ class Timeline:
 
     def sample(self) -> None:
         curator, totals = self.server.curator, self.server.ingest.totals
-        described = curator.describe()
+        runs = curator.runs()   # the demo trains one run against the service
+        if not runs:
+            return
+        described = runs[0]
         self.rows.append({
             "t_s": time.monotonic() - self._t0, "stored_rollouts": self.server.store.count(),
             "dead_letters": totals.dead_letters,
             "selection_version": described["selection_version"],
-            "objective_value": described["objective_value"], "subset_diversity": _subset_diversity(curator),
+            "objective_value": described["objective_value"],
+            "subset_diversity": _subset_diversity(curator, described["run_id"]),
             "policy_version": described["policy_version"], "evicted_total": described["evicted_total"],
         })
 
 
-def _subset_diversity(curator) -> float:
+def _subset_diversity(curator, run_id: str) -> float:
     """Mean pairwise cosine distance inside the replay subset (0 = identical, 1 = orthogonal)."""
     from sponge.engine.curation import embedding_matrix
 
-    ids = curator.subset_ids()
+    ids = curator.subset_ids(run_id)
     if len(ids) < 2:
         return float("nan")
     conn = curator.store.connect()
@@ -127,12 +131,11 @@ def _subset_diversity(curator) -> float:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from sponge.engine.api import ApiConfig
-    from sponge.engine.client import ServiceClient, ServiceReplaySource
+    from sponge.client import ServiceReplaySource
     from sponge.engine.curation import CurationConfig
     from sponge.engine.server import CurationServer, ServerConfig
     from sponge.engine.service import IngestConfig
     from sponge.streams.broker import EmbeddedBroker
-    from sponge.streams.producer import RolloutProducer
     from sponge.trainer import (
         CharTokenizer,
         ReMixConfig,
@@ -163,11 +166,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("[2/5] starting the embedded broker and the service")
     with EmbeddedBroker() as broker:
         server_cfg = ServerConfig(
+            # The service's defaults: the trainer's source waits for its own rollouts when it needs them.
             ingest=IngestConfig(bootstrap_servers=broker.bootstrap, topic="rollouts", group_id="sponge-demo",
-                                store_path=str(out / "store"), partitions=2, flush_interval_s=0.1,
-                                session_timeout_ms=6000, log_level="WARNING"),
-            curation=CurationConfig(k=cfg.k, seed=cfg.seed, n_references=128,
-                                    retention_window=remix_cfg.replay_window + 2),
+                                store_path=str(out / "store"), partitions=2, log_level="WARNING"),
+            curation=CurationConfig(k=cfg.k, seed=cfg.seed),
             api=ApiConfig(port=0))
         server = CurationServer(server_cfg)
         stop = threading.Event()
@@ -175,36 +177,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         service_thread.start()
         if not server.ready.wait(120):
             raise RuntimeError("the service did not become ready within 120 s")
-        client = ServiceClient(server.http.url)
         timeline = Timeline(server).start()
-        producer = RolloutProducer(broker.bootstrap, "rollouts", rows_per_message=64)
+        source = ServiceReplaySource(server.http.url, broker.bootstrap, "rollouts",
+                                     window=remix_cfg.replay_window)
         try:
             print(f"[3/5] ReMix with curated replay: rollouts → Kafka → store → selector → replay "
                   f"(service at {server.http.url})")
-            source = _ContractSource(ServiceReplaySource(client, window=remix_cfg.replay_window))
-
-            published = {"rollouts": 0}
-
-            def publish(table: pa.Table) -> None:
-                producer.send(table)
-                published["rollouts"] += table.num_rows
-
-            def report_version(version: int) -> None:
-                # Generation on a real cluster takes far longer than this toy model's; wait (briefly)
-                # for the service to hold what was generated, as it would in that setting.
-                producer.flush()
-                deadline = time.monotonic() + 10.0
-                while server.ingest.totals.ingested < published["rollouts"] and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                server.worker.drain(max(0.0, deadline - time.monotonic()))
-                client.report_policy_version(version)
-
             trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
-                                   replay_source=source, output_dir=out / "runs" / "remix-curated",
-                                   on_rollouts=publish, on_policy_version=report_version)
+                                   replay_source=source, output_dir=out / "runs" / "remix-curated")
             histories["remix-curated"] = trainer.history   # filled as it trains: an interrupt keeps it
             trainer.train()
-            producer.flush()
             if cfg.baseline:
                 print("[4/5] on-policy GRPO baseline from the same weights and seed")
                 grpo = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task,
@@ -216,11 +198,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             interrupted = True
             print("\ninterrupted: stopping the service and writing the report from what was recorded")
         finally:
-            producer.close()
+            source.close()
             timeline.stop()
             stop.set()
             service_thread.join(timeout=60)
-            client.close()
         summary["service"] = server.curator.describe()
         summary["ingest"] = dataclasses.asdict(server.ingest.totals)
         summary["store"] = server.store.stats()
@@ -234,50 +215,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary, out)
     return summary
-
-
-class _ContractSource:
-    """The service's curated subset behind the trainer's replay contract (`sponge.contract`), until
-    `sponge.client.ServiceReplaySource` replaces it. Fresh rollouts and versions reach the service
-    through the trainer's hooks below (Kafka and /policy), so send/report_version do nothing here."""
-
-    def __init__(self, legacy) -> None:
-        self.legacy = legacy
-
-    def register(self, run_id: str, fingerprint: str) -> int:
-        return 0
-
-    def send(self, rollouts: pa.Table) -> None:
-        pass
-
-    def report_version(self, version: int) -> None:
-        pass
-
-    def candidates(self, version: int, unit: str = "group") -> pa.Table:
-        import pyarrow.compute as pc
-
-        from sponge.groups import group_id_column, with_group_columns
-
-        rows = self.legacy.candidates(version)
-        if rows.num_rows == 0:
-            return rows
-        rows = rows.filter(pc.less(rows.column("policy_version"), version))
-        if "run_id" not in rows.column_names:   # the subset does not name its run: one run here
-            rows = rows.append_column("run_id", pa.nulls(rows.num_rows, pa.string()))
-        if "advantage" not in rows.column_names:
-            return with_group_columns(rows)
-        if "group_id" in rows.column_names:
-            return rows
-        return rows.append_column("group_id", group_id_column(rows))
-
-    def clear(self) -> None:
-        self.legacy.clear()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def write_report(out: Path, store, histories: dict[str, list[dict]]) -> dict:

@@ -566,6 +566,7 @@ class Curator:
                     "retired_below": self.store.retired_below(run_id),
                     "retention_deferred_to": run.target_mark, "arrived": arrived, "expected": expected,
                     "refused": dict(run.refused), "incomplete_draws": run.incomplete_draws,
+                    "embedding_dim": self.store.embedding_dim,
                     "k": self.config.k, "objective_value": run.selection.value(),
                     "subset_size": len(run.selection.subset_ids()), **run.selection.stats()}
 
