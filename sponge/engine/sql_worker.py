@@ -29,7 +29,8 @@ at once. The caller passes the child one end of a fresh socketpair over the cont
 `SqlWorkers` is the caller's side: at most `max_concurrent` queries at once (more are refused
 with SqlBusy, never queued), results bounded by `max_rows` and `max_result_bytes`, and `close()`
 kills the queries in flight so shutdown never waits for one. The server exits when the caller
-closes its end (or dies); a child whose caller died stops itself shortly after its deadline.
+closes its end (or dies), and a query child exits as soon as its caller's end of the query
+socket closes (the caller exited or was killed), so nothing outlives the caller for long.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -67,7 +69,8 @@ STARTUP_TIMEOUT_S = 60.0
 #: Address space a child may map beyond what it has at the start of its query, on top of the
 #: memory limit: DuckDB's threads (8 MiB stack each), malloc arenas, the Arrow export's copies.
 ADDRESS_SPACE_HEADROOM = 512 * 2**20
-#: A child whose caller vanished (so nobody kills it at the deadline) exits this long after it.
+#: A child whose caller vanished without closing its socket exits this long after its deadline
+#: (a caller that closes it, by exiting or killing, ends the child at once).
 ORPHAN_GRACE_S = 30.0
 #: Largest job header or result header accepted on a socket (a job holds the query and the views).
 MAX_HEADER_BYTES = 64 * 2**20
@@ -445,9 +448,10 @@ def _query_child(sock: socket.socket, conn: Any) -> int:
     except (EOFError, OSError, ValueError):
         return 0                                     # the caller gave up before sending
     limits = SqlLimits(**job["limits"])
-    # If the caller dies nobody kills us at the deadline: stop on our own a little after it.
-    watchdog = threading.Timer(limits.timeout_s + ORPHAN_GRACE_S, os._exit, (3,))
-    watchdog.daemon = True
+    # If the caller dies nobody kills us at the deadline: stop as soon as its end of the socket
+    # closes, and in any case a little after the deadline.
+    watchdog = threading.Thread(target=_exit_when_caller_gone, args=(sock, limits.timeout_s + ORPHAN_GRACE_S),
+                                name="sponge-sql-watchdog", daemon=True)
     watchdog.start()
     _limit_address_space(limits.memory_bytes + ADDRESS_SPACE_HEADROOM)
     payload = b""
@@ -477,6 +481,14 @@ def _query_child(sock: socket.socket, conn: Any) -> int:
     except OSError:
         pass                                         # the caller is gone (killed us, or timed out)
     return 0
+
+
+def _exit_when_caller_gone(sock: socket.socket, seconds: float) -> None:
+    events = getattr(select, "POLLRDHUP", 0) | select.POLLHUP
+    poller = select.poll()
+    poller.register(sock.fileno(), events)
+    poller.poll(seconds * 1000)   # returns when the caller hangs up, or after `seconds`
+    os._exit(3)
 
 
 def _arrow_bytes(table: Any, max_bytes: int) -> Any:
