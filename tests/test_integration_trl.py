@@ -16,14 +16,24 @@ import torch
 trl = pytest.importorskip("trl", minversion="1.16",
                           reason="the TRL integration needs the `trl` extra: pip install 'sponge[trl]'")
 
-from datasets import Dataset  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
 
-from sponge.contract import ReplaySource  # noqa: E402
-from sponge.integrations.trl import SpongeGRPOTrainer, SpongeReplayConfig, char_tokenizer  # noqa: E402
-from sponge.trainer import CharTokenizer, TinyModelConfig, build_tiny_model, make_task, warm_start  # noqa: E402
-from sponge.trainer.models import response_logprobs  # noqa: E402
-from sponge.trainer.replay import FIFOReplayPool  # noqa: E402
+from sponge.contract import ReplaySource
+from sponge.integrations.trl import (
+    SpongeGRPOTrainer,
+    SpongeReplayConfig,
+    char_tokenizer,
+)
+from sponge.trainer import (
+    CharTokenizer,
+    TinyModelConfig,
+    build_tiny_model,
+    make_task,
+    warm_start,
+)
+from sponge.trainer.models import response_logprobs
+from sponge.trainer.replay import FIFOReplayPool
 
 # One thread: on a shared 2-core machine OpenMP's spinning threads make tiny models 10x slower.
 torch.set_num_threads(1)
@@ -45,10 +55,10 @@ def setup():
 
 
 def _args(tmp_path, steps: int, **overrides) -> GRPOConfig:
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, num_generations=GROUP,
-                max_completion_length=8, max_steps=steps, learning_rate=1e-3, logging_steps=1, report_to="none",
-                use_cpu=True, save_strategy="no", activation_checkpointing=False, disable_dropout=True,
-                disable_tqdm=True, bf16=False, seed=0)
+    base = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": BATCH, "num_generations": GROUP,
+            "max_completion_length": 8, "max_steps": steps, "learning_rate": 1e-3, "logging_steps": 1,
+            "report_to": "none", "use_cpu": True, "save_strategy": "no", "activation_checkpointing": False,
+            "disable_dropout": True, "disable_tqdm": True, "bf16": False, "seed": 0}
     return GRPOConfig(**{**base, **overrides})
 
 
@@ -167,7 +177,7 @@ def test_split_loss_equals_trls_own_loss_on_policy(setup, tmp_path):
     n, lengths = 6, [3, 7, 5, 1, 7, 4]
     prompts = [[1] + torch.randint(3, 14, (k,), generator=g).tolist() for k in (3, 5, 4, 5, 2, 4)]
     completions = [torch.randint(3, 14, (k,), generator=g).tolist() for k in lengths]
-    logp, mask = trainer._sponge_score(prompts, completions)
+    logp, _ = trainer._sponge_score(prompts, completions)
     from sponge.integrations.trl import _pad_rows
     inputs = {
         "prompt_ids": _pad_rows(prompts, 0, "left", 6), "prompt_mask": _pad_rows([[1] * len(p) for p in prompts], 0, "left", 6),

@@ -42,7 +42,7 @@ import math
 import os
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,14 @@ def char_tokenizer(alphabet: str):
     """A Hugging Face fast tokenizer with the ids of `sponge.trainer.CharTokenizer(alphabet)`:
     <pad>=0, <bos>=1, <eos>=2, one token per character; prompts get <bos> prepended. Lets TRL drive
     sponge's tiny models (`build_tiny_model`) with no download."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if len(set(alphabet)) != len(alphabet) or not alphabet:
@@ -348,7 +355,7 @@ class SpongeGRPOTrainer(GRPOTrainer):
         try:
             self.replay_source.report_version(version)
             self._sponge_reported = version
-        except Exception as exc:  # the source being down must not stop training; retried next step
+        except Exception as exc:  # noqa: BLE001 - a source that is down must not stop training; retried
             self._sponge_metric("sponge/source_errors", 1.0)
             warnings.warn(f"sponge: report_version({version}) failed, retrying after the next step: {exc}",
                           stacklevel=2)
@@ -422,12 +429,12 @@ class SpongeGRPOTrainer(GRPOTrainer):
         lengths = np.array([len(c) for c in completion_tokens], dtype=np.int64)
         pending = _Pending(
             base=self._sponge_next_row,
-            table_args=dict(
-                rollout_ids=[f"{tag}/p{self.accelerator.process_index}/{i}" for i in range(n)],
-                prompt_ids=_prompt_ids(prompt_tokens, group), prompts=prompts,
-                responses=self._tokenizer.batch_decode(completion_tokens, skip_special_tokens=True),
-                prompt_tokens=prompt_tokens, response_tokens=completion_tokens, rewards=rewards,
-                policy_version=version, run_id=self.sponge_run_id),
+            table_args={
+                "rollout_ids": [f"{tag}/p{self.accelerator.process_index}/{i}" for i in range(n)],
+                "prompt_ids": _prompt_ids(prompt_tokens, group), "prompts": prompts,
+                "responses": self._tokenizer.batch_decode(completion_tokens, skip_special_tokens=True),
+                "prompt_tokens": prompt_tokens, "response_tokens": completion_tokens, "rewards": rewards,
+                "policy_version": version, "run_id": self.sponge_run_id},
             lengths=lengths, logp=np.zeros((n, max(int(lengths.max(initial=0)), 1)), np.float32),
             have=np.zeros(n, dtype=bool), sendable=np.isfinite(rewards))
         unscorable = int((~pending.sendable).sum())
@@ -481,7 +488,7 @@ class SpongeGRPOTrainer(GRPOTrainer):
             try:
                 if table.num_rows:
                     self.replay_source.send(table)
-            except Exception as exc:  # keep it and retry; never drop rollouts silently
+            except Exception as exc:
                 self._sponge_metric("sponge/source_errors", 1.0)
                 unsent = sum(t.num_rows for t in self._sponge_backlog)
                 if final:
@@ -537,7 +544,7 @@ class SpongeGRPOTrainer(GRPOTrainer):
     def _sponge_candidates(self, version: int) -> pa.Table | None:
         try:
             return self.replay_source.candidates(version, unit="group")
-        except Exception as exc:  # no replay this batch rather than no training
+        except Exception as exc:  # noqa: BLE001 - no replay this batch rather than no training
             self._sponge_metric("sponge/source_errors", 1.0)
             warnings.warn(f"sponge: candidates({version}) failed, this batch trains without replay: {exc}",
                           stacklevel=2)
@@ -549,7 +556,7 @@ class SpongeGRPOTrainer(GRPOTrainer):
         n = out["completion_ids"].shape[0]
         spg = self.args.steps_per_generation
         no_signal = _no_signal_rows(rewards, group) if cfg.dynamic_sampling else np.zeros(n, bool)
-        n_add = int(round(cfg.replay_fraction / (1 - cfg.replay_fraction) * n))
+        n_add = round(cfg.replay_fraction / (1 - cfg.replay_fraction) * n)
         n_fill = int(no_signal.sum())
         self._sponge_metric("sponge/no_signal_rows", float(n_fill))
         if n_add + n_fill == 0:
