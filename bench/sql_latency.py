@@ -74,7 +74,7 @@ def main() -> None:
         assert store.query(QUERY).table.equals(
             run_read_only(QUERY, setup_sql=store.view_sql(), allowed_dir=store.root, limits=limits).table)
         print(f"store: {args.rows} rollouts, 4 policy versions; query: {QUERY}")
-        for label, pause in (("paced (one call every ~%.1f s)" % args.pause_s, args.pause_s), ("back to back", 0.0)):
+        for label, pause in ((f"paced (one call every ~{args.pause_s:.1f} s)", args.pause_s), ("back to back", 0.0)):
             times: dict[str, list[float]] = {"in-process (before)": [], "worker (after)": []}
             for _ in range(args.rounds):
                 for name, fn in (("in-process (before)", old), ("worker (after)", new)):

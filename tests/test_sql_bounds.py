@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Self
 
 import httpx
 import numpy as np
@@ -153,7 +154,7 @@ class PeakRss:
                 return
             time.sleep(0.02)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self

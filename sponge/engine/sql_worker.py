@@ -50,7 +50,7 @@ import time
 import traceback
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sponge.engine.sql import (
     ERROR_KINDS,
@@ -143,7 +143,7 @@ class SqlWorkers:
             self._closed = True
         self._finalizer()   # = _shutdown(children, servers), once
 
-    def __enter__(self) -> SqlWorkers:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -361,7 +361,7 @@ def serve(control_fd: int) -> None:
     """The fork server: import once, keep one warm child, hand each query to it and fork the next."""
     import duckdb  # noqa: F401 - imported here once, so every forked child starts with it loaded
     import pyarrow as pa
-    import pyarrow.ipc  # noqa: F401
+    import pyarrow.ipc
 
     import sponge.engine.sql  # noqa: F401
 
@@ -412,8 +412,8 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket] | None:
             ours.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             code = _spare(theirs)
-        except BaseException:
-            traceback.print_exc()                    # a bug, not a query error (those are answered)
+        except BaseException:  # noqa: BLE001 - printed, then the child exits: a bug, not a query error
+            traceback.print_exc()
         finally:
             os._exit(code)                           # skip interpreter teardown: exit at once
     theirs.close()
