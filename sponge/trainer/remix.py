@@ -163,7 +163,10 @@ class ReMixTrainer:
         draw = None
         if self.replay is not None and n_replay + n_fill > 0:
             candidates = self.replay.candidates(version, unit=cfg.replay_unit)
-            draw = self.sampler.draw(candidates, n_replay + n_fill, self._score_current, version, self.rng,
+            # Uniform draws need no ratios to choose rows: π_k of the drawn rows then comes from the
+            # first update's forward instead of a scoring pass.
+            score = None if self.sampler.mode == "uniform" else self._score_current
+            draw = self.sampler.draw(candidates, n_replay + n_fill, score, version, self.rng,
                                      unit=cfg.replay_unit)
         if self.replay is not None:
             self.replay.send(fresh)
@@ -202,24 +205,34 @@ class ReMixTrainer:
             behavior_np, lengths = padded_list_column(behavior_col, 0.0, width)
             logp_behavior = torch.from_numpy(behavior_np)
             mask = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.float32))
-            # Proximal log π_k: the trainer's own for replayed rows (scored at the draw) and, when
-            # recomputing, for fresh rows; else the generator's (then the fresh weight is exactly 1).
+            # Proximal log π_k: the trainer's own for replayed rows and, when recomputing, for fresh
+            # rows; else the generator's (then the fresh weight is exactly 1). Rows not scored at the
+            # draw take it from the first update's forward, which runs at π_k (no extra forward).
             logp_prox = logp_behavior.clone()
-            if self.recompute and n_kept:
-                logp_prox[:n_kept] = _pad_to(self._score_current(batch_prompts[:n_kept],
-                                                                 batch_responses[:n_kept])[0], width)
+            from_forward = np.zeros(n_rows, dtype=bool)
+            from_forward[:n_kept] = self.recompute
             if draw is not None:
-                logp_prox[n_kept:] = _pad_to(draw.logp_current, width)
-            log_ratio = token_log_ratios(logp_prox, logp_behavior, mask)
-            is_weights = correction_weights(cfg.correction, log_ratio, mask, cfg.correction_low, cfg.correction_high)
-            if cfg.policy_loss == "mix_ppg":   # the ratio carries π_k/π_b itself: only masks apply
-                is_weights = (is_weights > 0).to(mask.dtype) * mask
-            stats.update(_prefixed("fresh_is_", correction_diagnostics(log_ratio[:n_kept], is_weights[:n_kept],
-                                                                        mask[:n_kept])) if self.recompute else {})
-            if draw is not None:
-                stats.update(_prefixed("replay_is_", correction_diagnostics(log_ratio[n_kept:], is_weights[n_kept:],
-                                                                             mask[n_kept:])))
+                if draw.logp_current is not None:
+                    logp_prox[n_kept:] = _pad_to(draw.logp_current, width)
+                else:
+                    from_forward[n_kept:] = True
+            from_forward_t = torch.from_numpy(from_forward)
             adv_t, weights_t = torch.from_numpy(adv.astype(np.float32)), torch.from_numpy(row_weights)
+
+            def corrections() -> torch.Tensor:
+                log_ratio = token_log_ratios(logp_prox, logp_behavior, mask)
+                w = correction_weights(cfg.correction, log_ratio, mask, cfg.correction_low, cfg.correction_high)
+                if cfg.policy_loss == "mix_ppg":   # the ratio carries π_k/π_b itself: only masks apply
+                    w = (w > 0).to(mask.dtype) * mask
+                if self.recompute and n_kept:
+                    stats.update(_prefixed("fresh_is_", correction_diagnostics(
+                        log_ratio[:n_kept], w[:n_kept], mask[:n_kept])))
+                if draw is not None:
+                    stats.update(_prefixed("replay_is_", correction_diagnostics(
+                        log_ratio[n_kept:], w[n_kept:], mask[n_kept:])))
+                return w
+
+            is_weights = None if from_forward.any() else corrections()
 
             if cfg.kl_coef > 0:  # references for KL-Convex, scored once per batch
                 with torch.no_grad():
@@ -235,6 +248,9 @@ class ReMixTrainer:
                 scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
                                            cfg.temperature, with_entropy=True)
                 logp, entropy = _pad_to(scores.logprobs, width), _pad_to(scores.entropy, width)
+                if is_weights is None:   # first update: this forward is π_k
+                    logp_prox = torch.where(from_forward_t[:, None], logp.detach(), logp_prox)
+                    is_weights = corrections()
                 with torch.no_grad():
                     approx_kl = float(aggregate(kl_k3(logp.detach(), logp_prox, mask), mask))
                 if j > 0 and cfg.target_kl is not None and approx_kl > cfg.target_kl:

@@ -321,9 +321,8 @@ class CuratedReplayPool(FIFOReplayPool):
         codes = group_codes(rows)
         emb = _embed(rows)
         n_groups = int(codes.max()) + 1
-        sums = np.zeros((n_groups, emb.shape[1]), np.float64)
-        np.add.at(sums, codes, emb)
-        group_emb = (sums / np.bincount(codes, minlength=n_groups)[:, None]).astype(np.float32)
+        members = (codes[None, :] == np.arange(n_groups)[:, None]).astype(np.float32)   # [G, R] one-hot
+        group_emb = (members @ emb) / members.sum(1, keepdims=True)
         _, std, _ = group_reward_stats(rows.column("reward").to_numpy(), codes)
         quality = np.zeros(n_groups, np.float32)
         quality[codes] = std
@@ -533,8 +532,9 @@ class ReplayDraw:
     """A replay batch: the chosen rows plus what the loss needs about them."""
 
     table: pa.Table
-    #: log π_k of each response token (the current policy at the start of the iteration) [n, T].
-    logp_current: torch.Tensor
+    #: log π_k of each response token (the current policy at the start of the iteration) [n, T];
+    #: None for a uniform draw made without a score function.
+    logp_current: torch.Tensor | None
     #: Per-response loss weights (self-normalised truncated ratios in "weight" mode, else ones).
     weights: np.ndarray
     #: GRPO advantage of each drawn row, computed within its whole group.
@@ -575,7 +575,9 @@ class ReplaySampler:
              current_version: int, rng: np.random.Generator, unit: Unit = "rollout") -> ReplayDraw | None:
         """Draw `n` rows (with unit "group": whole groups until at least `n` rows).
         `score(prompt_tokens, response_tokens)` returns (log π_k [B, T], mask [B, T]) under the
-        current policy, no gradient. Returns None when there are no candidates."""
+        current policy, no gradient; in "uniform" mode it may be None (the draw then carries no
+        log π_k and no ratio statistics: the caller scores the rows). Returns None when there are
+        no candidates."""
         if candidates.num_rows == 0 or n <= 0:
             return None
         _check_columns(candidates, REPLAY_COLUMNS)
@@ -600,10 +602,15 @@ class ReplaySampler:
             weights = np.ones(len(idx))
         else:
             idx = self._pick(candidates, prior, n, rng, unit)
-            chosen = candidates.take(pa.array(idx))
-            logp, mask = self._score(chosen, score)
-            raw = self._ratios(chosen, logp, mask)
-            weights = self_normalise(truncate(raw, cap)) if self.mode == "weight" else np.ones(len(idx))
+            if score is None:                 # uniform draw, scored later by the caller
+                if self.mode != "uniform":
+                    raise ValueError(f"mode {self.mode!r} needs a score function")
+                logp, raw, weights = None, np.full(len(idx), np.nan), np.ones(len(idx))
+            else:
+                chosen = candidates.take(pa.array(idx))
+                logp, mask = self._score(chosen, score)
+                raw = self._ratios(chosen, logp, mask)
+                weights = self_normalise(truncate(raw, cap)) if self.mode == "weight" else np.ones(len(idx))
         table = candidates.take(pa.array(idx))
         stats = ratio_diagnostics(raw, truncate(raw, cap), staleness[idx])
         stats.update({"cap": cap, "candidates": candidates.num_rows, "drawn": len(idx),
