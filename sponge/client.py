@@ -14,6 +14,9 @@ embedder on the trainer's hot path. It counts the rollouts it sends per policy
 version and tells the service, so retention never retires a version whose rollouts are still on
 their way, and a candidates request waits until they have arrived (read-your-writes), at most
 `wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
+The wait overlaps the trainer's own work: a version report, and then the candidates for that
+version, go out on a background thread while the trainer generates its next batch (it asks for
+them after generating); an error of either is raised by the trainer's next call to this source.
 
 `ServiceClient` is the plain HTTP API (runs, candidates, legacy samples, SQL, removal).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -86,6 +90,10 @@ class ServiceClient:
         if sent:
             body["sent"] = {str(v): int(n) for v, n in sent.items()}
         return self._check(self._http.post(f"/runs/{run_id}/version", json=body)).json()
+
+    def flush(self, run_id: str) -> None:
+        """Ask the service to ingest and curate what has queued now (rollouts just sent)."""
+        self._check(self._http.post(f"/runs/{run_id}/flush"))
 
     def candidates(self, run_id: str, version: int, unit: Unit = "group", expect: dict[int, int] | None = None,
                    wait_s: float = 0.0) -> tuple[pa.Table, dict]:
@@ -163,6 +171,13 @@ class ServiceReplaySource:
         self.sent: Counter = Counter()          # rollouts sent per policy version
         self.incomplete_draws = 0
         self.last_draw: dict = {}
+        #: report versions and fetch the next candidates on a background thread (see the module docstring)
+        self.background = True
+        self._unit: Unit = "group"                # the unit the trainer last asked for
+        self._asked = False                       # the trainer asked for candidates since the last report
+        self._executor: ThreadPoolExecutor | None = None
+        self._report: Future | None = None        # the last version report sent in the background
+        self._pending: tuple[tuple, Future] | None = None   # ((version, unit), candidates being fetched)
 
     # -- the contract --------------------------------------------------------------------------------
     def register(self, run_id: str, fingerprint: str) -> int:
@@ -175,29 +190,65 @@ class ServiceReplaySource:
 
     def send(self, rollouts: pa.Table) -> None:
         self._registered()
+        self._settle()   # the producer is not shared with a background flush
         run_ids = rollouts.column("run_id")
         if run_ids.null_count or not pc.all(pc.equal(run_ids, self.run_id)).as_py():
             raise ValueError(f"rollouts sent through this source must carry run_id {self.run_id!r}")
         self.producer.send(with_embeddings(rollouts, self.embedding_dim))
         versions, counts = np.unique(rollouts.column("policy_version").to_numpy(), return_counts=True)
         self.sent.update(dict(zip(versions.tolist(), counts.tolist())))
+        if self.background:   # on their way now, and ingested while the trainer updates
+            self._report = self._pool().submit(self._push)
+
+    def _push(self) -> None:
+        self.producer.flush()
+        self.client.flush(self.run_id)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sponge-source")
+        return self._executor
 
     def report_version(self, version: int) -> None:
         self._registered()
-        self.producer.flush()   # what it says it sent must be on its way, not in a local buffer
+        self._settle()
         low = version - self.window if self.window is not None else min(self.sent, default=version)
         for v in [v for v in self.sent if v < low - 1]:
             del self.sent[v]    # retired for good: nothing will ever wait for them again
-        self.client.report_version(self.run_id, version, dict(self.sent))
+        sent = dict(self.sent)
+        if not self.background:
+            self._send_report(version, sent)
+            return
+        self._report = self._pool().submit(self._send_report, version, sent)
+        if self.enabled and self._asked:   # the trainer will ask for these after its next generation
+            self._pending = ((version, self._unit), self._pool().submit(self._fetch, version, self._unit))
+        self._asked = False
+
+    def _send_report(self, version: int, sent: dict[int, int]) -> None:
+        self.producer.flush()   # what it says it sent must be on its way, not in a local buffer
+        self.client.report_version(self.run_id, version, sent)
+
+    def _settle(self) -> None:
+        """Wait for the background report (raising its error) and any candidates fetch in flight."""
+        report, self._report = self._report, None
+        if report is not None:
+            report.result()
+        if self._pending is not None and not self._pending[1].done():
+            self._pending[1].exception()   # waits; its result stays for `candidates`
 
     def candidates(self, version: int, unit: Unit = "group") -> pa.Table:
         self._registered()
         if not self.enabled:
             return _empty_candidates()
-        self.producer.flush()
-        low = version - self.window if self.window is not None else 0
-        expect = {v: n for v, n in self.sent.items() if low <= v < version}
-        table, info = self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
+        self._unit, self._asked = unit, True
+        pending, self._pending = self._pending, None
+        report, self._report = self._report, None
+        if report is not None:
+            report.result()
+        if pending is not None and pending[0] == (version, unit):
+            table, info = pending[1].result()
+        else:
+            table, info = self._fetch(version, unit)
         self.last_draw = info
         if not info["complete"]:
             self.incomplete_draws += 1
@@ -205,6 +256,13 @@ class ServiceReplaySource:
                         "this trainer sent (per version: %s); going on with what the service has",
                         self.run_id, version, info["waited_s"], sum(info["missing"].values()), info["missing"])
         return table
+
+    def _fetch(self, version: int, unit: Unit) -> tuple[pa.Table, dict]:
+        """Candidates at `version`, waiting (bounded) for every rollout this source sent in the window."""
+        self.producer.flush()
+        low = version - self.window if self.window is not None else 0
+        expect = {v: n for v, n in self.sent.items() if low <= v < version}
+        return self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
 
     def clear(self) -> None:
         self.enabled = False   # reincarnation: replay off here; the service keeps curating for others
@@ -229,6 +287,10 @@ class ServiceReplaySource:
 
     def close(self) -> None:
         try:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+            if self._report is not None:
+                self._report.result()
             self.producer.close()
         finally:
             self.client.close()

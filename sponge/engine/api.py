@@ -13,6 +13,7 @@ Runs (one per training run; `sponge.engine.runs`):
     DELETE /runs/{run}                retire all of the run's data
     POST   /runs/{run}/version        {"policy_version", "sent"?: {version: rollouts sent}}
     POST   /runs/{run}/candidates     {"version", "unit": group|rollout, "expect"?, "wait_s"?} → Arrow
+    POST   /runs/{run}/flush          ingest and curate what has queued now (rollouts just sent)
     POST   /runs/{run}/retention      {"retired_below"}: lower a mark raised by mistake (admin)
 
 With a token set, every route but /healthz (the docs and the OpenAPI schema included) needs
@@ -184,6 +185,13 @@ def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
     @app.post("/runs/{run_id}/version")
     def report_version(run_id: str, report: VersionReport) -> dict:
         return need_curator().report_version(run_id, report.policy_version, report.sent)
+
+    @app.post("/runs/{run_id}/flush")
+    def flush(run_id: str) -> dict:
+        """A trainer has just sent rollouts it will soon want back: ingest and curate what has queued
+        now instead of at the flush and batch deadlines."""
+        need_curator().hurry(run_id)
+        return {"run_id": run_id}
 
     @app.post("/runs/{run_id}/retention")
     def lower_retention(run_id: str, req: RetentionRequest) -> dict:

@@ -424,10 +424,9 @@ class Curator:
         trainer sent); returns what is still missing per version when the time is up ({} = all in)."""
         run = self._run(run_id)
         deadline = time.monotonic() + max(0.0, min(timeout_s, self.config.max_wait_s))
-        kicked = False
+        mark = self.store.retired_below(run_id) or 0
 
         def missing() -> dict[int, int]:
-            mark = self.store.retired_below(run_id) or 0
             return {v: n - run.arrived[v] for v, n in expect.items() if v >= mark and run.arrived[v] < n}
 
         while True:
@@ -436,12 +435,17 @@ class Curator:
                 remaining = deadline - time.monotonic()
                 if not gap or remaining <= 0:
                     return gap
-                if kicked:
-                    self._arrivals.wait(min(remaining, 0.25))
-                    continue
             if self.on_wait is not None:
-                self.on_wait()   # outside every lock: it asks ingest and the worker to hurry
-            kicked = True
+                self.on_wait()   # outside every lock: ingest flushes, the worker hands over (cheap flags)
+            with self._arrivals:
+                if missing():
+                    self._arrivals.wait(min(remaining, 0.1))
+
+    def hurry(self, run_id: str) -> None:
+        """A run's trainer just sent rollouts it will soon wait for: have them ingested and curated now."""
+        self._run(run_id)
+        if self.on_wait is not None:
+            self.on_wait()
 
     def candidates(self, run_id: str, version: int, unit: str = "group", expect: dict[int, int] | None = None,
                    wait_s: float = 0.0) -> Candidates:

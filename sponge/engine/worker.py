@@ -115,7 +115,8 @@ class CurationWorker:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-                self._kicked = False
+                if batch:
+                    self._kicked = False
                 self._pending_rows = 0
                 self._busy = True
                 self._cond.notify_all()

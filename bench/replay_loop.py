@@ -1,0 +1,184 @@
+"""The replay loop from a trainer's side: a default `sponge serve` while a trainer runs at full speed.
+
+1. Start the embedded broker and `sponge serve` as its own process with its default settings
+   (only where it listens, reads and writes is given).
+2. Train the tiny model (ReMix, replay from the service through `sponge.client.ServiceReplaySource`)
+   for `--iterations` steps. Every call the trainer makes to the source is timed: `send` (Kafka),
+   `report_version` and `candidates` (HTTP, including the read-your-writes wait). Printed: time to
+   the first replay draw, the fraction of iterations that drew replay, fresh rollouts of the run
+   the service refused (must be 0), draws that ended before the trainer's own rollouts were in,
+   and the trainer's time spent in the source as a share of its wall time (target <= 5%).
+3. Then, against the service as the run left it, draw latency over HTTP (p50/p99 of `--requests`
+   calls, alternated with a bare /healthz round trip as the floor): 256 rollouts
+   (/replay/sample?n=256) and the run's group candidates (about 32 groups with the defaults).
+
+    .venv/bin/python bench/replay_loop.py                  # ~3-5 minutes on 2 cores
+    .venv/bin/python bench/replay_loop.py --iterations 20 --requests 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+class TimedSource:
+    """Wraps a replay source and adds up the seconds the trainer spends in each of its calls."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seconds: dict[str, float] = {}
+        self.first_replay_at: float | None = None
+        self.started = time.perf_counter()
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in ("register", "send", "report_version", "candidates", "clear", "state_dict",
+                        "load_state_dict"):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                result = attr(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if name == "candidates" and self.first_replay_at is None and result.num_rows:
+                self.first_replay_at = time.perf_counter() - self.started
+            return result
+        return timed
+
+
+def start_service(broker: str, store: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "sponge.cli", "serve", "--bootstrap-servers", broker, "--store", str(store),
+           "--http-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 300
+    url = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"event": "http"' in line:
+                url = json.loads(line)["url"]
+        if url:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"sponge serve did not become ready: {log.read_text()[-2000:]}")
+
+
+def latency(fn, healthz, requests: int) -> dict:
+    """p50/p99 milliseconds of `fn` and of a bare /healthz, alternated."""
+    ours, floor = [], []
+    for _ in range(requests):
+        for sink, call in ((ours, fn), (floor, healthz)):
+            t0 = time.perf_counter()
+            call()
+            sink.append((time.perf_counter() - t0) * 1000)
+    q = lambda xs, p: round(float(np.percentile(xs, p)), 2)   # noqa: E731
+    return {"p50_ms": q(ours, 50), "p99_ms": q(ours, 99), "healthz_p50_ms": q(floor, 50),
+            "healthz_p99_ms": q(floor, 99)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--iterations", type=int, default=40, help="trainer steps")
+    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--requests", type=int, default=200, help="HTTP requests per latency figure")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the trainer")
+    p.add_argument("--out", type=Path, default=Path("bench/results/replay_loop.json"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from sponge.client import ServiceClient, ServiceReplaySource
+    from sponge.streams.broker import EmbeddedBroker, create_topic
+    from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="sponge-replay-loop-"))
+    with EmbeddedBroker() as broker:
+        create_topic(broker.bootstrap, "rollouts", partitions=4)
+        t0 = time.perf_counter()
+        proc, url = start_service(broker.bootstrap, work / "store", work / "serve.log")
+        service_start_s = time.perf_counter() - t0
+        client = ServiceClient(url)
+        try:
+            task = make_task("reverse")
+            tokenizer = CharTokenizer(task.alphabet)
+            model = build_tiny_model(tokenizer, seed=0)
+            warm_start(model, tokenizer, task, steps=50, seed=0)
+            config = ReMixConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                                 max_iterations=args.iterations, eval_every=10**6, eval_size=0,
+                                 progress=True, run_name="replay-loop-bench")
+            inner = ServiceReplaySource(url, broker.bootstrap, "rollouts", window=config.replay_window)
+            source = TimedSource(inner)
+            trainer = ReMixTrainer(model, tokenizer, task, config, replay_source=source, eval_prompts=[])
+            t_train = time.perf_counter()
+            source.started = t_train
+            history = trainer.train()
+            train_wall = time.perf_counter() - t_train
+            run = client.run(trainer.run_id)
+            steps = [h for h in history if h.get("iteration", 0) > 0]
+            replayed = [h for h in steps if h.get("n_replay", 0) > 0]
+            in_source = sum(source.seconds.values())
+            loop = {
+                "service_start_to_ready_s": round(service_start_s, 2),
+                "iterations": len(steps), "rollouts_generated": trainer.rollouts_generated,
+                "trainer_wall_s": round(train_wall, 2),
+                "time_to_first_replay_draw_s": None if source.first_replay_at is None
+                else round(source.first_replay_at, 2),
+                "iterations_with_replay": len(replayed),
+                "fraction_with_replay_after_first": round(len(replayed) / max(1, len(steps) - 1), 3),
+                "fresh_rollouts_refused": int(run["refused"].get("retired", 0)),
+                "refused_by_reason": run["refused"],
+                "incomplete_draws": inner.incomplete_draws,
+                "seconds_in_source": {k: round(v, 3) for k, v in source.seconds.items()},
+                "share_of_wall_time_in_source": round(in_source / train_wall, 4),
+                "share_waiting_for_candidates": round(source.seconds.get("candidates", 0.0) / train_wall, 4),
+            }
+            print(json.dumps(loop, indent=2))
+
+            healthz = lambda: httpx.get(f"{url}/healthz")   # noqa: E731
+            version = trainer.version
+            groups, _ = client.candidates(trainer.run_id, version, "group")
+            draws = {
+                "sample_256_rollouts": latency(lambda: client.sample(256, run=trainer.run_id), healthz,
+                                               args.requests),
+                "group_candidates": latency(lambda: client.candidates(trainer.run_id, version, "group"), healthz,
+                                            args.requests),
+                "groups_per_candidates_draw": len(set(groups.column("group_id").to_pylist())),
+                "rows_per_candidates_draw": groups.num_rows,
+            }
+            print(json.dumps(draws, indent=2))
+            inner.close()
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(60)
+    result = {"loop": loop, "draw_latency": draws, "command": " ".join(["bench/replay_loop.py", *(argv or sys.argv[1:])])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    target = loop["share_of_wall_time_in_source"] <= 0.05 and loop["fresh_rollouts_refused"] == 0
+    print("targets (<= 5% of wall time in the source, 0 refused):", "met" if target else "NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
