@@ -1,5 +1,5 @@
 """Shared fixtures: one real embedded Kafka broker per test session, a fresh topic per test,
-and the --soak flag that enables tests marked `soak`."""
+and the opt-in flags: --soak enables tests marked `soak`, --chaos those marked `chaos`."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", default=False, help="run long soak tests (marked soak)")
+    parser.addoption("--chaos", action="store_true", default=False,
+                     help="run chaos tests (marked chaos): kill -9 the service and restart the broker under load")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "chaos: kills and restarts under load; runs only with --chaos")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--soak"):
-        return
-    skip = pytest.mark.skip(reason="soak test: run with --soak")
-    for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+    for flag in ("soak", "chaos"):
+        if config.getoption(f"--{flag}"):
+            continue
+        skip = pytest.mark.skip(reason=f"{flag} test: run with --{flag}")
+        for item in items:
+            if flag in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -253,7 +253,7 @@ def test_crash_between_segment_write_and_commit_is_replayed_without_duplicates(b
     with pytest.raises(Crash):
         _wait(lambda: service.poll_once() is None, 60, "a flush")
     service._consumer.close()  # leave the group without committing anything
-    service._producer.close()
+    service._dlq.close()
     assert _count(store_path) > 0
 
     running = _Running(_config(broker, topic, store_path))
@@ -267,6 +267,53 @@ def test_crash_between_segment_write_and_commit_is_replayed_without_duplicates(b
     _assert_exactly(store_path, sent["good_ids"])
 
 
+def test_dead_letters_replayed_after_a_crash_show_once_in_the_view(broker, topic, tmp_path):
+    """Dead letters are at-least-once: a crash after they were acknowledged by the DLQ and stored,
+    before the offsets were committed, sends and stores them again on replay. Every copy carries
+    the same letter id (header and column), and the store's dead_letters view shows each once."""
+    import duckdb
+
+    store_path = tmp_path / "store"
+    limit = 1 << 20
+    sent = produce(broker, topic, 400, seed=31, synthetic=SMALL, rows_per_message=16,
+                   bad_fraction=len(MALFORMED_KINDS) * 16 / 400, max_message_bytes=limit, chunk=400)
+    n_bad = len(sent["bad"])
+    assert n_bad == len(MALFORMED_KINDS)
+
+    class Crash(Exception):
+        pass
+
+    class CrashBeforeCommit(IngestService):
+        def _commit(self, offsets):
+            raise Crash("simulated crash after the dead letters and segments were written, before the commit")
+
+    service = CrashBeforeCommit(_config(broker, topic, store_path, flush_rows=10**6, flush_interval_s=1.0,
+                                        max_message_bytes=limit))
+    service.start()
+    with pytest.raises(Crash):
+        _wait(lambda: service.poll_once() is None, 60, "a flush")
+    service._consumer.close()  # leave the group without committing anything
+    service._dlq.close()
+
+    running = _Running(_config(broker, topic, store_path, max_message_bytes=limit))
+    try:
+        _wait(lambda: running.healthy() and running.service.totals.messages == sent["messages"]
+              and running.service.totals.flushes > 0, 60, "the replay")
+    finally:
+        running.stop()
+    files = str(store_path / "dead_letters" / "*.parquet")
+    raw = duckdb.sql(f"SELECT letter_id FROM read_parquet('{files}')").fetchall()
+    assert len(raw) > n_bad, "nothing was dead-lettered twice: the crash did not land after the letters"
+    view = RolloutStore(store_path, embedding_dim=DIM).sql("SELECT letter_id, \"offset\" FROM dead_letters")
+    ids = view.column("letter_id").to_pylist()
+    assert len(ids) == len(set(ids)) == n_bad
+    assert {r[0] for r in raw} == set(ids)
+    on_topic = read_dead_letters(broker, f"{topic}.dlq", expected=len(raw))
+    assert len(on_topic) == len(raw)          # the topic has every copy too...
+    assert {x["headers"]["letter-id"].decode() for x in on_topic} == set(ids)   # ...under the same ids
+    _assert_exactly(store_path, sent["good_ids"])
+
+
 def test_sigterm_flushes_and_commits(broker, topic, tmp_path):
     """A long flush interval: only the SIGTERM path can make these rows durable."""
     store_path = tmp_path / "store"
@@ -274,26 +321,27 @@ def test_sigterm_flushes_and_commits(broker, topic, tmp_path):
     log = tmp_path / "serve.log"
     proc = _serve(broker, topic, store_path, log, flush_interval_s=600, flush_rows=10**6)
     try:
-        _wait(lambda: any(e["event"] == "partitions assigned" for e in _events(log)), 60, "assignment")
+        _wait(lambda: any(e["event"] == "partitions assigned" for e in _events_of(proc)), 60, "assignment")
         time.sleep(1.0)
         assert _count(store_path) == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     _assert_exactly(store_path, sent)
-    totals = [e for e in _events(log) if e["event"] == "stopped"]
+    totals = [e for e in _events_of(proc) if e["event"] == "stopped"]
     assert totals and totals[-1]["ingested"] == len(sent)
-    # Committed: a restart finds nothing left to read.
+    # Committed: a restart finds nothing left to read. The log is appended to: only the second
+    # process's own lines count (matching the first's made SIGTERM land before its handler was in).
     proc = _serve(broker, topic, store_path, log, flush_interval_s=0.2)
     try:
-        _wait(lambda: any(e["event"] == "partitions assigned" and e["partitions"] for e in _events(log)[1:]),
+        _wait(lambda: any(e["event"] == "partitions assigned" and e["partitions"] for e in _events_of(proc)),
               60, "reassignment")
         time.sleep(1.5)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    stops = [e for e in _events(log) if e["event"] == "stopped"]
-    assert stops[-1]["messages"] == 0
+    stops = [e for e in _events_of(proc) if e["event"] == "stopped"]
+    assert len(stops) == 1 and stops[0]["messages"] == 0
 
 
 def test_config_precedence_file_env_flags(tmp_path):
@@ -335,21 +383,35 @@ def test_metrics_are_served_over_http(broker, topic, tmp_path):
 # ---- helpers for subprocess tests -------------------------------------------------------------
 
 def _serve(broker: str, topic: str, store_path: Path, log: Path, **flags) -> subprocess.Popen:
+    """`sponge serve` as a process writing to `log` (appended to); `_events_of(proc)` reads its lines only."""
     args = {"bootstrap-servers": broker, "topic": topic, "group": f"g-{topic}", "store": str(store_path),
             "session-timeout-ms": SESSION_MS, "flush-interval-s": 0.3, "flush-rows": 2000,
             "http-port": 0}  # the full service (selector + HTTP) on a free port
     args.update({k.replace("_", "-"): v for k, v in flags.items()})
-    cmd = [sys.executable, "-m", "sponge.cli", "serve"]
+    # The rollouts carry embeddings: no embedding model to load (its warm-up is slow on a loaded machine).
+    cmd = [sys.executable, "-m", "sponge.cli", "serve", "--no-embed"]
     for k, v in args.items():
         cmd += [f"--{k}", str(v)]
     out = open(log, "ab")
+    start = out.seek(0, os.SEEK_END)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
+    proc.log, proc.log_start = log, start   # where this process's own lines begin
+    out.close()                             # the child holds its own descriptor
+    return proc
 
 
-def _events(log: Path) -> list[dict]:
+def _events_of(proc: subprocess.Popen) -> list[dict]:
+    """The JSON log events written by `proc` alone (not by an earlier process on the same log)."""
+    return _events(proc.log, proc.log_start)
+
+
+def _events(log: Path, start: int = 0) -> list[dict]:
     out = []
-    for line in log.read_text().splitlines():
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:

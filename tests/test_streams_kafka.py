@@ -17,7 +17,8 @@ from sponge.record import Violation
 from sponge.streams.broker import EmbeddedBroker, create_topic
 from sponge.streams.codec import decode
 from sponge.streams.consumer import RolloutConsumer
-from sponge.streams.dlq import DeadLetter, DeadLetterPublisher, dead_letters_table, read_dead_letters
+from sponge.streams.dlq import (DeadLetter, DeadLetterPublisher, DeadLettersUnacknowledged, dead_letters_table,
+                                letter_id, read_dead_letters)
 from sponge.streams.producer import RolloutProducer, kafka_partition
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
@@ -96,23 +97,78 @@ def test_dead_letters_keep_bytes_and_say_why(broker, topic):
 
     letter = DeadLetter(topic, 2, 41, b"\x00raw bytes", b"key", [("content-type", b"application/json")],
                         [Violation("reward", "non-finite", "reward must be finite", 3)], {3: "r-3"})
-    producer = KafkaProducer(bootstrap_servers=broker)
+    publisher = DeadLetterPublisher(lambda: KafkaProducer(bootstrap_servers=broker), f"{topic}.dlq")
     try:
-        publisher = DeadLetterPublisher(producer, f"{topic}.dlq")
         publisher.publish(letter)
         publisher.flush()
+        assert publisher.pending == 0 and publisher.producers_made == 1
     finally:
-        producer.close()
+        publisher.close()
     [got] = read_dead_letters(broker, f"{topic}.dlq", expected=1)
     assert got["value"] == b"\x00raw bytes" and got["key"] == b"key"
     assert got["headers"]["source-partition"] == b"2" and got["headers"]["source-offset"] == b"41"
     assert got["headers"]["source-topic"] == topic.encode()
     assert got["headers"]["content-type"] == b"application/json"
+    assert got["headers"]["letter-id"] == f"{topic}/2/41/".encode() + got["headers"]["letter-id"][-32:]
+    assert got["headers"]["letter-id"].decode() == letter.letter_id == letter_id(topic, 2, 41, b"\x00raw bytes")
     assert got["reason"] == [{"field": "reward", "rule": "non-finite", "detail": "reward must be finite",
                               "row": 3, "rollout_id": "r-3"}]
     table = dead_letters_table([letter])
     assert table.column("value")[0].as_py() == b"\x00raw bytes"
     assert table.column("offset")[0].as_py() == 41
+    assert table.column("letter_id")[0].as_py() == letter.letter_id
+
+
+def test_letter_id_the_store_computes_for_old_files_matches_the_python_one(tmp_path):
+    """Files written before letter ids existed have no letter_id column: the dead_letters view
+    computes it in SQL, and it must be the id the service puts on new letters, or a replayed
+    letter would show twice across an upgrade."""
+    from sponge.engine.store import RolloutStore
+
+    letters = [DeadLetter("rollouts", 3, 17, b"\x00\xffbytes"), DeadLetter("rollouts", 0, 5, None)]
+    old = dead_letters_table(letters).drop_columns(["letter_id"])
+    store = RolloutStore(tmp_path, embedding_dim=16)
+    store.write_dead_letters(old)                       # as an old service wrote it
+    store.write_dead_letters(dead_letters_table(letters))  # the same letters again, replayed by a new one
+    got = store.sql("SELECT letter_id FROM dead_letters ORDER BY \"offset\"").column("letter_id").to_pylist()
+    assert got == [letter_id("rollouts", 0, 5, None), letter_id("rollouts", 3, 17, b"\x00\xffbytes")]
+
+
+def test_dead_letter_publisher_survives_a_broker_restart(tmp_path):
+    """The finding: after a broker restart the producer's id means nothing to the broker and the
+    first letter failed with UnknownProducerIdError, which escaped the service's loop. The
+    publisher must keep the letter while the broker is down, and replace its producer after."""
+    from kafka import KafkaProducer
+
+    broker = EmbeddedBroker(log_path=tmp_path / "b1.log").start()
+    port = broker.port
+    make = lambda: KafkaProducer(bootstrap_servers=broker.bootstrap, max_block_ms=2000,  # noqa: E731
+                                 request_timeout_ms=3000, delivery_timeout_ms=6000, bootstrap_timeout_ms=2000,
+                                 reconnect_backoff_max_ms=500)
+    publisher = DeadLetterPublisher(make, "t.dlq")
+    try:
+        create_topic(broker.bootstrap, "t.dlq", partitions=1)
+        publisher.publish(DeadLetter("t", 0, 1, b"first"))
+        publisher.flush(timeout_s=20)
+        assert publisher.producers_made == 1
+
+        broker.stop()
+        publisher.publish(DeadLetter("t", 0, 2, b"while down"))
+        with pytest.raises(DeadLettersUnacknowledged):
+            publisher.flush(timeout_s=3)
+        assert publisher.pending == 1, "a letter the broker did not take was dropped"
+
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "b2.log").start()   # back, empty
+        create_topic(broker.bootstrap, "t.dlq", partitions=1)
+        publisher.publish(DeadLetter("t", 0, 3, b"after"))
+        publisher.flush(timeout_s=60)
+        assert publisher.pending == 0
+        assert publisher.producers_made >= 2, "the producer of the old broker was not replaced"
+        got = read_dead_letters(broker.bootstrap, "t.dlq", expected=2)
+        assert sorted(g["value"] for g in got) == [b"after", b"while down"]
+    finally:
+        publisher.close(timeout_s=1)
+        broker.stop()
 
 
 def test_embedded_broker_context_manager_starts_and_stops():

@@ -21,8 +21,10 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +119,34 @@ class MissingEmbeddings:
                                rows.schema.field("embedding"), embedding)
 
 
+class Readiness(threading.Event):
+    """What /readyz answers. The flag is set once the service has started (cleared while the
+    curator is unhealthy, and on close); ready also needs ingest to report no fault (broker
+    reachable, dead letters acknowledged, topics there). `reason()` says why not ready."""
+
+    def __init__(self, ingest_health: Callable[[], str | None]) -> None:
+        super().__init__()
+        self._ingest_health = ingest_health
+        self.cause = "starting"   # why the flag is clear
+
+    def is_set(self) -> bool:
+        return super().is_set() and self._ingest_health() is None
+
+    def reason(self) -> str | None:
+        return self._ingest_health() or (None if super().is_set() else self.cause)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if not super().wait(0.2 if left is None else min(0.2, left)):
+                continue
+            time.sleep(0.05 if left is None else min(0.05, max(0.0, left)))   # flag set, ingest not yet healthy
+        return True
+
+
 class CurationMetrics:
     """Gauges of the curator, registered beside the ingest metrics and refreshed on each scrape."""
 
@@ -160,7 +190,8 @@ class CurationServer:
                                      batch_rows=config.curation.batch_rows,
                                      batch_wait_s=config.curation.batch_wait_s) if self.curator else None
         self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
-        self.ready = threading.Event()
+        self.ready = Readiness(self.ingest.health)
+        self._worker_started = False   # close() after a failed start must not join a thread never started
         self._last_compaction = time.monotonic()
         self._compaction: threading.Thread | None = None
         app = create_app(self.store, self.curator, config.api,
@@ -205,6 +236,7 @@ class CurationServer:
                       partitions=sorted(partitions), seconds=round(seconds, 3))
 
     def _curator_health(self, healthy: bool) -> None:
+        self.ready.cause = "curator unhealthy (selector being rebuilt)"
         (self.ready.set if healthy else self.ready.clear)()
 
     def _metrics_text(self) -> tuple[bytes, str]:
@@ -214,7 +246,7 @@ class CurationServer:
             self.curation_metrics.observe(self.curator.describe())
         return self.ingest.metrics.render(), CONTENT_TYPE_LATEST
 
-    def start(self) -> CurationServer:
+    def start(self, stop_event: threading.Event | None = None) -> CurationServer:
         self.http.start()
         ingest.log_event(logging.INFO, "http", url=self.http.url)
         if self.curator is not None:
@@ -222,14 +254,15 @@ class CurationServer:
             ingest.log_event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
                           rollouts=self.curator.describe()["n_live"])
             self.worker.start()
-        self.ingest.start()
+            self._worker_started = True
+        self.ingest.start(stop_event)   # waits for the broker (up to broker_wait_s) with /readyz false
         self.ready.set()
         return self
 
     def run(self, stop_event: threading.Event | None = None) -> ingest.IngestTotals:
         stop_event = stop_event or threading.Event()
-        self.start()
         try:
+            self.start(stop_event)
             while not stop_event.is_set():
                 self.ingest.poll_once()
                 self._maybe_compact()
@@ -238,6 +271,7 @@ class CurationServer:
         return self.ingest.totals
 
     def close(self) -> None:
+        self.ready.cause = "stopping"
         self.ready.clear()
         if self._compaction is not None:
             self._compaction.join()
@@ -245,7 +279,7 @@ class CurationServer:
             self.ingest.close()
         finally:
             try:
-                if self.worker is not None:
+                if self.worker is not None and self._worker_started:
                     self.worker.stop()
                     self.curator.snapshot()
             finally:
@@ -311,6 +345,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server = CurationServer(config)
-    totals = server.run(stop)
+    try:
+        totals = server.run(stop)
+    except (ingest.BrokerUnavailable, ingest.IngestConfigError) as exc:
+        print(f"sponge serve: {exc}", file=sys.stderr, flush=True)   # one line, no traceback
+        return ingest.exit_status(exc)
     print(json.dumps({"event": "totals", **dataclasses.asdict(totals)}), flush=True)
     return 0

@@ -122,6 +122,13 @@ class EmbeddedBroker:
             self._log.close()
         self._log = None
 
+    def kill(self) -> None:
+        """SIGKILL the broker (a crash, for fault tests); its in-memory data is gone with it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self.stop()
+
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()
 

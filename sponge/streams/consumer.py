@@ -2,7 +2,10 @@
 
 Auto-commit is always off: the owner commits explicit offsets once the records before
 them are durable. `on_revoke` runs inside `poll()` before partitions move to another
-group member, which is the last moment this member may still commit them.
+group member, which is the last moment this member may still commit them. `on_lost` runs
+when the group has already dropped this member (e.g. the broker restarted): the partitions
+are gone, nothing can be committed, and kafka-python calls it on its IO thread, where any
+blocking consumer call raises.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ from kafka.structs import OffsetAndMetadata
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, on_revoke, on_assign):
-        self._on_revoke, self._on_assign = on_revoke, on_assign
+    def __init__(self, on_revoke, on_assign, on_lost):
+        self._on_revoke, self._on_assign, self._on_lost = on_revoke, on_assign, on_lost
 
     def on_partitions_revoked(self, revoked):
         if self._on_revoke:
             self._on_revoke(list(revoked))
+
+    def on_partitions_lost(self, lost):
+        if self._on_lost:
+            self._on_lost(list(lost))
+        else:
+            self.on_partitions_revoked(lost)
 
     def on_partitions_assigned(self, assigned):
         if self._on_assign:
@@ -36,6 +45,7 @@ class RolloutConsumer:
     def __init__(self, bootstrap_servers: str | Sequence[str], topics: Sequence[str], group_id: str, *,
                  on_revoke: Callable[[list[TopicPartition]], None] | None = None,
                  on_assign: Callable[[list[TopicPartition]], None] | None = None,
+                 on_lost: Callable[[list[TopicPartition]], None] | None = None,
                  **kafka_config):
         config = dict(auto_offset_reset="earliest", session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
                       max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20)
@@ -43,7 +53,7 @@ class RolloutConsumer:
         config["enable_auto_commit"] = False
         self.group_id = group_id
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group_id, **config)
-        self._consumer.subscribe(list(topics), listener=_Listener(on_revoke, on_assign))
+        self._consumer.subscribe(list(topics), listener=_Listener(on_revoke, on_assign, on_lost))
 
     @property
     def kafka(self) -> KafkaConsumer:
@@ -55,10 +65,15 @@ class RolloutConsumer:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [record for records in batches.values() for record in records]
 
-    def commit(self, next_offsets: dict[TopicPartition, int]) -> None:
-        """Commit, for each partition, the offset of the next record to read (last processed + 1)."""
+    def commit(self, next_offsets: dict[TopicPartition, int], timeout_ms: int | None = None) -> None:
+        """Commit, for each partition, the offset of the next record to read (last processed + 1).
+
+        Raises a kafka error if the commit fails or takes longer than `timeout_ms` (default: the
+        consumer's request timeout).
+        """
         if next_offsets:
-            self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+            self._consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
+                                  timeout_ms=timeout_ms)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())

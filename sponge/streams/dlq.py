@@ -3,17 +3,25 @@
 A dead letter keeps the original bytes, key and headers of the Kafka message and adds
 headers saying why and where from: `reason` (a JSON list of violations, each naming the
 field, the rule, the row and its rollout_id when known), `source-topic`,
-`source-partition`, `source-offset`. It goes to the `<topic>.dlq` topic and, as a table
+`source-partition`, `source-offset`, and `letter-id`, a stable key of the letter
+(source topic, partition, offset and a hash of the value) that is the same every time
+the message is dead-lettered again. It goes to the `<topic>.dlq` topic and, as a table
 row, to the store's dead-letter table. Nothing that arrives is lost: a message whose
 rows are partly bad has its good rows stored and its whole original bytes dead-lettered
 with the bad row numbers.
+
+Dead letters are at-least-once: a crash before the source offset is committed, or a
+producer re-made after a broker restart, sends a letter again. Readers drop the copies by
+`letter-id` (the store's `dead_letters` view shows each letter once).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -24,12 +32,24 @@ REASON_HEADER = "reason"
 SOURCE_TOPIC_HEADER = "source-topic"
 SOURCE_PARTITION_HEADER = "source-partition"
 SOURCE_OFFSET_HEADER = "source-offset"
-_OWN_HEADERS = {REASON_HEADER, SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER}
-
+LETTER_ID_HEADER = "letter-id"
+_OWN_HEADERS = {REASON_HEADER, SOURCE_TOPIC_HEADER, SOURCE_PARTITION_HEADER, SOURCE_OFFSET_HEADER, LETTER_ID_HEADER}
+#: hex digits of the value's SHA-256 kept in a letter id (128 bits)
+LETTER_HASH_HEX = 32
 
 
 def dlq_topic_for(topic: str) -> str:
     return f"{topic}.dlq"
+
+
+def letter_id(topic: str, partition: int, offset: int, value: bytes | None) -> str:
+    """`topic/partition/offset/sha256(value)[:32]`: the same for every copy of one dead-lettered message.
+
+    The store's `dead_letters` view computes the same string in SQL for files written before
+    letter ids existed; a test checks the two agree.
+    """
+    digest = hashlib.sha256(value or b"").hexdigest()[:LETTER_HASH_HEX]
+    return f"{topic}/{int(partition)}/{int(offset)}/{digest}"
 
 
 @dataclass
@@ -45,6 +65,10 @@ class DeadLetter:
     violations: list[Violation] = field(default_factory=list)
     #: rollout_id per bad row index, when the rows could be read
     rollout_ids: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def letter_id(self) -> str:
+        return letter_id(self.topic, self.partition, self.offset, self.value)
 
     def reason(self) -> list[dict]:
         out = []
@@ -70,6 +94,7 @@ class DeadLetter:
             (SOURCE_TOPIC_HEADER, self.topic.encode()),
             (SOURCE_PARTITION_HEADER, str(self.partition).encode()),
             (SOURCE_OFFSET_HEADER, str(self.offset).encode()),
+            (LETTER_ID_HEADER, self.letter_id.encode()),
         ]
 
 
@@ -83,28 +108,125 @@ def dead_letters_table(letters: Sequence[DeadLetter], received_at: dt.datetime |
         "reason": pa.array([d.reason_json() for d in letters], pa.string()),
         "value": pa.array([d.value for d in letters], pa.binary()),
         "received_at": pa.array([now] * len(letters), pa.timestamp("ms", tz="UTC")),
+        "letter_id": pa.array([d.letter_id for d in letters], pa.string()),
     }, schema=DEAD_LETTER_SCHEMA)
 
 
-class DeadLetterPublisher:
-    """Sends dead letters to `<topic>.dlq`; `flush()` returns once the broker has them all."""
+class DeadLettersUnacknowledged(RuntimeError):
+    """Some dead letters were not acknowledged by the DLQ topic in time; they are kept and sent again."""
 
-    def __init__(self, producer, dlq_topic: str):
-        self._producer = producer  # a kafka.KafkaProducer
+    def __init__(self, pending: int, dlq_topic: str, error: str):
+        super().__init__(f"{pending} dead letter(s) not acknowledged by {dlq_topic!r}: {error}")
+        self.pending, self.error = pending, error
+
+
+class DeadLetterPublisher:
+    """Sends dead letters to `<topic>.dlq` and keeps each one until the broker has acknowledged it.
+
+    `make_producer()` returns a new `kafka.KafkaProducer`. A producer that fails a letter is
+    closed and replaced, and every letter it had not had acknowledged is sent again by the new
+    one: after a broker restart the old producer's id and sequence numbers mean nothing to the
+    broker (unknown producer id, out-of-order sequence, fenced epoch), and only a new producer
+    gets a new id. `flush(timeout_s)` returns once every letter is acknowledged, or raises
+    `DeadLettersUnacknowledged` and keeps them all for the next `flush`.
+    """
+
+    def __init__(self, make_producer: Callable[[], object], dlq_topic: str):
+        self._make_producer = make_producer
         self.dlq_topic = dlq_topic
-        self._futures: list = []
+        self._producer = None
+        self._letters: list[DeadLetter] = []   # not yet acknowledged, in publish order
+        self._futures: list = []               # per letter: its send future with the current producer, or None
+        self._broken = False                   # the current producer failed: replace it before sending again
+        #: the last error seen (str), for logs and readiness
+        self.last_error = ""
+        #: producers made so far (a new one after each failure)
+        self.producers_made = 0
+
+    @property
+    def pending(self) -> int:
+        """Letters published and not yet acknowledged."""
+        return len(self._letters)
 
     def publish(self, letter: DeadLetter) -> None:
-        self._futures.append(self._producer.send(self.dlq_topic, value=letter.value, key=letter.key,
-                                                 headers=letter.kafka_headers()))
+        """Queue `letter` and start sending it if the producer is healthy (never raises for the broker)."""
+        self._letters.append(letter)
+        self._futures.append(None)
+        if self._producer is not None and not self._broken:
+            self._send(len(self._letters) - 1)
 
-    def flush(self, timeout_s: float | None = 30.0) -> None:
-        if not self._futures:
-            return
-        self._producer.flush(timeout=timeout_s)
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.get(timeout=timeout_s)  # raises if the broker refused a letter
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Return once every queued letter is acknowledged; else raise DeadLettersUnacknowledged after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        backoff = 0.1
+        while self._letters:
+            if self._broken:
+                self._drop_producer()
+            if self._producer is None:
+                try:
+                    self._producer = self._make_producer()
+                    self.producers_made += 1
+                except Exception as exc:  # noqa: BLE001 - no broker: keep the letters and try later
+                    self.last_error = f"cannot create a producer: {exc!r}"
+            if self._producer is not None:
+                for i, future in enumerate(self._futures):
+                    if future is None and not self._broken:
+                        self._send(i)
+                try:
+                    self._producer.flush(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001 - KafkaTimeoutError: some letters still in flight
+                    self.last_error = repr(exc)
+                self._collect()
+            if not self._letters:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadLettersUnacknowledged(len(self._letters), self.dlq_topic, self.last_error)
+            time.sleep(min(backoff, remaining))
+            backoff = min(2 * backoff, 1.0)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close the producer; letters not acknowledged by then are dropped (their offsets stay uncommitted)."""
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - closing a producer of a dead broker
+                pass
+        self._producer = None
+
+    def _send(self, i: int) -> None:
+        letter = self._letters[i]
+        try:
+            self._futures[i] = self._producer.send(self.dlq_topic, value=letter.value, key=letter.key,
+                                                   headers=letter.kafka_headers())
+        except Exception as exc:  # noqa: BLE001 - the producer is in an error state or has no metadata
+            self.last_error = repr(exc)
+            self._broken = True
+
+    def _collect(self) -> None:
+        """Forget acknowledged letters; a failed one marks the producer for replacement."""
+        letters, futures = [], []
+        for letter, future in zip(self._letters, self._futures):
+            if future is not None and future.is_done:
+                if future.exception is None:
+                    continue
+                self.last_error = repr(future.exception)
+                self._broken = True
+                future = None
+            letters.append(letter)
+            futures.append(future)
+        self._letters, self._futures = letters, futures
+
+    def _drop_producer(self) -> None:
+        """Abandon the failed producer; its unacknowledged letters will be sent by the next one."""
+        producer, self._producer = self._producer, None
+        self._futures = [None] * len(self._letters)
+        self._broken = False
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - it failed already; only its resources matter now
+                pass
 
 
 def read_dead_letters(bootstrap_servers: str, dlq_topic: str, *, expected: int | None = None,
