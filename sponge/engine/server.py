@@ -98,6 +98,10 @@ class MissingEmbeddings:
             self._embedder = embedder
         return self._embedder
 
+    def warm_up(self) -> None:
+        """Load the model and run one batch through it (the first call pays for lazy initialisation)."""
+        self.embedder.embed(["warm up"])
+
     def __call__(self, rows: pa.Table) -> pa.Table:
         if rows.column("embedding").null_count == 0:
             return rows   # the common case: the producer sent embeddings (no copy of the column)
@@ -148,25 +152,42 @@ class Readiness(threading.Event):
 
 
 class CurationMetrics:
-    """Gauges of the curator, registered beside the ingest metrics and refreshed on each scrape."""
+    """The curator's figures in /metrics, read from it at each scrape: per run its policy version,
+    live rollouts, subset value, refusals per reason and incomplete draws (a custom collector, so
+    a deleted run's series go away with it)."""
 
-    def __init__(self, registry) -> None:
-        from prometheus_client import Gauge
+    def __init__(self, registry, curator: Curator) -> None:
+        self.curator = curator
+        registry.register(self)
 
-        self.gauges = {
-            "selection_version": Gauge("sponge_selection_version", "Bumps whenever the replay subset changes",
-                                       registry=registry),
-            "objective_value": Gauge("sponge_selection_objective", "f(replay subset)", registry=registry),
-            "n_live": Gauge("sponge_selection_live_rollouts", "Rollouts in the selector", registry=registry),
-            "oracle_queries": Gauge("sponge_selection_oracle_queries", "Objective evaluations so far",
-                                    registry=registry),
-            "policy_version": Gauge("sponge_policy_version", "Latest policy version the trainer reported",
-                                    registry=registry),
-        }
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def observe(self, described: dict) -> None:
-        for name, gauge in self.gauges.items():
-            gauge.set(float(described.get(name) or 0))
+        version = GaugeMetricFamily("sponge_run_policy_version", "Latest policy version the run reported",
+                                    labels=["run"])
+        live = GaugeMetricFamily("sponge_run_live_rollouts", "Rollouts in the run's selector", labels=["run"])
+        objective = GaugeMetricFamily("sponge_run_selection_objective", "f(the run's replay subset)",
+                                      labels=["run"])
+        selection = GaugeMetricFamily("sponge_run_selection_version", "Bumps whenever the run's subset changes",
+                                      labels=["run"])
+        refused = CounterMetricFamily("sponge_run_refused_rollouts", "Rollouts of the run refused or not "
+                                      "curated, by reason", labels=["run", "reason"])
+        incomplete = CounterMetricFamily("sponge_run_incomplete_draws", "Candidate requests that ended "
+                                         "before the trainer's own rollouts had all arrived", labels=["run"])
+        uncurated = CounterMetricFamily("sponge_uncurated_rollouts", "Rollouts stored but not curated "
+                                        "(run cap, deleted run), by run:reason", labels=["key"])
+        for run in self.curator.runs():
+            r = run["run_id"]
+            version.add_metric([r], run["policy_version"])
+            live.add_metric([r], run["n_live"])
+            objective.add_metric([r], run["objective_value"])
+            selection.add_metric([r], run["selection_version"])
+            incomplete.add_metric([r], run["incomplete_draws"])
+            for reason, n in run["refused"].items():
+                refused.add_metric([r, reason], n)
+        for key, n in self.curator.uncurated.items():
+            uncurated.add_metric([key], n)
+        yield from (version, live, objective, selection, refused, incomplete, uncurated)
 
 
 class CurationServer:
@@ -189,7 +210,10 @@ class CurationServer:
         self.worker = CurationWorker(self.curator, on_health=self._curator_health,
                                      batch_rows=config.curation.batch_rows,
                                      batch_wait_s=config.curation.batch_wait_s) if self.curator else None
-        self.curation_metrics = CurationMetrics(self.ingest.metrics.registry) if self.curator else None
+        self.curation_metrics = CurationMetrics(self.ingest.metrics.registry, self.curator) if self.curator else None
+        if self.curator is not None:
+            self.curator.on_wait = self._hurry
+        self.enrich = enrich
         self.ready = Readiness(self.ingest.health)
         self._worker_started = False   # close() after a failed start must not join a thread never started
         self._last_compaction = time.monotonic()
@@ -225,8 +249,15 @@ class CurationServer:
                           segments_removed=result.segments_removed,
                           bytes_freed=result.bytes_before - result.bytes_after)
 
-    def _on_segment(self, _write, rows: pa.Table) -> None:
+    def _on_segment(self, write, rows: pa.Table) -> None:
+        self.curator.count_refused(write)
         self.worker.submit(rows.select(SELECTION_COLUMNS))   # zero-copy; the queue holds no text
+
+    def _hurry(self) -> None:
+        """A trainer waits for its own rollouts: flush what ingest buffers and hand queued rows to
+        selection now, not at their flush/batch deadlines."""
+        self.ingest.request_flush()
+        self.worker.kick()
 
     def _on_assign(self, partitions: set[int]) -> None:
         """Shard mode: after a rebalance, finish queued work, then rebuild over the owned partitions."""
@@ -242,13 +273,17 @@ class CurationServer:
     def _metrics_text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        if self.curator is not None:
-            self.curation_metrics.observe(self.curator.describe())
         return self.ingest.metrics.render(), CONTENT_TYPE_LATEST
 
     def start(self, stop_event: threading.Event | None = None) -> CurationServer:
         self.http.start()
         ingest.log_event(logging.INFO, "http", url=self.http.url)
+        if self.enrich is not None:
+            # Loaded and warmed now, before /readyz: loaded on the first rollout without an embedding
+            # it held up that flush (36 s seen on a loaded machine) while trainers raced ahead.
+            t0 = time.monotonic()
+            self.enrich.warm_up()
+            ingest.log_event(logging.INFO, "embedder ready", seconds=round(time.monotonic() - t0, 3))
         if self.curator is not None:
             seconds = self.curator.rebuild()
             ingest.log_event(logging.INFO, "selector rebuilt", seconds=round(seconds, 3),
