@@ -57,7 +57,7 @@ def test_csv_json_and_arrow_outputs(store_path, capsys, tmp_path):
 
 
 def test_store_path_from_environment(store_path, capsys, monkeypatch):
-    monkeypatch.setenv("SPONGE_STORE", str(store_path))
+    monkeypatch.setenv("SPONGE_STORE_PATH", str(store_path))
     assert main(["sql", "SELECT count(*) AS n FROM rollouts", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"n": 40}
 

@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 
 from sponge import record
 from sponge.engine.metrics import IngestMetrics
+from sponge.engine.store import DEFAULT_STORE_PATH
 from sponge.record import RecordError, Violation
 from sponge.streams.codec import decode
 from sponge.streams.dlq import DeadLetter, DeadLetterPublisher, dead_letters_table, dlq_topic_for
@@ -86,7 +87,7 @@ class IngestConfig:
     #: consumer group; processes in one group split the partitions between them
     group_id: str = "sponge-engine"
     #: directory of the rollout store (Parquet segments)
-    store_path: str = "sponge-store"
+    store_path: str = DEFAULT_STORE_PATH
     #: embedding width of the store; rows with another width are dead-lettered
     embedding_dim: int = record.DEFAULT_EMBEDDING_DIM
     #: dead-letter topic; empty means `<topic>.dlq`

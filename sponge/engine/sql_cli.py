@@ -23,7 +23,6 @@ if TYPE_CHECKING:   # imported when needed: the worker starts before this proces
     import pyarrow as pa
 
 HELP = "run a read-only SQL query over the rollout store"
-DEFAULT_STORE = "./sponge-data"
 #: Widest a table cell gets before it is shortened with an ellipsis.
 MAX_CELL = 40
 #: List values shown before "…" in table output.
@@ -35,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " Views: rollouts, tombstones, dead_letters, replay_subset, segments."
     )
     parser.add_argument("query", help="one SELECT (or WITH ... SELECT) statement")
-    parser.add_argument("--store", default=os.environ.get("SPONGE_STORE", DEFAULT_STORE),
-                        help="rollout store directory (env SPONGE_STORE)")
+    from sponge.engine.store import DEFAULT_STORE_PATH
+
+    parser.add_argument("--store", default=os.environ.get("SPONGE_STORE_PATH", DEFAULT_STORE_PATH),
+                        help="rollout store directory (env SPONGE_STORE_PATH; the same default as `sponge serve`)")
     parser.add_argument("--format", choices=("table", "csv", "json", "arrow"), default="table",
                         help="table for a terminal; csv; json = JSON Lines, one object per row; "
                              "arrow = Arrow IPC stream (binary: use --output or a pipe)")
