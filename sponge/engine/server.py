@@ -369,7 +369,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    from sponge.engine.store import StoreError
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as exc:   # a bad flag value, config file or environment variable: final
+        print(f"sponge serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     ingest.configure_json_logging(config.ingest.log_level)
     stop = threading.Event()
 
@@ -379,7 +385,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    server = CurationServer(config)
+    try:
+        server = CurationServer(config)
+    except (StoreError, ValueError) as exc:   # a store of another format, an unreadable mark: final
+        print(f"sponge serve: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         totals = server.run(stop)
     except (ingest.BrokerUnavailable, ingest.IngestConfigError) as exc:

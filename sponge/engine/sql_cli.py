@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sponge.engine.store import DEFAULT_STORE_PATH
 
     parser.add_argument("--store", default=os.environ.get("SPONGE_STORE_PATH", DEFAULT_STORE_PATH),
-                        help="rollout store directory (env SPONGE_STORE_PATH; the same default as `sponge serve`)")
+                        help="rollout store directory, as for `sponge serve` (env SPONGE_STORE_PATH)")
     parser.add_argument("--format", choices=("table", "csv", "json", "arrow"), default="table",
                         help="table for a terminal; csv; json = JSON Lines, one object per row; "
                              "arrow = Arrow IPC stream (binary: use --output or a pipe)")
