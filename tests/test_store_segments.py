@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_impls import Store  # noqa: F401 - the fixture
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.store import RolloutStore, StoreError
+from sponge.engine.delta_store import DeltaRolloutStore
+from sponge.engine.store import REPLAY_SCHEMA, RolloutStore, StoreError
 from sponge.record import rollout_schema, stored_schema
 
 DIM = 16
@@ -28,8 +30,8 @@ def stored_ids(store: RolloutStore) -> list[str]:
     return store.sql("SELECT rollout_id FROM rollouts", max_rows=10**6).column(0).to_pylist()
 
 
-def test_round_trip_is_byte_for_byte(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_round_trip_is_byte_for_byte(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     table = make_rollouts(200, dim=DIM, tokens=37, policy_versions=(3, 7))
     result = write(store, table, first=1000)
     assert result.rows_written == 200 and result.rows_skipped_duplicate == 0
@@ -75,8 +77,8 @@ def test_hive_layout_and_file_names(tmp_path):
     assert segments.to_pydict() == {"policy_version": [0, 5], "rows": [15, 15]}
 
 
-def test_empty_store_views_are_typed_and_empty(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_empty_store_views_are_typed_and_empty(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     rollouts = store.sql("SELECT * FROM rollouts")
     assert rollouts.num_rows == 0
     assert rollouts.column_names == stored_schema(DIM).names
@@ -84,8 +86,8 @@ def test_empty_store_views_are_typed_and_empty(tmp_path):
     for view, columns in {
         "tombstones": ["rollout_id", "reason", "deleted_at"],
         "dead_letters": ["topic", "partition", "offset", "reason", "value", "received_at", "letter_id"],
-        "replay_subset": ["rollout_id", "selection_version", "objective_value", "selected_at"],
-        "segments": ["file", "policy_version", "rows", "bytes"],
+        "replay_subset": REPLAY_SCHEMA.names,
+        "segments": ["file", "run_id", "policy_version", "rows", "bytes"],
     }.items():
         table = store.sql(f"SELECT * FROM {view}")
         assert table.num_rows == 0 and table.column_names == columns, view
@@ -98,8 +100,8 @@ def test_empty_store_views_are_typed_and_empty(tmp_path):
         [{"r": None, "v": None}]
 
 
-def test_replay_of_same_and_overlapping_ranges_stores_each_id_once(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_replay_of_same_and_overlapping_ranges_stores_each_id_once(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     table = make_rollouts(100, dim=DIM)
     first = write(store, table.slice(0, 60), first=0)
     assert first.rows_written == 60
@@ -114,8 +116,8 @@ def test_replay_of_same_and_overlapping_ranges_stores_each_id_once(tmp_path):
     assert pq.read_metadata(first.paths[0]).num_rows == 60
 
 
-def test_duplicates_within_one_batch_keep_the_first(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_duplicates_within_one_batch_keep_the_first(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     table = make_rollouts(10, dim=DIM)
     doubled = pa.concat_tables([table, table.slice(2, 3)])
     result = write(store, doubled, first=0)
@@ -124,9 +126,9 @@ def test_duplicates_within_one_batch_keep_the_first(tmp_path):
     assert offsets == list(range(10))  # the first occurrence (lower offset) is the one kept
 
 
-def test_two_store_objects_on_one_root_never_store_twice(tmp_path):
-    a = RolloutStore(tmp_path, embedding_dim=DIM)
-    b = RolloutStore(tmp_path, embedding_dim=DIM)  # opened before a writes: must notice a's files
+def test_two_store_objects_on_one_root_never_store_twice(Store, tmp_path):
+    a = Store(tmp_path, embedding_dim=DIM)
+    b = Store(tmp_path, embedding_dim=DIM)  # opened before a writes: must notice a's files
     table = make_rollouts(50, dim=DIM)
     assert write(a, table, first=0).rows_written == 50
     # b replays the same partition range (a was revoked before committing) ...
@@ -140,25 +142,26 @@ def test_two_store_objects_on_one_root_never_store_twice(tmp_path):
     assert len(ids) == len(set(ids)) == 70
 
 
-def test_new_rows_for_an_existing_file_name_are_added_not_overwritten(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_new_rows_for_an_existing_file_name_are_added_not_overwritten(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     table = make_rollouts(20, dim=DIM)
     write(store, table.slice(0, 10), first=0)
     # Same range name, with ten rows the store lacks (cannot come from Kafka, but must not lose data).
     result = store.write_segment(table, topic="rollouts", partition=0, offsets=np.arange(20) % 10,
                                  first_offset=0, last_offset=9)
     assert result.rows_written == 10
-    assert pq.read_metadata(result.paths[0]).num_rows == 20
+    if Store.kind == "parquet":   # the same range's file grows; a Delta segment is a file of its own
+        assert pq.read_metadata(result.paths[0]).num_rows == 20
     assert store.count() == 20
 
 
-def test_embedding_dim_is_recorded_and_checked(tmp_path):
-    RolloutStore(tmp_path, embedding_dim=DIM)
-    assert RolloutStore.open(tmp_path).embedding_dim == DIM
+def test_embedding_dim_is_recorded_and_checked(Store, tmp_path):
+    Store(tmp_path, embedding_dim=DIM)
+    assert Store.open(tmp_path).embedding_dim == DIM
     with pytest.raises(StoreError, match="holds 16-d embeddings"):
-        RolloutStore(tmp_path, embedding_dim=384)
+        Store(tmp_path, embedding_dim=384)
     with pytest.raises(StoreError, match="no rollout store"):
-        RolloutStore.open(tmp_path / "missing")
+        Store.open(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -166,15 +169,15 @@ def test_embedding_dim_is_recorded_and_checked(tmp_path):
     (lambda t: t.set_column(8, "reward", t.column("reward").cast(pa.float64())), "'reward' has type double"),
     (lambda t: t.append_column("extra", pa.array([1] * t.num_rows)), r"unexpected \['extra'\]"),
 ])
-def test_rows_without_the_rollout_schema_are_refused(tmp_path, mutate, message):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_rows_without_the_rollout_schema_are_refused(Store, tmp_path, mutate, message):
+    store = Store(tmp_path, embedding_dim=DIM)
     with pytest.raises(StoreError, match=message):
         write(store, mutate(make_rollouts(5, dim=DIM)), first=0)
     assert store.count() == 0
 
 
-def test_bad_offsets_and_topics_are_refused(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+def test_bad_offsets_and_topics_are_refused(Store, tmp_path):
+    store = Store(tmp_path, embedding_dim=DIM)
     table = make_rollouts(5, dim=DIM)
     with pytest.raises(StoreError, match="one per row"):
         store.write_segment(table, topic="t", partition=0, offsets=np.arange(4), first_offset=0, last_offset=4)
@@ -185,7 +188,7 @@ def test_bad_offsets_and_topics_are_refused(tmp_path):
     with pytest.raises(StoreError, match="not a legal Kafka topic"):
         store.write_segment(table, topic="../etc", partition=0, offsets=np.arange(5), first_offset=0, last_offset=4)
     with pytest.raises(StoreError, match="embedding_dim"):
-        RolloutStore(tmp_path / "other", embedding_dim=0)
+        Store(tmp_path / "other", embedding_dim=0)
     assert store.count() == 0
 
 
@@ -196,8 +199,12 @@ def test_bad_offsets_and_topics_are_refused(tmp_path):
 ))
 def test_any_interleaving_of_replays_stores_each_rollout_exactly_once(tmp_path_factory, steps):
     """Two writers (store objects) consume overlapping offset ranges of two partitions in any order."""
-    root = tmp_path_factory.mktemp("store")
-    writers = [RolloutStore(root, embedding_dim=DIM), RolloutStore(root, embedding_dim=DIM)]
+    for kind in ("parquet", "delta"):
+        check_interleaving(tmp_path_factory.mktemp(kind), steps, DeltaRolloutStore if kind == "delta" else RolloutStore)
+
+
+def check_interleaving(root, steps, cls):
+    writers = [cls(root, embedding_dim=DIM), cls(root, embedding_dim=DIM)]
     # The Kafka log: partition p, offset o holds rollout "p{p}-{o}" (immutable, like a real log).
     logs = {p: make_rollouts(70, dim=DIM, id_prefix=f"p{p}", policy_versions=(0, 1)) for p in (0, 1)}
     expected: set[str] = set()

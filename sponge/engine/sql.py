@@ -223,17 +223,23 @@ def new_connection() -> duckdb.DuckDBPyConnection:
 
 def open_locked_connection(
     setup_sql: Iterable[str], allowed_dir: str | Path, limits: SqlLimits,
-    conn: duckdb.DuckDBPyConnection | None = None,
+    conn: duckdb.DuckDBPyConnection | None = None, datasets: dict | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with the views from `setup_sql`, then locked to `allowed_dir`.
 
     The setup statements are trusted (they create the views); after them nothing can read
     outside `allowed_dir`, load extensions, spill to disk or change any setting. `conn`: a
-    fresh `new_connection()` to lock (by default one is made).
+    fresh `new_connection()` to lock (by default one is made). `datasets`: Arrow datasets
+    (`sponge.engine.datasets` specs or their JSON, by name) registered before the views, which
+    select from them; they stay readable after the lock (pyarrow reads their files, not DuckDB).
     """
     allowed = str(Path(allowed_dir).resolve()).rstrip("/") + "/"
     conn = conn if conn is not None else new_connection()
     try:
+        if datasets:
+            from sponge.engine.datasets import register_datasets
+
+            register_datasets(conn, datasets)
         for statement in setup_sql:
             conn.execute(statement)
         conn.execute("SET temp_directory = ''")  # no spilling: over memory_limit fails instead
@@ -251,7 +257,7 @@ def open_locked_connection(
 
 def run_read_only(
     query: str, *, setup_sql: Iterable[str], allowed_dir: str | Path, limits: SqlLimits,
-    conn: duckdb.DuckDBPyConnection | None = None,
+    conn: duckdb.DuckDBPyConnection | None = None, datasets: dict | None = None,
 ) -> QueryResult:
     """Check `query`, run it on a fresh locked connection within `limits`, return Arrow.
 
@@ -275,7 +281,7 @@ def run_read_only(
     timer.start()
     try:
         text = check_read_only(query, conn)   # parse only: nothing runs before the guard passes
-        conn = open_locked_connection(setup_sql, allowed_dir, limits, conn)
+        conn = open_locked_connection(setup_sql, allowed_dir, limits, conn, datasets)
         # The relation is lazy: limit() wraps the user's query, so at most max_rows + 1 rows are
         # ever produced and DuckDB stops early instead of materialising a huge result.
         relation = _as_text_where_lossy(conn.sql(text))

@@ -112,14 +112,18 @@ class SqlWorkers:
             self._ensure_server()
         return self
 
-    def run(self, query: str, *, setup_sql: list[str], allowed_dir: str | Path, limits: SqlLimits) -> QueryResult:
-        """Run one query in a fresh child within `limits`; raise SqlError (or a kind of it) if not."""
+    def run(self, query: str, *, setup_sql: list[str], allowed_dir: str | Path, limits: SqlLimits,
+            datasets: dict | None = None) -> QueryResult:
+        """Run one query in a fresh child within `limits`; raise SqlError (or a kind of it) if not.
+
+        `datasets`: Arrow datasets the views select from, as `sponge.engine.datasets.DatasetSpec`
+        JSON by name; the child opens and registers them before the views are created."""
         started = time.perf_counter()
         if not self._slots.acquire(blocking=False):
             raise SqlBusy(f"{self.max_concurrent} SQL queries are already running (the limit): retry shortly")
         try:
             job = json.dumps({"query": query, "setup_sql": list(setup_sql), "allowed_dir": str(allowed_dir),
-                              "limits": dataclasses.asdict(limits)}).encode()
+                              "limits": dataclasses.asdict(limits), "datasets": datasets or {}}).encode()
             child = self._fork()
             try:
                 header, payload = child.run(job, limits)
@@ -363,6 +367,7 @@ def serve(control_fd: int) -> None:
     import pyarrow as pa
     import pyarrow.ipc
 
+    import sponge.engine.datasets  # noqa: F401 - pyarrow.dataset, for stores whose views read Arrow datasets
     import sponge.engine.sql  # noqa: F401
 
     pa.array([0]).to_pylist()   # initialise Arrow's memory pool before forking, not in every child
@@ -458,8 +463,8 @@ def _query_child(sock: socket.socket, conn: Any) -> int:
     try:
         for attempt in range(3):                     # a segment that vanished under us: retry
             try:
-                result = run_read_only(job["query"], setup_sql=job["setup_sql"],
-                                       allowed_dir=job["allowed_dir"], limits=limits, conn=conn)
+                result = run_read_only(job["query"], setup_sql=job["setup_sql"], allowed_dir=job["allowed_dir"],
+                                       limits=limits, conn=conn, datasets=job.get("datasets"))
                 break
             except SqlUnavailable:
                 if attempt == 2:
