@@ -43,10 +43,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-#: setup name → (task, model arch, warm-start steps, max new tokens, target held-out success)
+#: setup name → (task, model arch, warm-start steps, max new tokens, target gain in held-out success
+#: over the run's own warm start; seeds start at different levels, so the target is relative)
 SETUPS = {
-    "reverse": ("reverse", "gpt2", 50, 6, 0.6),
-    "reverse_mixed": ("reverse_mixed", "llama", 150, 9, 0.55),
+    "reverse": ("reverse", "gpt2", 50, 6, 0.2),
+    "reverse_mixed": ("reverse_mixed", "llama", 150, 9, 0.1),
 }
 
 METHODS = ("grpo", "remix_window", "remix_curated", "remix_random", "trl_grpo")
@@ -125,9 +126,11 @@ def run_one(job: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ statistics
 
-def rollouts_to_target(history: list[dict], target: float) -> float:
+def rollouts_to_target(history: list[dict], gain: float, absolute: float | None = None) -> float:
+    """Rollouts at the first evaluation whose success is at least start + `gain` (or `absolute`)."""
+    target = absolute if absolute is not None else history[0]["eval_success"] + gain
     for r in history:
-        if r.get("eval_success") is not None and r["eval_success"] >= target:
+        if r.get("eval_success") is not None and r["eval_success"] >= target - 1e-9:
             return float(r["rollouts"])
     return math.inf
 
@@ -161,7 +164,23 @@ def bootstrap_ratio_ci(base: np.ndarray, other: np.ndarray, rng: np.random.Gener
                                                                   np.isinf(np.median(other))) else float("nan")
     if ratios.size == 0:
         return point, float("nan"), float("nan")
-    return point, float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))
+    # quantiles over values that may be infinite (the baseline's median not reached in a resample)
+    finite = np.where(np.isinf(ratios), 1e300, ratios)
+    lo, hi = (float(np.quantile(finite, q, method="lower" if q < 0.5 else "higher")) for q in (0.025, 0.975))
+    return point, (math.inf if lo >= 1e300 else lo), (math.inf if hi >= 1e300 else hi)
+
+
+def fmt_ratio(point: float, lo: float, hi: float, budget: int, base_median: float, median: float) -> str:
+    """× fewer rollouts with its CI; where a median did not reach the target within the budget, the
+    ratio is a bound: '> x' (the baseline did not reach it) or '< x' (this method did not)."""
+    if math.isinf(base_median) and math.isinf(median):
+        return "neither reached"
+    if math.isinf(base_median):
+        return f"> {budget / median:.2f}× (baseline not reached)"
+    if math.isinf(median):
+        return f"< {base_median / budget:.2f}× (not reached)"
+    bound = lambda x: "∞" if math.isinf(x) else ("0" if x == 0 else f"{x:.2f}")
+    return f"{point:.2f}× [{bound(lo)}, {bound(hi)}]"
 
 
 def fmt(x: float, digits: int = 0) -> str:
@@ -215,12 +234,14 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
             if base in arrays and method != base:
                 s[f"vs_{base}"] = bootstrap_ratio_ci(arrays[base], arrays[method], rng)
     if "trl_grpo" in out:   # ≥ 4× fewer than TRL to the success TRL reaches at the end of its budget
-        trl_level = out["trl_grpo"]["final_mean"]
-        trl_runs = [r for r in results if r["setup"] == setup and r["label"] == "trl_grpo"]
-        trl_reach = np.array([rollouts_to_target(r["history"], trl_level) for r in trl_runs])
-        for method, runs in by_method.items():
-            reach = np.array([rollouts_to_target(r["history"], trl_level) for r in runs])
-            out[method]["to_trl_level"] = {"level": trl_level, "median": float(np.median(reach)),
+        trl_final = {r["seed"]: success_at(r["history"], budget) for r in by_method["trl_grpo"]}
+        trl_reach = np.array([rollouts_to_target(r["history"], 0, trl_final[r["seed"]])
+                              for r in by_method["trl_grpo"]])
+        for method, runs in by_method.items():   # per seed: the level TRL reached from the same start
+            reach = np.array([rollouts_to_target(r["history"], 0, trl_final[r["seed"]]) for r in runs
+                              if r["seed"] in trl_final])
+            out[method]["to_trl_level"] = {"level": float(np.mean(list(trl_final.values()))),
+                                           "median": float(np.median(reach)), "reached": int(np.isfinite(reach).sum()),
                                            "vs_trl": bootstrap_ratio_ci(trl_reach, reach, rng)}
     return {"target": target, "methods": out}
 
@@ -228,7 +249,7 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
 def table(summary: dict, setup: str, budget: int) -> str:
     s = summary["methods"]
     target = summary["target"]
-    lines = [f"**{setup}** (target held-out success {target}, budget {budget} rollouts)", "",
+    lines = [f"**{setup}** (target: held-out success +{target} over the warm start, budget {budget} rollouts)", "",
              ("| method | rollouts to target: median [95% CI] (seeds reaching) | × fewer than GRPO [CI] "
              "| × fewer than window [CI] | success @25% / 50% / 100% budget | s/step | ms/rollout | collapses |"),
              "|---|---|---|---|---|---|---|---|"]
@@ -240,8 +261,8 @@ def table(summary: dict, setup: str, budget: int) -> str:
         def ratio(key, m=m):
             if key not in m:
                 return "—"
-            p, lo, hi = m[key]
-            return f"{fmt(p, 2)}× [{fmt(lo, 2)}, {fmt(hi, 2)}]"
+            base = s[key[3:]]["median"]
+            return fmt_ratio(*m[key], budget, base, m["median"])
         sa = m["success_at"]
         lines.append(f"| {method} | {fmt(m['median'])} [{fmt(m['ci'][0])}, {fmt(m['ci'][1])}] "
                      f"({m['reached']}/{m['seeds']}) | {ratio('vs_grpo')} | {ratio('vs_remix_window')} "
@@ -249,13 +270,15 @@ def table(summary: dict, setup: str, budget: int) -> str:
                      f"| {1000 * m['s_per_rollout']:.2f} | {m['collapses']} |")
     if any("to_trl_level" in m for m in s.values()):
         level = next(m["to_trl_level"]["level"] for m in s.values() if "to_trl_level" in m)
-        lines += ["", f"To the success TRL's GRPOTrainer reaches at {budget} rollouts ({level:.3f}):", "",
-                  "| method | rollouts: median | × fewer than TRL [CI] |", "|---|---|---|"]
+        lines += ["", (f"To the success TRL's GRPOTrainer reaches at {budget} rollouts from the same warm start "
+                       f"(per seed; mean {level:.3f}):"), "",
+                  "| method | rollouts: median (seeds reaching) | × fewer than TRL [CI] |", "|---|---|---|"]
+        trl_median = s["trl_grpo"]["to_trl_level"]["median"]
         for method in METHODS:
             if method in s and "to_trl_level" in s[method]:
                 t = s[method]["to_trl_level"]
-                p, lo, hi = t["vs_trl"]
-                lines.append(f"| {method} | {fmt(t['median'])} | {fmt(p, 2)}× [{fmt(lo, 2)}, {fmt(hi, 2)}] |")
+                lines.append(f"| {method} | {fmt(t['median'])} ({t['reached']}/{s[method]['seeds']}) | "
+                             f"{fmt_ratio(*t['vs_trl'], budget, trl_median, t['median'])} |")
     lines += ["", "What replay served (means over replay draws):", "",
               ("| method | reward of replayed rows | mean abs advantage | staleness | mean abs log ratio π_k/π_b "
               "| token ESS | clipped mass | candidate groups | rollouts saved by dynamic sampling |"),
@@ -283,12 +306,14 @@ def plot_curves(results: list[dict], setups: list[str], budget: int, path: Path)
             runs = [r for r in results if r["setup"] == setup and r["label"] == method]
             if not runs:
                 continue
-            for row, (key, ylabel) in enumerate([("eval_success", "held-out success"),
+            for row, (key, ylabel) in enumerate([("eval_success", "held-out success − warm start"),
                                                  ("eval_response_len", "held-out response length")]):
                 curves = []
                 for r in runs:
                     pts = [(h["rollouts"], h[key]) for h in r["history"] if key in h]
                     x, y = np.array(pts).T
+                    if key == "eval_success":   # gain over the seed's own warm start
+                        y = y - y[0]
                     curves.append(np.interp(grid, x, y, right=np.nan))
                 c = np.array(curves)
                 mean, lo, hi = np.nanmean(c, 0), np.nanpercentile(c, 25, 0), np.nanpercentile(c, 75, 0)
@@ -308,15 +333,30 @@ def plot_curves(results: list[dict], setups: list[str], budget: int, path: Path)
 
 # ------------------------------------------------------------------------------------------ ablations
 
+#: Ablations on reverse_mixed: which of ReMix's parts cost it against GRPO there (label → overrides
+#: of the remix_window method; "grpo_ds" is GRPO with dynamic sampling's drop of no-signal groups).
+WHY = {"why_no_ds": {"dynamic_sampling": False}, "why_m1": {"updates_per_batch": 1},
+       "why_p0.2": {"replay_fraction": 0.2}, "grpo_ds": {"dynamic_sampling": True}}
+
+
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
+    groups = set(args.ablation_groups.split(","))
     jobs = []
     for seed in seeds:
+        if "why" in groups:
+            for label, ov in WHY.items():
+                method = "grpo" if label.startswith("grpo") else "remix_window"
+                jobs.append({"setup": "reverse_mixed", "method": method, "seed": seed, "label": label, "overrides": ov})
+        if "whip" not in groups:
+            continue
         for p in (0.0, 0.2, 0.4, 0.6, 0.8):   # whipping effect: response length against p
             jobs.append({"setup": "reverse_mixed", "method": "remix_window", "seed": seed, "label": f"whip_p{p}",
                          "overrides": {"replay_fraction": p, "reincarnate_after": None}})
+    for seed in seeds if "reinc" in groups else []:
         for label, ov in (("reinc_never", {"reincarnate_after": None}), ("reinc_0.25", {"reincarnate_after": 0.25}),
                           ("reinc_0.5", {"reincarnate_after": 0.5}), ("reinc_T30", {"reincarnate_at": 30})):
             jobs.append({"setup": "reverse", "method": "remix_window", "seed": seed, "label": label, "overrides": ov})
+    for seed in seeds if "cap" in groups else []:
         for cap in (1.1, 1.5, 2.0, 5.0, 20.0):   # the correction cap: token ESS against clipped mass
             jobs.append({"setup": "reverse", "method": "remix_window", "seed": seed, "label": f"cap_{cap}",
                          "overrides": {"correction_high": cap, "replay_window": 4, "reincarnate_after": None}})
@@ -347,15 +387,30 @@ def ablation_report(results: list[dict], budget: int, out: Path) -> str:
         su = np.mean([success_at(r["history"], budget) for r in rs])
         whip.append((p, tr, ev))
         lines.append(f"| {p} | {tr:.2f} | {ev:.2f} | {su:.3f} |")
+    why = [label for label in ("remix_window", *WHY) if runs(label)]
+    if any(label in WHY for label in why):
+        gain = SETUPS["reverse_mixed"][4]
+        lines += ["", "**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; seeds matched to the main runs)", "",
+                  "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
+                  "|---|---|---|---|"]
+        for label in ("grpo", "grpo_ds", "remix_window", *[w for w in WHY if w != "grpo_ds"]):
+            seeds = {r["seed"] for r in runs(next(iter(w for w in WHY if w != "grpo_ds")))} or {0}
+            rs = [r for r in runs(label) if r["setup"] == "reverse_mixed" and r["seed"] in seeds]
+            if not rs:
+                continue
+            reach = np.array([rollouts_to_target(r["history"], gain) for r in rs])
+            lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
+                         f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
+                         f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {sorted(seeds)} |")
     lines += ["", "**Reincarnation** (reverse, ReMix window)", "",
               "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
               "|---|---|---|---|"]
-    target = SETUPS["reverse"][4]
+    gain = SETUPS["reverse"][4]
     for label in ("reinc_never", "reinc_0.25", "reinc_0.5", "reinc_T30"):
         rs = runs(label)
         if not rs:
             continue
-        reach = np.array([rollouts_to_target(r["history"], target) for r in rs])
+        reach = np.array([rollouts_to_target(r["history"], gain) for r in rs])
         on = np.mean([np.mean([bool(h.get("replay_on")) for h in r["history"][1:]]) for r in rs])
         lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
                      f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
@@ -413,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="N for the curated and random-subset pools (they choose from a longer window)")
     p.add_argument("--ablations", action="store_true", help="also run the whipping, reincarnation and cap ablations")
     p.add_argument("--ablation-seeds", type=int, default=2)
+    p.add_argument("--ablation-groups", default="whip,reinc,cap",
+                   help="of whip (response length against p), reinc (reincarnation), cap (correction cap), "
+                        "why (ReMix's parts against GRPO on reverse_mixed)")
+    p.add_argument("--skip-main", action="store_true", help="run only the ablations")
     p.add_argument("--ablation-budget", type=int, default=None, help="rollouts per ablation run (default: --budget)")
     p.add_argument("--trl-setups", default="reverse_mixed",
                    help="setups that run trl_grpo (TRL does not pass position ids, so GPT-2's absolute positions "
@@ -439,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = {k: v for k, v in vars(args).items() if k != "out"}
     trl_setups = {s.strip() for s in args.trl_setups.split(",")}
     jobs = [{"setup": s, "method": m, "seed": seed, "label": m} for seed in range(args.seeds) for s in setups
-            for m in methods if m != "trl_grpo" or s in trl_setups]
+            for m in methods if m != "trl_grpo" or s in trl_setups] if not args.skip_main else []
     if args.ablations:
         extra = ablation_jobs(args, list(range(args.ablation_seeds)))
         for j in extra:
