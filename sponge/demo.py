@@ -200,9 +200,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         finally:
             source.close()
             timeline.stop()
+            if source.run_id is not None:   # the service's view of the run, before it stops
+                summary["service"] = server.curator.describe_run(source.run_id)
             stop.set()
             service_thread.join(timeout=60)
-        summary["service"] = server.curator.describe()
         summary["ingest"] = dataclasses.asdict(server.ingest.totals)
         summary["store"] = server.store.stats()
 

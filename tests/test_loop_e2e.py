@@ -11,7 +11,7 @@ import pytest
 from helpers import wait_for
 
 from sponge.engine.api import ApiConfig
-from sponge.engine.client import ServiceClient, ServiceReplaySource
+from sponge.client import ServiceClient, ServiceReplaySource
 from sponge.engine.curation import CurationConfig
 from sponge.engine.server import CurationServer, ServerConfig
 from sponge.engine.service import IngestConfig
@@ -58,7 +58,6 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
 
     server = running_server
-    client = ServiceClient(server.http.url)
     task = make_task("reverse")
     tok = CharTokenizer(task.alphabet)
     model = build_tiny_model(tok, seed=0)
@@ -66,37 +65,27 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     cfg = ReMixConfig(prompts_per_step=4, group_size=4, rollout_budget=10_000, max_iterations=5, eval_size=16,
                       eval_every=5, replay_window=1, replay_sampling="resample", reincarnate_at=None,
                       progress=False, run_name="e2e")
-    producer = RolloutProducer(broker, topic, rows_per_message=8)
-    published = {"n": 0}
-
-    def publish(table: pa.Table) -> None:
-        published["n"] += producer.send(table) and table.num_rows
-
-    def report(version: int) -> None:
-        producer.flush()
-        # Sync point for a deterministic test: the service holds everything generated so far.
-        wait_for(lambda: server.ingest.totals.ingested >= published["n"], what="rollouts ingested")
-        assert server.worker.drain(30)
-        client.report_policy_version(version)
-
-    trainer = ReMixTrainer(model, tok, task, cfg, replay_source=ServiceReplaySource(client, window=1),
-                           on_rollouts=publish, on_policy_version=report)
+    source = ServiceReplaySource(server.http.url, broker, topic, window=1, wait_s=60)
+    trainer = ReMixTrainer(model, tok, task, cfg, replay_source=source)
     history = trainer.train()
-    producer.close()
+    source.close()
+    run = trainer.run_id
 
     assert trainer.version == 5
-    assert server.curator.policy_version == 5
-    # Replay came from the service's curated subset once there was something to replay.
-    assert any(h["n_replay"] > 0 for h in history[2:]), [h.get("n_replay") for h in history]
-    assert all(h["replay_candidates"] <= 8 for h in history if "replay_candidates" in h)
+    assert server.curator.describe_run(run)["policy_version"] == 5
+    # Replay came from the service's curated groups once there was something to replay.
+    assert any(h.get("n_replay", 0) > 0 for h in history[2:]), [h.get("n_replay") for h in history]
     # Retention (window 1): versions older than 4 are gone from the store view and the selector.
-    versions = server.store.sql("SELECT DISTINCT policy_version FROM rollouts ORDER BY 1").column(0).to_pylist()
+    versions = server.store.sql(f"SELECT DISTINCT policy_version FROM rollouts WHERE run_id = '{run}' ORDER BY 1"
+                                ).column(0).to_pylist()
     assert versions and min(versions) >= 4
-    subset = client.subset()
+    client = ServiceClient(server.http.url)
+    subset = client.subset(run=run)
     assert subset.num_rows > 0 and pc.min(subset.column("policy_version")).as_py() >= 4
     assert server.worker.drain(30)
-    assert server.curator.describe()["n_live"] == server.store.count()
-    assert server.store.retired_below == 4   # one mark, no tombstone per evicted rollout
+    assert server.curator.describe_run(run)["n_live"] == server.store.version_counts(run).get(4, 0) + \
+        server.store.version_counts(run).get(5, 0)
+    assert server.store.retired_below(run) == 4   # one mark, no tombstone per evicted rollout
     assert server.store.sql("SELECT count(*) FROM tombstones").column(0)[0].as_py() == 0
     # Compaction (every second here) reclaims the evicted rows from the segment files.
     def compacted() -> bool:
