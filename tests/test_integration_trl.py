@@ -23,7 +23,6 @@ from sponge.contract import ReplaySource
 from sponge.integrations.trl import (
     SpongeGRPOTrainer,
     SpongeReplayConfig,
-    char_tokenizer,
 )
 from sponge.trainer import (
     CharTokenizer,
@@ -51,7 +50,7 @@ def setup():
     model = build_tiny_model(char, TinyModelConfig(arch="llama", n_positions=64), seed=0)
     warm_start(model, char, task, steps=30, seed=0)
     prompts, _ = task.sample(np.random.default_rng(0), 512)
-    return task, char_tokenizer(task.alphabet), model, Dataset.from_dict({"prompt": prompts})
+    return task, char.to_hf(), model, Dataset.from_dict({"prompt": prompts})
 
 
 def _args(tmp_path, steps: int, **overrides) -> GRPOConfig:

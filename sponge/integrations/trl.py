@@ -63,7 +63,7 @@ from sponge.trainer.density_ratio import correction_weights, token_log_ratios
 from sponge.trainer.losses import decoupled_ppo_loss, kl_k3, mix_ppg_loss
 from sponge.trainer.replay import ReplaySampler, padded_list_column, rollouts_table
 
-__all__ = ["SpongeGRPOTrainer", "SpongeReplayConfig", "char_tokenizer"]
+__all__ = ["SpongeGRPOTrainer", "SpongeReplayConfig"]
 
 #: Keys of TRL's batch dict this trainer knows how to extend with replayed rows.
 _KNOWN_KEYS = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages",
@@ -142,31 +142,6 @@ class SpongeReplayConfig:
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("invalid SpongeReplayConfig: " + "; ".join(bad))
-
-
-def char_tokenizer(alphabet: str):
-    """A Hugging Face fast tokenizer with the ids of `sponge.trainer.CharTokenizer(alphabet)`:
-    <pad>=0, <bos>=1, <eos>=2, one token per character; prompts get <bos> prepended. Lets TRL drive
-    sponge's tiny models (`build_tiny_model`) with no download."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
-    from transformers import PreTrainedTokenizerFast
-
-    if len(set(alphabet)) != len(alphabet) or not alphabet:
-        raise ValueError(f"alphabet must be non-empty with distinct characters, got {alphabet!r}")
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(alphabet)}}
-    inner = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    inner.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    inner.decoder = decoders.Fuse()
-    inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", padding_side="left")
 
 
 # ---------------------------------------------------------------------------------------------------
