@@ -233,16 +233,18 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
         for base in ("grpo", "remix_window", "trl_grpo"):
             if base in arrays and method != base:
                 s[f"vs_{base}"] = bootstrap_ratio_ci(arrays[base], arrays[method], rng)
-    if "trl_grpo" in out:   # ≥ 4× fewer than TRL to the success TRL reaches at the end of its budget
-        trl_final = {r["seed"]: success_at(r["history"], budget) for r in by_method["trl_grpo"]}
-        trl_reach = np.array([rollouts_to_target(r["history"], 0, trl_final[r["seed"]])
-                              for r in by_method["trl_grpo"]])
-        for method, runs in by_method.items():   # per seed: the level TRL reached from the same start
-            reach = np.array([rollouts_to_target(r["history"], 0, trl_final[r["seed"]]) for r in runs
-                              if r["seed"] in trl_final])
-            out[method]["to_trl_level"] = {"level": float(np.mean(list(trl_final.values()))),
-                                           "median": float(np.median(reach)), "reached": int(np.isfinite(reach).sum()),
-                                           "vs_trl": bootstrap_ratio_ci(trl_reach, reach, rng)}
+    for base in ("grpo", "trl_grpo"):   # rollouts to the success the baseline reaches at the end of its budget
+        if base not in out:
+            continue
+        final = {r["seed"]: success_at(r["history"], budget) for r in by_method[base]}
+        base_reach = np.array([rollouts_to_target(r["history"], 0, final[r["seed"]]) for r in by_method[base]])
+        for method, runs in by_method.items():   # per seed: the level the baseline reached from the same start
+            reach = np.array([rollouts_to_target(r["history"], 0, final[r["seed"]]) for r in runs
+                              if r["seed"] in final])
+            out[method][f"to_{base}_level"] = {"level": float(np.mean(list(final.values()))),
+                                               "median": float(np.median(reach)),
+                                               "reached": int(np.isfinite(reach).sum()),
+                                               "vs_base": bootstrap_ratio_ci(base_reach, reach, rng)}
     return {"target": target, "methods": out}
 
 
@@ -268,17 +270,20 @@ def table(summary: dict, setup: str, budget: int) -> str:
                      f"({m['reached']}/{m['seeds']}) | {ratio('vs_grpo')} | {ratio('vs_remix_window')} "
                      f"| {sa[0.25]:.3f} / {sa[0.5]:.3f} / {sa[1.0]:.3f} | {m['step_s']:.3f} "
                      f"| {1000 * m['s_per_rollout']:.2f} | {m['collapses']} |")
-    if any("to_trl_level" in m for m in s.values()):
-        level = next(m["to_trl_level"]["level"] for m in s.values() if "to_trl_level" in m)
-        lines += ["", (f"To the success TRL's GRPOTrainer reaches at {budget} rollouts from the same warm start "
+    for base, name in (("grpo", "on-policy GRPO"), ("trl_grpo", "TRL's GRPOTrainer")):
+        key = f"to_{base}_level"
+        if base not in s or key not in s[base]:
+            continue
+        level = s[base][key]["level"]
+        lines += ["", (f"To the success {name} reaches at {budget} rollouts from the same warm start "
                        f"(per seed; mean {level:.3f}):"), "",
-                  "| method | rollouts: median (seeds reaching) | × fewer than TRL [CI] |", "|---|---|---|"]
-        trl_median = s["trl_grpo"]["to_trl_level"]["median"]
+                  f"| method | rollouts: median (seeds reaching) | × fewer than {base} [CI] |", "|---|---|---|"]
+        base_median = s[base][key]["median"]
         for method in METHODS:
-            if method in s and "to_trl_level" in s[method]:
-                t = s[method]["to_trl_level"]
+            if method in s and key in s[method]:
+                t = s[method][key]
                 lines.append(f"| {method} | {fmt(t['median'])} ({t['reached']}/{s[method]['seeds']}) | "
-                             f"{fmt_ratio(*t['vs_trl'], budget, trl_median, t['median'])} |")
+                             f"{fmt_ratio(*t['vs_base'], budget, base_median, t['median'])} |")
     lines += ["", "What replay served (means over replay draws):", "",
               ("| method | reward of replayed rows | mean abs advantage | staleness | mean abs log ratio π_k/π_b "
               "| token ESS | clipped mass | candidate groups | rollouts saved by dynamic sampling |"),
@@ -363,7 +368,7 @@ def ablation_jobs(args, seeds: list[int]) -> list[dict]:
     return jobs
 
 
-def ablation_report(results: list[dict], budget: int, out: Path) -> str:
+def ablation_report(results: list[dict], budget: int, out: Path, main_budget: int | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,9 +404,10 @@ def ablation_report(results: list[dict], budget: int, out: Path) -> str:
             if not rs:
                 continue
             reach = np.array([rollouts_to_target(r["history"], gain) for r in rs])
+            b = main_budget or budget   # these run at the main budget, beside the main runs
             lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
-                         f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
-                         f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {sorted(seeds)} |")
+                         f"| {np.mean([success_at(r['history'], b / 2) for r in rs]):.3f} / "
+                         f"{np.mean([success_at(r['history'], b) for r in rs]):.3f} | {sorted(seeds)} |")
     lines += ["", "**Reincarnation** (reverse, ReMix window)", "",
               "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
               "|---|---|---|---|"]
@@ -533,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in setups:
         text += [table(summaries[s], s, args.budget), ""]
     if args.ablations:
-        text += [ablation_report(results, args.ablation_budget or args.budget, args.out), ""]
+        text += [ablation_report(results, args.ablation_budget or args.budget, args.out, args.budget), ""]
     report = "\n".join(text)
     print("\n" + report)
     plot_curves(results, setups, args.budget, args.out / f"{stem}.png")
