@@ -256,6 +256,12 @@ class SpongeGRPOTrainer(GRPOTrainer):
 
     Takes every argument of `trl.GRPOTrainer`, plus `replay` (the source) and `sponge_config`.
     `sponge_version` is the policy version the trainer generates with now.
+
+    TRL's loss options (the surrogate of sapo/cispo/vespo, the entropy bonus, the top-entropy and
+    off-policy masks, sequence-level ratios) shape the fresh rows' loss; replayed rows always use
+    `policy_loss` with TRL's ε/ε_high, its β·KL to the reference and its `loss_type` normalisation.
+    With row- or token-weighted loss types the fresh part (entropy bonus included) weighs by its
+    share of the micro-batch. Single process tested; each process publishes and draws its own rows.
     """
 
     def __init__(self, *args, replay: ReplaySource, sponge_config: SpongeReplayConfig | None = None, **kwargs):
