@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trl-setups", default="reverse_mixed",
                    help="setups that run trl_grpo (TRL does not pass position ids, so GPT-2's absolute positions "
                         "see left-padded prompts shifted in its training forward: not a fair baseline on 'reverse')")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 3000 rollouts, eval 128: a few minutes")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 2000 rollouts, eval 64: a few minutes")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each --threads torch threads)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="summarise the raw runs a previous invocation saved (<stem>_runs.json) instead of running")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.budget, args.eval_size, args.ablation_seeds = 2, 3000, 128, 1
+        args.seeds, args.budget, args.eval_size, args.ablation_seeds = 2, 2000, 64, 1
     setups = [s.strip() for s in args.setups.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     if "trl_grpo" in methods:

@@ -91,7 +91,7 @@ def test_random_and_curated_pools_cap_groups_and_curated_weights_staleness():
         cands = pool.candidates(3)
         assert 0 < len(pc.unique(cands.column("group_id"))) <= 4
     staleness = 3 - cands.column("policy_version").to_numpy()
-    assert cands.column("weight").to_numpy() == pytest.approx(0.7 ** (staleness - 1))
+    assert cands.column("draw_weight").to_numpy() == pytest.approx(0.7 ** (staleness - 1))
 
 
 def test_curated_pool_prefers_groups_with_more_learning_signal():

@@ -17,7 +17,8 @@ never kept (no learning signal). They differ only in which of those groups they 
 - `SelectorReplayPool`: single rollouts chosen by the dynamic selector (the earlier curated pool).
 - `DiverseReplayPool`:  dedupe + drop + greedy farthest point, no selector.
 
-A candidate table has `sponge.contract.CANDIDATE_COLUMNS` and, from the curated pool, `weight`.
+A candidate table has `sponge.contract.CANDIDATE_COLUMNS` and, from the curated pool, `draw_weight`
+(a multiplier of the row's draw probability).
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ class CuratedReplayPool(FIFOReplayPool):
     facility location over the group embeddings (mean of its rollouts' embeddings; exact, every
     reference, unless `neighbours` is set) plus the group's reward std, its GRPO learning signal
     (for 0/1 rewards sqrt(p(1 − p)), largest at success ½). Groups enter when sent and leave as the
-    window moves. Offered rows carry `weight` = decay^(staleness − 1): a stale group is still
+    window moves. Offered rows carry `draw_weight` = decay^(staleness − 1): a stale group is still
     offered, but drawn less. References: the first `n_references` group embeddings seen.
     """
 
@@ -365,7 +366,7 @@ class CuratedReplayPool(FIFOReplayPool):
         out = window.filter(pc.is_in(window.column("group_id"), value_set=pa.array(chosen, pa.string())))
         staleness = version - out.column("policy_version").to_numpy()
         weight = self.staleness_decay ** np.maximum(staleness - 1, 0)
-        return out.append_column("weight", pa.array(weight.astype(np.float32)))
+        return out.append_column("draw_weight", pa.array(weight.astype(np.float32)))
 
 
 def farthest_point_subset(embeddings: np.ndarray, k: int, start: int = 0) -> np.ndarray:
@@ -553,8 +554,9 @@ class ReplaySampler:
         correction still acts in the loss). "weight" and "uniform" score only the drawn rows.
     `ratio_mode`: "sequence" or "geometric" (see density_ratio). `cap`: fixed truncation C, or None
     for the schedule clip(cap_gamma·K, cap_min, cap_max). `recency_decay` < 1 multiplies a row's
-    draw probability by decay^(staleness − 1) (uniform over the window when 1). A `weight` column
-    on the candidates (a curated source's) multiplies the draw probability too.
+    draw probability by decay^(staleness − 1) (uniform over the window when 1). A `draw_weight`
+    column on the candidates (a curated source's preference) multiplies the draw probability too;
+    a `weight` column (the service's importance weight of its own sample) is not used here.
     """
 
     def __init__(self, mode: str = "uniform", ratio_mode: str = "geometric", cap: float | None = None,
@@ -590,8 +592,8 @@ class ReplaySampler:
         cap = self.cap if self.cap is not None else truncation_cap(
             len(np.unique(versions)), self.cap_gamma, self.cap_min, self.cap_max)
         prior = self.recency_decay ** np.maximum(staleness - 1, 0).astype(np.float64)
-        if "weight" in candidates.column_names:
-            prior = prior * pc.fill_null(candidates.column("weight"), 1.0).to_numpy().astype(np.float64)
+        if "draw_weight" in candidates.column_names:
+            prior = prior * pc.fill_null(candidates.column("draw_weight"), 1.0).to_numpy().astype(np.float64)
 
         if self.mode == "resample":       # every candidate's ratio decides the draw
             logp_all, mask_all = self._score(candidates, score)
