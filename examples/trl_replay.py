@@ -180,8 +180,15 @@ def train(url: str, bootstrap: str, args: argparse.Namespace, work: Path) -> Non
     first, last = np.mean([h["reward"] for h in logged[:5]]), np.mean([h["reward"] for h in logged[-5:]])
     client = ServiceClient(url)
     run = client.run(args.run_id)
-    stored = client.sql(f"SELECT policy_version, count(*) AS n FROM rollouts WHERE run_id = '{args.run_id}' "
-                        "GROUP BY 1 ORDER BY 1")
+    source.producer.flush()       # the last step's rollouts may still be on their way through Kafka
+    query = f"SELECT policy_version, count(*) AS n FROM rollouts WHERE run_id = '{args.run_id}' GROUP BY 1 ORDER BY 1"
+    deadline = time.monotonic() + 30
+    while True:
+        stored = client.sql(query)
+        newest = dict(zip(stored.column(0).to_pylist(), stored.column(1).to_pylist())).get(run["policy_version"] - 1, 0)
+        if newest >= args.batch or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     client.close()
     print(f"\n{trainer.state.global_step} optimizer steps, {len(logged)} generations in {seconds:.0f}s; "
           f"reward {first:.3f} (first 5 generations) -> {last:.3f} (last 5); held-out greedy reward "
