@@ -287,8 +287,10 @@ class ServiceReplaySource:
 
     def close(self) -> None:
         try:
+            if self._pending is not None:
+                self._pending[1].cancel()     # candidates nobody will ask for; the last report still goes out
             if self._executor is not None:
-                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor.shutdown(wait=True)
             if self._report is not None:
                 self._report.result()
             self.producer.close()
