@@ -11,7 +11,7 @@ import functools
 import pytest
 
 from sponge.engine.delta_store import DeltaRolloutStore, DeltaStoreConfig
-from sponge.engine.store import RolloutStore as ParquetRolloutStore
+from sponge.engine.store import ParquetRolloutStore
 from sponge.engine.store import StoreConfig
 
 IMPLEMENTATIONS = {"parquet": ParquetRolloutStore, "delta": DeltaRolloutStore}

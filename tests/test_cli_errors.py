@@ -29,8 +29,11 @@ def test_serve_on_a_store_of_another_format_says_how_to_migrate(tmp_path):
 def test_serve_with_a_corrupt_retention_mark_is_a_final_one_line_error(tmp_path):
     from sponge.engine.store import RolloutStore
 
+    from deltalake import DeltaTable
+
     RolloutStore(tmp_path)
-    (tmp_path / "_retired.json").write_text('{"runs": {"r": 9223372036854775808}}')
+    DeltaTable(str(tmp_path / "rollouts")).alter.set_table_properties(   # a mark beyond int64, set by hand
+        {"sponge.retired.r": "9223372036854775808"}, raise_if_not_exists=False)
     done = sponge("serve", "--store", str(tmp_path), "--http-port", "0")
     assert done.returncode == 2
     assert "out of range" in one_line(done.stderr)

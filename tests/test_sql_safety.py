@@ -107,7 +107,7 @@ def test_reads_outside_the_store_are_refused(store, outside):
 
 def test_the_engine_itself_enforces_the_lock_without_the_parser(store, outside):
     """Bypass the statement guard: the locked connection still refuses files, writes out and settings."""
-    conn = open_locked_connection(store.view_sql(), store.root, SqlLimits())
+    conn = open_locked_connection(store.view_sql(), store.root, SqlLimits(), datasets=store.datasets())
     try:
         with pytest.raises(duckdb.PermissionException):
             conn.execute(f"SELECT * FROM read_parquet('{outside}/secret.parquet')").fetchall()

@@ -16,7 +16,7 @@ from store_impls import Store  # noqa: F401 - the fixture
 from test_store_fixtures import make_rollouts
 
 import sponge.engine.store as store_module
-from sponge.engine.store import RolloutStore, StoreConfig, StoreError
+from sponge.engine.store import ParquetRolloutStore, RolloutStore, StoreConfig, StoreError
 
 DIM = 8
 
@@ -63,7 +63,7 @@ def test_tombstones_hide_rows_and_survive_compaction(Store, tmp_path):
 
 
 def test_compaction_removes_dead_segments_whole_and_changes_files_only_inside_the_guard(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     table = make_rollouts(90, dim=DIM, policy_versions=(0, 1, 2))   # one segment file per version
     write(store, table, first=0)
     versions = table.column("policy_version").to_pylist()
@@ -142,7 +142,7 @@ def test_removing_ids_the_store_does_not_hold_reports_them_and_writes_nothing(St
 
 
 def test_compaction_removes_emptied_segments_and_merges_tombstone_files(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM, config=StoreConfig(max_tombstone_files=2))
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM, config=StoreConfig(max_tombstone_files=2))
     table = make_rollouts(30, dim=DIM)
     write(store, table.slice(0, 10), first=0)
     write(store, table.slice(10, 20), first=10)
@@ -175,7 +175,7 @@ def test_delete_refuses_bad_input(Store, tmp_path):
 
 
 def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     write(store, make_rollouts(10, dim=DIM), first=0)
     segment_dir = tmp_path / "rollouts" / "run=run-a" / "policy_version=0"
     # A writer that died mid-write (pid that is not running) left half a Parquet file behind.
@@ -198,7 +198,7 @@ def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
     assert store.count() == 10  # the views never read temp files
     assert store.stats()["segments"] == 1
 
-    RolloutStore(tmp_path, embedding_dim=DIM)  # opening cleans up
+    ParquetRolloutStore(tmp_path, embedding_dim=DIM)  # opening cleans up
     assert not dead.exists()
     assert remote.exists() and live.exists()
     old = time.time() - 2 * 3600
@@ -209,7 +209,7 @@ def test_crash_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
 
 def test_a_failed_write_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch):
     """Fault injection (a rename that fails, e.g. disk error): nothing half-written, ids not recorded."""
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     table = make_rollouts(10, dim=DIM)
 
     def failing_replace(src, dst):
@@ -281,7 +281,7 @@ def test_scan_streams_live_rows_in_bounded_batches(Store, tmp_path):
 
 def test_a_write_failing_after_its_first_policy_version_file_is_retried_exactly_once(tmp_path, monkeypatch):
     """Fault injection: the second of two per-version files fails to land; the retry adds only it."""
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     table = make_rollouts(20, dim=DIM, policy_versions=(0, 1))
     real_replace = os.replace
     calls = []
@@ -370,10 +370,10 @@ def test_retention_is_per_run_and_an_admin_can_lower_a_mark_raised_by_mistake(St
     ("not json", "unreadable retention marks"),
 ])
 def test_a_corrupt_or_out_of_range_mark_on_disk_is_a_clear_error_at_open(tmp_path, body, message):
-    RolloutStore(tmp_path, embedding_dim=DIM)
+    ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     (tmp_path / "_retired.json").write_text(body)
     with pytest.raises(StoreError, match=message):
-        RolloutStore.open(tmp_path)
+        ParquetRolloutStore.open(tmp_path)
 
 
 def test_out_of_range_versions_are_refused(Store, tmp_path):
@@ -393,11 +393,11 @@ def test_a_store_of_another_format_or_none_at_all_is_a_clear_error(tmp_path):
         RolloutStore.open(tmp_path)
 
 
-def test_a_format_1_store_migrates_in_place_with_its_rows_and_retention(tmp_path, capsys):
+def test_a_format_1_store_migrates_in_place_to_delta_tables_with_its_rows_and_retention(tmp_path, capsys):
     from sponge.cli import main
     from sponge.engine.store import stored_schema
 
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     a = make_rollouts(30, dim=DIM, policy_versions=(0, 1, 2))
     b = make_rollouts(30, dim=DIM, policy_versions=(0, 1, 2), id_prefix="b").set_column(
         2, "run_id", pa.nulls(30, pa.string()))
@@ -428,4 +428,8 @@ def test_a_format_1_store_migrates_in_place_with_its_rows_and_retention(tmp_path
     assert sorted(migrated.rollout_ids().to_pylist()) == sorted(i for i in expected if versions[i] >= 1)
     runs = migrated.sql("SELECT DISTINCT run_id FROM rollouts ORDER BY 1").column(0).to_pylist()
     assert runs == ["default", "run-a"]
-    assert '"migrated_segments": 3' in capsys.readouterr().out
+    out = json.loads(capsys.readouterr().out)
+    assert (out["migrated_segments"], out["migrated_rows"]) == (6, 40)   # 3 format-1 files, 2 runs each
+    assert not (tmp_path / "_format2").exists() and not (tmp_path / "_sponge_store.json").exists()
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir() if p.name.startswith("run_id=")) == [
+        "run_id=default", "run_id=run-a"]

@@ -13,7 +13,7 @@ from store_impls import Store  # noqa: F401 - the fixture
 from test_store_fixtures import make_rollouts
 
 from sponge.engine.delta_store import DeltaRolloutStore
-from sponge.engine.store import REPLAY_SCHEMA, RolloutStore, StoreError
+from sponge.engine.store import REPLAY_SCHEMA, ParquetRolloutStore, RolloutStore, StoreError
 from sponge.record import rollout_schema, stored_schema
 
 DIM = 16
@@ -65,7 +65,7 @@ def test_round_trip_is_byte_for_byte(Store, tmp_path):
 
 
 def test_hive_layout_and_file_names(tmp_path):
-    store = RolloutStore(tmp_path, embedding_dim=DIM)
+    store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     result = write(store, make_rollouts(30, dim=DIM, policy_versions=(0, 5)), first=40, partition=2)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in result.paths)
     assert names == ["rollouts/run=run-a/policy_version=0/rollouts+2+40-69.parquet",
@@ -200,7 +200,7 @@ def test_bad_offsets_and_topics_are_refused(Store, tmp_path):
 def test_any_interleaving_of_replays_stores_each_rollout_exactly_once(tmp_path_factory, steps):
     """Two writers (store objects) consume overlapping offset ranges of two partitions in any order."""
     for kind in ("parquet", "delta"):
-        check_interleaving(tmp_path_factory.mktemp(kind), steps, DeltaRolloutStore if kind == "delta" else RolloutStore)
+        check_interleaving(tmp_path_factory.mktemp(kind), steps, DeltaRolloutStore if kind == "delta" else ParquetRolloutStore)
 
 
 def check_interleaving(root, steps, cls):

@@ -240,7 +240,7 @@ class DeltaRolloutStore:
     """
 
     def __init__(self, root: str | os.PathLike, embedding_dim: int = DEFAULT_EMBEDDING_DIM, *,
-                 config: StoreConfig | None = None, create: bool = True) -> None:
+                 config: StoreConfig | None = None, create: bool = True, _check_format: bool = True) -> None:
         if int(embedding_dim) <= 0:
             raise StoreError(f"embedding_dim must be positive, got {embedding_dim}")
         if config is None or not isinstance(config, DeltaStoreConfig):
@@ -257,7 +257,8 @@ class DeltaRolloutStore:
         self._file_schema = pa.schema([f for f in self._table_schema if f.name not in PARTITION_BY])
         self._tomb_schema = _delta_schema(TOMBSTONE_SCHEMA)
         self._dlq_schema = _delta_schema(DEAD_LETTER_SCHEMA)
-        self._check_old_format()
+        if _check_format:
+            self._check_old_format()
         self._lock = threading.RLock()        # the writer table, the index, retention marks
         self._maint_lock = threading.RLock()  # removals' rewrites and compaction (own table objects)
         self._read_lock = threading.Lock()    # the reader table objects
@@ -387,9 +388,18 @@ class DeltaRolloutStore:
             raise StoreError(f"offsets has shape {offsets.shape}, expected ({rows.num_rows},): one per row")
         if rows.num_rows and (offsets.min() < first_offset or offsets.max() > last_offset):
             raise StoreError(f"row offsets fall outside the consumed range {first_offset}-{last_offset}")
+        table = self._with_store_columns(rows, topic, partition, offsets)
+        return self._write_rows(table, f"{topic}+{partition}+{first_offset}-{last_offset}",
+                                (f"{OFFSET_APP_PREFIX}{topic}:{partition}", last_offset),
+                                {"sponge.operation": "segment",
+                                 "sponge.range": f"{topic}/{partition}/{first_offset}-{last_offset}"})
+
+    def _write_rows(self, rows: pa.Table, name: str, offset: tuple[str, int] | None, metadata: dict) -> SegmentWrite:
+        """Commit the rows (stored schema) the table does not hold yet, in one commit: the filter
+        against the index and the commit are retried until no other writer's segment commit
+        landed in between (see the module docstring)."""
         all_h1, all_h2 = self._index.hash(rows.column("rollout_id"))
         first = first_occurrence(all_h1, all_h2)
-        offset_app = f"{OFFSET_APP_PREFIX}{topic}:{partition}"
         written: tuple[bytes, list] | None = None   # (which rows, their files) from an earlier attempt
         with self._lock:
             for attempt in range(self.config.commit_attempts):
@@ -406,18 +416,15 @@ class DeltaRolloutStore:
                 if n_keep == 0:
                     return SegmentWrite([], 0, int(current.sum()), pa.array([], pa.string()), retired, duplicates)
                 if written is None or written[0] != keep.tobytes():
-                    new_rows = rows.filter(pa.array(keep))
-                    table = self._with_store_columns(new_rows, topic, partition, offsets[keep])
-                    name = f"{topic}+{partition}+{first_offset}-{last_offset}"
-                    written = (keep.tobytes(), self._write_rollout_files(table, name))
+                    written = (keep.tobytes(), self._write_rollout_files(rows.filter(pa.array(keep)), name))
                 read_version = self._writer.version()
-                previous = self._writer.transaction_version(offset_app)
-                txns = [Transaction(INGEST_APP_ID, read_version + 1),
-                        Transaction(offset_app, max(last_offset, previous if previous is not None else -1))]
+                txns = [Transaction(INGEST_APP_ID, read_version + 1)]
+                if offset is not None:
+                    previous = self._writer.transaction_version(offset[0])
+                    txns.append(Transaction(offset[0], max(offset[1], previous if previous is not None else -1)))
                 try:
                     self._commit(self._writer, [a for a, *_ in written[1]], self._table_schema, PARTITION_BY,
-                                 txns, {"sponge.operation": "segment", "sponge.range": f"{topic}/{partition}/"
-                                        f"{first_offset}-{last_offset}"}, attempts=1)
+                                 txns, metadata, attempts=1)
                 except CommitFailedError:
                     # Another writer committed (or retention moved) since our snapshot: re-check.
                     _backoff(attempt)
@@ -429,8 +436,8 @@ class DeltaRolloutStore:
                 return SegmentWrite(paths=[self._physical(add.path) for add, *_ in written[1]], rows_written=n_keep,
                                     rows_skipped_duplicate=int(current.sum()) - n_keep, new_ids=new_ids,
                                     retired=retired, duplicates=duplicates)
-        raise StoreError(f"could not commit a segment of {topic}/{partition} after {self.config.commit_attempts} "
-                         "attempts: other writers keep committing first")
+        raise StoreError(f"could not commit segment {name} after {self.config.commit_attempts} attempts: "
+                         "other writers keep committing first")
 
     def table_offset(self, topic: str, partition: int) -> int | None:
         """The highest Kafka offset of (topic, partition) whose segment the table holds (None: none).
@@ -1298,3 +1305,108 @@ def _stats(body: pa.Table, columns: list[str]) -> dict:
             stats["minValues"][name], stats["maxValues"][name] = lo, hi
         stats["nullCount"][name] = column.null_count
     return stats
+
+
+# ---------------------------------------------------------------------- migration
+
+FORMAT2_DIR = "_format2"
+
+
+def migrate_to_delta(root: str | os.PathLike, target: str | os.PathLike | None = None, *,
+                     config: StoreConfig | None = None, progress: bool = False) -> dict:
+    """Turn a Parquet-segment store (format 1 or 2) into Delta tables; returns what it moved.
+
+    In place by default: the old directories move under `_format2/` first, the tables are filled
+    from them, and only then do the old manifest and files go, so a stopped migration is simply
+    run again (rows already in the table are skipped by id). With `target` (a directory or an
+    s3:// location) the old store is left as it is. Live rollouts keep their (run, version)
+    partitions, topic/partition/offset columns and ids; tombstoned ids stay refused; retention
+    marks, dead letters and replay snapshots come along; each (topic, partition)'s highest
+    offset becomes the table's offset for it.
+    """
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from sponge.engine.store import RETIRED_NAME, ParquetRolloutStore, migrate as migrate_format1
+
+    root = Path(root).resolve()
+    manifest = root / MANIFEST_NAME
+    old_root = root / FORMAT2_DIR
+    if not manifest.is_file():
+        if (root / ROLLOUTS / "_delta_log").is_dir() and target is None:
+            return {"migrated_segments": 0, "already": "a Delta store"}
+        raise StoreError(f"no Parquet-segment store at {root} (no {MANIFEST_NAME} there)")
+    body = json.loads(manifest.read_text())
+    if int(body.get("format_version", 1)) < 2:
+        migrate_format1(root, progress=progress)
+        body = json.loads(manifest.read_text())
+    dim = int(body["embedding_dim"])
+    in_place = target is None or Path(str(target)).resolve() == root
+    if in_place:
+        old_root.mkdir(exist_ok=True)
+        for name in (ROLLOUTS, TOMBSTONES, DEAD_LETTERS):
+            if (root / name).is_dir() and not (root / name / "_delta_log").is_dir() and not (old_root / name).exists():
+                os.replace(root / name, old_root / name)
+        for name in (MANIFEST_NAME, RETIRED_NAME):
+            if (root / name).is_file():
+                shutil.copyfile(root / name, old_root / name)
+        fsync_dir(root)
+        source = old_root
+    else:
+        source = root
+    old = ParquetRolloutStore(source, embedding_dim=dim)
+    new = DeltaRolloutStore(root if in_place else target, embedding_dim=dim, config=config, _check_format=False)
+    marks = old.retirement_marks()
+    conn = old.connect()
+    try:
+        dead_ids = conn.sql("SELECT DISTINCT rollout_id FROM tombstones").to_arrow_table().column(0).combine_chunks()
+        tombstones = conn.sql("SELECT rollout_id, arg_min(reason, deleted_at) AS reason, min(deleted_at) AS deleted_at "
+                              "FROM tombstones GROUP BY 1").to_arrow_table()
+        letters = conn.sql("SELECT * FROM dead_letters").to_arrow_table()
+    finally:
+        conn.close()
+    # Tombstones first: from here on a replayed removed rollout is refused by the new store too.
+    if tombstones.num_rows:
+        new._refresh_index()
+        known = new._index.contains(tombstones.column("rollout_id"))
+        todo = tombstones.filter(pa.array(~known))
+        if todo.num_rows:
+            body = todo.cast(TOMBSTONE_SCHEMA).cast(new._tomb_schema)
+            add = new._write_file(TOMBSTONES, f"{time.time_ns():020d}-migrated.parquet", body,
+                                  {"numRecords": body.num_rows}, {})
+            new._commit(new._tomb_writer, [add], new._tomb_schema, [])
+    if marks:
+        new._set_properties(new._writer, {MARK_PREFIX + run: str(mark) for run, mark in marks.items()})
+    segments = old._segment_files()
+    moved = rows_written = 0
+    for path in tqdm(sorted(segments), desc="migrating segments", unit="file", disable=not progress):
+        run, version = path.parent.parent.name.partition("=")[2], int(path.parent.name.partition("=")[2])
+        table = pq.read_table(path, schema=old._file_schema)
+        table = table.append_column("policy_version", pa.repeat(pa.scalar(version, pa.int64()), table.num_rows))
+        table = table.select(new._stored_schema.names).cast(new._stored_schema)
+        table = table.filter(pc.invert(pc.is_in(table.column("rollout_id"), value_set=dead_ids)))
+        offset = None
+        if table.num_rows:
+            topic = table.column("topic")[0].as_py()
+            partition = table.column("partition")[0].as_py()
+            offset = (f"{OFFSET_APP_PREFIX}{topic}:{partition}", int(pc.max(table.column("offset")).as_py()))
+        result = new._write_rows(table, path.stem, offset, {"sponge.operation": "migrate", "sponge.run": run})
+        rows_written += result.rows_written
+        moved += 1
+    if letters.num_rows:
+        new.write_dead_letters(letters)
+    if not in_place:
+        for snapshot in sorted((root / REPLAY).glob("selection-*.parquet")):
+            table = pq.read_table(snapshot)
+            extra = json.loads((table.schema.metadata or {}).get(b"sponge.extra", b"{}"))
+            seq = int(snapshot.stem.partition("-")[2])
+            new.write_replay_snapshot(table.drop_columns(["selected_at"]), seq=seq, extra=extra)
+    else:
+        (root / MANIFEST_NAME).unlink()
+        (root / RETIRED_NAME).unlink(missing_ok=True)
+        fsync_dir(root)
+        shutil.rmtree(old_root, ignore_errors=True)
+        shutil.rmtree(root / "_locks", ignore_errors=True)
+    return {"migrated_segments": moved, "migrated_rows": rows_written, "tombstones": int(tombstones.num_rows),
+            "dead_letters": int(letters.num_rows), "retirement_marks": marks}

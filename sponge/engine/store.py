@@ -1,4 +1,12 @@
-"""The rollout store: immutable Parquet segments, tombstones and DuckDB views over them.
+"""The rollout store's shared definitions, and the format-2 store (Parquet segments) that
+`sponge store migrate` reads.
+
+`RolloutStore` is the Delta Lake store (`sponge.engine.delta_store.DeltaRolloutStore`, format 3);
+this module keeps what both formats share (errors, results, config, checks) and
+`ParquetRolloutStore`, the format-2 layout below, which nothing writes any more: a store of this
+format is turned into Delta tables by `sponge store migrate`.
+
+Format 2 (immutable Parquet segments, tombstones and DuckDB views over them):
 
 Layout under the store root (every file is written to a temporary name in its own directory,
 fsynced and renamed, so a reader or a crash never sees half a file):
@@ -55,6 +63,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from typing import TYPE_CHECKING
+
 from sponge.contract import REPLAY_COLUMNS
 from sponge.engine.idmap import RolloutIdSet, first_occurrence
 from sponge.engine.sql import QueryResult, SqlLimits
@@ -66,7 +76,21 @@ from sponge.record import (
     stored_schema,
 )
 
-#: 2: rollouts under run=R/policy_version=V and retention marks per run (1: no run level).
+if TYPE_CHECKING:
+    from sponge.engine.delta_store import DeltaRolloutStore as RolloutStore  # noqa: F401
+
+
+def __getattr__(name: str):
+    """`RolloutStore` is the Delta store, imported on first use (delta_store imports this module)."""
+    if name == "RolloutStore":
+        from sponge.engine.delta_store import DeltaRolloutStore
+
+        return DeltaRolloutStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: 2: rollouts under run=R/policy_version=V and retention marks per run (1: no run level). The
+#: Parquet layout's own version; Delta stores are format 3 (delta_store.STORE_FORMAT_VERSION).
 STORE_FORMAT_VERSION = 2
 #: Where every command looks for the store unless told otherwise (flag or SPONGE_STORE_PATH).
 DEFAULT_STORE_PATH = "sponge-data"
@@ -191,8 +215,9 @@ class CompactionResult:
     bytes_after: int
 
 
-class RolloutStore:
-    """Rollouts as Parquet segments with tombstones, queried through DuckDB views.
+class ParquetRolloutStore:
+    """Format 2: rollouts as Parquet segments with tombstones, queried through DuckDB views (read by
+    `sponge store migrate`; new stores are Delta tables, see `RolloutStore`).
 
     Safe for several processes on one root (the ingest services of one consumer group, the
     curation service, a user's SQL): writers take a per-partition file lock and refresh what
@@ -235,7 +260,7 @@ class RolloutStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, config: StoreConfig | None = None) -> RolloutStore:
+    def open(cls, root: str | os.PathLike, *, config: StoreConfig | None = None) -> ParquetRolloutStore:
         """Open an existing store, taking the embedding dimension from its manifest."""
         manifest = Path(root) / MANIFEST_NAME
         if not manifest.is_file():

@@ -1,7 +1,8 @@
 """`sponge store`: look after a rollout store on disk (describe it, migrate it, mend retention).
 
     sponge store stats   --store ./sponge-data
-    sponge store migrate --store ./sponge-data            # a store written by an older sponge
+    sponge store migrate --store ./sponge-data            # Parquet segments (an older sponge) -> Delta tables
+    sponge store migrate --store ./sponge-data --to s3://bucket/prefix   # ... into another location
     sponge store retention --store ./sponge-data --run R --lower-to V
 
 Each prints one JSON object; a refused operation prints one line to stderr and exits with status 2.
@@ -23,10 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("action", choices=("stats", "migrate", "retention"),
-                        help="stats: describe the store; migrate: rewrite an older format in place; "
+                        help="stats: describe the store; migrate: turn a Parquet-segment store into Delta tables; "
                              "retention: show the runs' retention marks, or lower one (--run, --lower-to)")
     parser.add_argument("--store", default=os.environ.get("SPONGE_STORE_PATH", DEFAULT_STORE_PATH),
-                        help="rollout store directory (env SPONGE_STORE_PATH)")
+                        help="rollout store: a directory or s3://bucket/prefix (env SPONGE_STORE_PATH)")
+    parser.add_argument("--to", default=None,
+                        help="migrate: write the Delta tables here (a directory or s3://bucket/prefix with the "
+                             "AWS_* settings in the environment) and leave the old store as it is; default: in place")
     parser.add_argument("--run", default=None, help="retention: the run whose mark to lower")
     parser.add_argument("--lower-to", type=int, default=None,
                         help="retention: the new, lower mark (0 clears it); rollouts of versions between "
@@ -34,12 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.engine.store import RolloutStore, StoreError, migrate
+    from sponge.engine.delta_store import migrate_to_delta
+    from sponge.engine.store import RolloutStore, StoreError
 
     try:
         if args.action == "migrate":
-            moved = migrate(args.store, progress=True)
-            out = {"migrated_segments": moved, **RolloutStore.open(args.store).stats()}
+            moved = migrate_to_delta(args.store, args.to, progress=True)
+            out = {**RolloutStore.open(args.to or args.store).stats(), **moved}
         elif args.action == "stats":
             out = RolloutStore.open(args.store).stats()
         else:
