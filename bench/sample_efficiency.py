@@ -447,7 +447,7 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     if caps:
         _c, e, m = np.array(caps).T
         ax[1].plot(m, e, "o-")
-        for ci, mi, ei in caps:
+        for ci, ei, mi in caps:
             ax[1].annotate(f"C={ci:g}", (mi, ei))
         ax[1].set_xlabel("clipped mass")
         ax[1].set_ylabel("token ESS after truncation")
