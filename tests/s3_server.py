@@ -60,10 +60,11 @@ class SeaweedS3:
         s3_port = ports[names.index("s3.port")]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         self.log_path = self.data_dir / "weed.log"
-        self.proc = subprocess.Popen(
-            [self.binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", *flags],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.log_path, "wb") as log:   # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [self.binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                 f"-bucket={BUCKET}", "-webdav=false", "-admin.ui=false", *flags],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{s3_port}"
         deadline = time.monotonic() + timeout_s
         import pyarrow.fs as pafs

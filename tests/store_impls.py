@@ -11,8 +11,7 @@ import functools
 import pytest
 
 from sponge.engine.delta_store import DeltaRolloutStore, DeltaStoreConfig
-from sponge.engine.store import ParquetRolloutStore
-from sponge.engine.store import StoreConfig
+from sponge.engine.store import ParquetRolloutStore, StoreConfig
 
 IMPLEMENTATIONS = {"parquet": ParquetRolloutStore, "delta": DeltaRolloutStore}
 
@@ -25,7 +24,7 @@ def _delta(root, embedding_dim=384, *, config: StoreConfig | None = None):
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def Store(request):  # noqa: N802 - stands for a class
+def Store(request):
     """A store class (same signature as RolloutStore, with `.open`) of each implementation."""
     if request.param == "delta":
         factory = functools.partial(_delta)

@@ -27,9 +27,9 @@ def test_serve_on_a_store_of_another_format_says_how_to_migrate(tmp_path):
 
 
 def test_serve_with_a_corrupt_retention_mark_is_a_final_one_line_error(tmp_path):
-    from sponge.engine.store import RolloutStore
-
     from deltalake import DeltaTable
+
+    from sponge.engine.store import RolloutStore
 
     RolloutStore(tmp_path)
     DeltaTable(str(tmp_path / "rollouts")).alter.set_table_properties(   # a mark beyond int64, set by hand

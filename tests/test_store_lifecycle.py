@@ -12,11 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from store_impls import Store  # noqa: F401 - the fixture
 from test_store_fixtures import make_rollouts
 
 import sponge.engine.store as store_module
-from sponge.engine.store import ParquetRolloutStore, RolloutStore, StoreConfig, StoreError
+from sponge.engine.store import (
+    ParquetRolloutStore,
+    RolloutStore,
+    StoreConfig,
+    StoreError,
+)
+
+pytest_plugins = ["store_impls"]   # the `Store` fixture: each test below runs on both stores
 
 DIM = 8
 

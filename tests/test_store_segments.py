@@ -9,12 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_impls import Store  # noqa: F401 - the fixture
 from test_store_fixtures import make_rollouts
 
 from sponge.engine.delta_store import DeltaRolloutStore
-from sponge.engine.store import REPLAY_SCHEMA, ParquetRolloutStore, RolloutStore, StoreError
+from sponge.engine.store import (
+    REPLAY_SCHEMA,
+    ParquetRolloutStore,
+    RolloutStore,
+    StoreError,
+)
 from sponge.record import rollout_schema, stored_schema
+
+pytest_plugins = ["store_impls"]   # the `Store` fixture: each test below runs on both stores
 
 DIM = 16
 

@@ -64,10 +64,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties, Transaction, WriterProperties
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    PostCommitHookProperties,
+    Transaction,
+    WriterProperties,
+)
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
@@ -96,7 +101,12 @@ from sponge.engine.store import (
     _sql_str,
 )
 from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir
-from sponge.record import DEAD_LETTER_SCHEMA, DEFAULT_EMBEDDING_DIM, rollout_schema, stored_schema
+from sponge.record import (
+    DEAD_LETTER_SCHEMA,
+    DEFAULT_EMBEDDING_DIM,
+    rollout_schema,
+    stored_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -515,10 +525,10 @@ class DeltaRolloutStore:
             codec = {n: ("none" if n in cfg.uncompressed_columns else cfg.compression) for n in names}
             level = None if level is None else {n: level for n in packed}
         is_rollouts = table_name == ROLLOUTS
-        options = dict(compression=codec, compression_level=level, row_group_size=cfg.row_group_size,
-                       use_dictionary=["prompt_id", "topic", "prompt"] if is_rollouts else True,
-                       write_statistics=(["rollout_id", "prompt_id", "reward", "created_at", "topic", "partition",
-                                          "offset", "ingested_at"] if is_rollouts else True))
+        options = {"compression": codec, "compression_level": level, "row_group_size": cfg.row_group_size,
+                   "use_dictionary": ["prompt_id", "topic", "prompt"] if is_rollouts else True,
+                   "write_statistics": (["rollout_id", "prompt_id", "reward", "created_at", "topic", "partition",
+                                         "offset", "ingested_at"] if is_rollouts else True)}
         path = self._loc.path(table_name, rel)
         if self._loc.remote:
             with self._loc.fs.open_output_stream(path) as out:
@@ -848,7 +858,8 @@ class DeltaRolloutStore:
                 continue
             try:
                 past = self._table(ROLLOUTS, version=int(entry["version"]) - 1)
-            except Exception:  # noqa: BLE001 - the log before it was cleaned up: nothing to restore
+            except Exception as exc:  # noqa: BLE001 - the log before it was cleaned up: nothing to restore
+                log.info("cannot read the table before retention commit %s: %s", entry.get("version"), exc)
                 continue
             adds = _adds(past)
             for row in adds.to_pylist():
@@ -929,8 +940,10 @@ class DeltaRolloutStore:
                         log.info("optimize of %s lost a race; next compaction retries: %s", name, exc)
             for name in (ROLLOUTS, TOMBSTONES, DEAD_LETTERS):
                 other = self._table(name)
+                # full: also files no commit ever named (a writer killed between its file and its
+                # commit), once older than the retention, so an in-flight segment is never taken.
                 other.vacuum(retention_hours=int(self.config.vacuum_retention_hours), dry_run=False,
-                             enforce_retention_duration=False)
+                             enforce_retention_duration=False, full=True)
                 other.create_checkpoint()
                 other.cleanup_metadata()
         return CompactionResult(rewritten, removed, rows_removed, merged, before, after)
@@ -1026,8 +1039,11 @@ class DeltaRolloutStore:
         files: data files are invisible until committed, and VACUUM removes orphaned ones)."""
         if self._loc.remote:
             return 0
-        from sponge.engine.store import _pid_alive  # the writer-liveness test the Parquet store used
         import socket
+
+        from sponge.engine.store import (
+            _pid_alive,  # the writer-liveness test the Parquet store used
+        )
 
         removed, host, now = 0, socket.gethostname(), time.time()
         for path in Path(self._loc.uri).rglob(f".*{TEMP_SUFFIX}"):
@@ -1092,16 +1108,16 @@ class DeltaRolloutStore:
         n = DATASET_NAMES
         return [
             f"CREATE OR REPLACE VIEW tombstones AS SELECT rollout_id, reason, deleted_at FROM {n[TOMBSTONES]}",
-            f"CREATE OR REPLACE VIEW rollouts AS SELECT {columns} FROM {n[ROLLOUTS]} "
-            f"{where}rollout_id NOT IN (SELECT rollout_id FROM {n[TOMBSTONES]})",
+            (f"CREATE OR REPLACE VIEW rollouts AS SELECT {columns} FROM {n[ROLLOUTS]} "
+            f"{where}rollout_id NOT IN (SELECT rollout_id FROM {n[TOMBSTONES]})"),
             # Dead letters are at-least-once (a replay sends one again): the view shows each letter_id
             # once; a letter without an id gets the one sponge.streams.dlq.letter_id computes.
-            "CREATE OR REPLACE VIEW dead_letters AS SELECT * FROM (SELECT topic, partition, \"offset\", reason, "
+            ("CREATE OR REPLACE VIEW dead_letters AS SELECT * FROM (SELECT topic, partition, \"offset\", reason, "
             "value, received_at, coalesce(letter_id, concat_ws('/', topic, partition, \"offset\", "
             f"left(sha256(coalesce(value, ''::BLOB)), 32))) AS letter_id FROM {n[DEAD_LETTERS]}) "
-            "QUALIFY row_number() OVER (PARTITION BY letter_id ORDER BY received_at) = 1",
-            f"CREATE OR REPLACE VIEW replay_subset AS SELECT {', '.join(_quote_ident(c) for c in REPLAY_SCHEMA.names)} "
-            f"FROM {n[REPLAY]}",
+            "QUALIFY row_number() OVER (PARTITION BY letter_id ORDER BY received_at) = 1"),
+            (f"CREATE OR REPLACE VIEW replay_subset AS SELECT {', '.join(_quote_ident(c) for c in REPLAY_SCHEMA.names)} "
+            f"FROM {n[REPLAY]}"),
             f"CREATE OR REPLACE VIEW segments AS SELECT file, run_id, policy_version, rows, bytes FROM {n['segments']}",
         ]
 
@@ -1328,7 +1344,8 @@ def migrate_to_delta(root: str | os.PathLike, target: str | os.PathLike | None =
 
     from tqdm.auto import tqdm
 
-    from sponge.engine.store import RETIRED_NAME, ParquetRolloutStore, migrate as migrate_format1
+    from sponge.engine.store import RETIRED_NAME, ParquetRolloutStore
+    from sponge.engine.store import migrate as migrate_format1
 
     root = Path(root).resolve()
     manifest = root / MANIFEST_NAME

@@ -367,7 +367,7 @@ def serve(control_fd: int) -> None:
     import pyarrow as pa
     import pyarrow.ipc
 
-    import sponge.engine.datasets  # noqa: F401 - pyarrow.dataset, for stores whose views read Arrow datasets
+    import sponge.engine.datasets  # pyarrow.dataset, for stores whose views read Arrow datasets
     import sponge.engine.sql  # noqa: F401
 
     pa.array([0]).to_pylist()   # initialise Arrow's memory pool before forking, not in every child

@@ -56,14 +56,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from typing import TYPE_CHECKING
 
 from sponge.contract import REPLAY_COLUMNS
 from sponge.engine.idmap import RolloutIdSet, first_occurrence
