@@ -59,6 +59,7 @@ class SeaweedS3:
         flags = [f"-{name}={port}" for name, port in zip(names, ports)]
         s3_port = ports[names.index("s3.port")]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "weed.log"
         with open(self.log_path, "wb") as log:   # the child keeps its own descriptor
             self.proc = subprocess.Popen(

@@ -20,7 +20,8 @@ def _delta(root, embedding_dim=384, *, config: StoreConfig | None = None):
     # Tests remove files at once: nothing needs a vacuum grace period here.
     fields = vars(config) if config is not None else {}
     return DeltaRolloutStore(root, embedding_dim=embedding_dim,
-                             config=DeltaStoreConfig(**{**fields, "vacuum_retention_hours": 0}))
+                             config=DeltaStoreConfig(**{**fields, "vacuum_retention_hours": 0,
+                                                        "removal_rewrite": "now"}))
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

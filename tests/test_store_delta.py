@@ -134,6 +134,8 @@ def test_readers_opened_before_see_retention_and_removal_and_old_snapshots_stay_
     old_conn = reader.connect()                               # a query connection over the snapshot of now
     removed = table.column("rollout_id").to_pylist()[1:3]     # versions 1 and 2
     store.delete(removed, reason="bad")
+    assert not set(removed) & set(reader.rollout_ids().to_pylist())   # hidden at once ...
+    assert store.wait_for_removals(60)                                 # ... deleted by the store's thread
     assert store.retire_below(1, run="run-a") == 20
     assert reader.count() == 38 and not set(removed) & set(reader.rollout_ids().to_pylist())
     assert reader.retired_below("run-a") == 1
@@ -169,7 +171,7 @@ def test_readers_see_only_committed_data(tmp_path, monkeypatch):
 
 
 def test_a_removal_can_wait_for_compaction_and_stays_hidden_meanwhile(tmp_path):
-    store = store_at(tmp_path, rewrite_on_delete=False)
+    store = store_at(tmp_path, removal_rewrite="compaction")
     table = make_rollouts(30, dim=DIM)
     write(store, table, first=0)
     doomed = table.column("rollout_id").to_pylist()[:4]

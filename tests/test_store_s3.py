@@ -70,6 +70,7 @@ def test_the_store_on_s3_keeps_every_promise_and_other_readers_see_it(s3, tmp_pa
     plain = DeltaTable(f"{uri}/rollouts", storage_options=s3.options)
     removed = table.column("rollout_id").to_pylist()[1:4]        # versions 1, 2, 0
     assert store.delete(removed, reason="bad").removed == 3
+    assert store.wait_for_removals(120)   # the store's thread deletes them from the table
     assert store.retire_below(1, run="run-a") == 29
     assert other.count() == 58 and not set(removed) & set(other.rollout_ids().to_pylist())
     plain.update_incremental()
@@ -180,8 +181,9 @@ def _assert_exactly(holder: dict, expected: set[str]) -> None:
 def test_serve_on_s3_killed_three_times_loses_nothing_and_stores_nothing_twice(s3, broker, topic, tmp_path,
                                                                                processes):
     """kill -9 x3 during ingest, with one `sponge serve` or two in one group writing at once."""
-    from sponge.streams.synthetic import produce
     from test_ingest_service import SMALL
+
+    from sponge.streams.synthetic import produce
 
     uri = location()
     count, holder = _counter(s3, uri, tmp_path / "reader")
@@ -192,7 +194,8 @@ def test_serve_on_s3_killed_three_times_loses_nothing_and_stores_nothing_twice(s
         procs = [_serve(broker, topic, uri, s3, tmp_path / f"host{i}", flush_rows=64, max_poll_records=4)
                  for i in range(processes)]
         try:
-            _wait(lambda: count() > before or any(p.poll() is not None for p in procs), 90, "first segment", 0.05)
+            _wait(lambda before=before, procs=procs: count() > before or any(p.poll() is not None for p in procs),
+                  90, "first segment", 0.05)
             time.sleep(random.uniform(0.0, 0.3))
         finally:
             for p in procs:

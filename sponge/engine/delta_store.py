@@ -97,7 +97,6 @@ from sponge.engine.store import (
     _check_version,
     _mark_of_each_row,
     _quote_ident,
-    _split_by_run_and_version,
     _sql_str,
 )
 from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir
@@ -143,9 +142,10 @@ class DeltaStoreConfig(StoreConfig):
     local_dir: str | None = None
     #: Segment commits retried after losing a race to another writer (each retry refreshes).
     commit_attempts: int = 50
-    #: Removals rewrite the files holding the removed rows at once (False: at the next compaction;
-    #: the rows are hidden from sponge's views at once either way).
-    rewrite_on_delete: bool = True
+    #: When a removal deletes its rows from the table (rewrites the files holding them): "background"
+    #: (a thread of the store, right after delete() returns), "now" (inside delete()), or
+    #: "compaction". The rows are hidden from sponge's views and refused at once in every case.
+    removal_rewrite: str = "background"
     #: VACUUM keeps files that snapshots of the last this many hours still need (readers with
     #: an older snapshot, writers whose file is written but not yet committed). 0 only in tests.
     vacuum_retention_hours: int = 1
@@ -153,8 +153,10 @@ class DeltaStoreConfig(StoreConfig):
     log_retention_s: int = 3600
     #: A checkpoint every this many commits (Delta's default is 100).
     checkpoint_interval: int = 100
-    #: OPTIMIZE merges files smaller than this per partition (segments are usually larger).
-    target_file_bytes: int = 64 * 2**20
+    #: OPTIMIZE merges files smaller than this per partition: the small segments of quiet periods,
+    #: not the usual ones (a busy stream's segments are larger: rewriting them would double the
+    #: write cost of every rollout).
+    target_file_bytes: int = 16 * 2**20
 
 
 def _is_remote(location: str) -> bool:
@@ -283,6 +285,10 @@ class DeltaRolloutStore:
         self._known_tombs: set[str] = set()
         self._index_marks: dict[str, int] = {}
         self._indexed_at: tuple[int, int] = (-1, -1)   # (rollouts version, tombstones version)
+        self._removal_cv = threading.Condition()
+        self._removals: list[pa.Table] = []     # removals whose rows are not yet deleted from the table
+        self._removals_taken = 0
+        self._removal_thread: threading.Thread | None = None
         with self._lock:
             self._refresh_index()
 
@@ -425,8 +431,9 @@ class DeltaRolloutStore:
                 n_keep = int(keep.sum())
                 if n_keep == 0:
                     return SegmentWrite([], 0, int(current.sum()), pa.array([], pa.string()), retired, duplicates)
+                kept = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
                 if written is None or written[0] != keep.tobytes():
-                    written = (keep.tobytes(), self._write_rollout_files(rows.filter(pa.array(keep)), name))
+                    written = (keep.tobytes(), self._write_rollout_files(kept, name))
                 read_version = self._writer.version()
                 txns = [Transaction(INGEST_APP_ID, read_version + 1)]
                 if offset is not None:
@@ -439,10 +446,11 @@ class DeltaRolloutStore:
                     # Another writer committed (or retention moved) since our snapshot: re-check.
                     _backoff(attempt)
                     continue
-                for add, run, version, part_ids in written[1]:
+                kept_h1, kept_h2 = all_h1[keep], all_h2[keep]
+                for add, run, version, at in written[1]:
                     self._known.add(unquote(add.path))
-                    self._index.add(part_ids, run=self._run_code(run), version=version)
-                new_ids = rows.column("rollout_id").filter(pa.array(keep)).combine_chunks()
+                    self._index.add_hashed(kept_h1[at], kept_h2[at], run=self._run_code(run), version=version)
+                new_ids = kept.column("rollout_id").combine_chunks()
                 return SegmentWrite(paths=[self._physical(add.path) for add, *_ in written[1]], rows_written=n_keep,
                                     rows_skipped_duplicate=int(current.sum()) - n_keep, new_ids=new_ids,
                                     retired=retired, duplicates=duplicates)
@@ -501,16 +509,17 @@ class DeltaRolloutStore:
         columns = [rows.column(f.name) if f.name in rows.schema.names else extra[f.name] for f in self._stored_schema]
         return pa.Table.from_arrays(columns, schema=self._stored_schema)
 
-    def _write_rollout_files(self, table: pa.Table, name: str) -> list[tuple[AddAction, str, int, pa.Array]]:
-        """One Parquet file per (run, policy_version) of `table`, not yet committed."""
+    def _write_rollout_files(self, table: pa.Table, name: str) -> list[tuple[AddAction, str, int, np.ndarray]]:
+        """One Parquet file per (run, policy_version) of `table`, not yet committed; each with the
+        positions of its rows in `table`."""
         out = []
-        for run, version, part in _split_by_run_and_version(table):
-            body = part.drop_columns(["run_id"]).cast(self._file_schema)
+        for run, version, rows in _split_rows(table):
+            part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
+            body = part.drop_columns(["run_id", "policy_version"]).cast(self._file_schema)
             rel = f"run_id={_escape(run)}/policy_version={version}/{name}-{uuid.uuid4().hex[:12]}.parquet"
-            ids = part.column("rollout_id")
-            stats = _stats(body, ["rollout_id", "prompt_id", "offset", "reward"])
-            add = self._write_file(ROLLOUTS, rel, body, stats, {"run_id": run, "policy_version": str(version)})
-            out.append((add, run, version, ids))
+            add = self._write_file(ROLLOUTS, rel, body, _stats(body, ["rollout_id", "offset"]),
+                                   {"run_id": run, "policy_version": str(version)})
+            out.append((add, run, version, rows))
         return out
 
     def _write_file(self, table_name: str, rel: str, body: pa.Table, stats: dict,
@@ -695,13 +704,44 @@ class DeltaRolloutStore:
             self._commit(self._tomb_writer, [add], self._tomb_schema, [])
             self._known_tombs.add(rel)
             self._index.add(live_ids)   # tagged FOREVER
-        if self.config.rewrite_on_delete:
-            try:
-                self._purge(live)
-            except Exception as exc:  # noqa: BLE001 - hidden already; compaction finishes the job
-                log.warning("removed rollouts are tombstoned but their rewrite failed (compaction will "
-                            "finish it): %s", exc)
+        if self.config.removal_rewrite == "now":
+            self._purge_logged(live)
+        elif self.config.removal_rewrite == "background":
+            with self._removal_cv:
+                self._removals.append(live)
+                if self._removal_thread is None:
+                    self._removal_thread = threading.Thread(target=self._removal_loop, name="sponge-removals",
+                                                            daemon=True)
+                    self._removal_thread.start()
+                self._removal_cv.notify_all()
         return Removal(len(live_ids), unknown)
+
+    def _purge_logged(self, rows: pa.Table) -> None:
+        try:
+            self._purge(rows)
+        except Exception as exc:  # noqa: BLE001 - hidden already; compaction finishes the job
+            log.warning("removed rollouts are tombstoned but their rewrite failed (compaction will finish it): %s",
+                        exc)
+
+    def _removal_loop(self) -> None:
+        """The background rewrites: everything queued since the last one, in one commit."""
+        while True:
+            with self._removal_cv:
+                if not self._removals:
+                    self._removal_thread = None
+                    self._removal_cv.notify_all()
+                    return
+                batch = pa.concat_tables(self._removals)
+                self._removals_taken = len(self._removals)
+            self._purge_logged(batch)
+            with self._removal_cv:
+                del self._removals[:self._removals_taken]
+                self._removal_cv.notify_all()
+
+    def wait_for_removals(self, timeout_s: float | None = None) -> bool:
+        """Wait until every removal so far is deleted from the table (True) or `timeout_s` passes."""
+        with self._removal_cv:
+            return self._removal_cv.wait_for(lambda: not self._removals, timeout_s)
 
     def _live_rows(self, ids: pa.Array) -> pa.Table:
         conn = self.connect()
@@ -897,7 +937,7 @@ class DeltaRolloutStore:
         """
         self.remove_stale_temp_files()
         rewritten = removed = rows_removed = before = after = 0
-        # Removals whose rewrite did not happen (rewrite_on_delete=False, or it failed).
+        # Removals whose rewrite did not happen (removal_rewrite="compaction", or it failed).
         pending = self._pending_removals()
         if pending.num_rows:
             r, m, n, b, a = self._purge(pending, guard=guard)
@@ -1294,6 +1334,21 @@ def _adds(table: DeltaTable) -> pa.Table:
 
 def _backoff(attempt: int) -> None:
     time.sleep(min(0.2, 0.002 * 2 ** min(attempt, 7)) * (0.5 + random.random()))
+
+
+def _split_rows(table: pa.Table) -> list[tuple[str, int, np.ndarray]]:
+    """(run_id, policy_version, row positions) for each pair in `table`, in ascending order."""
+    runs = pc.dictionary_encode(table.column("run_id").combine_chunks())
+    run_index = runs.indices.to_numpy(zero_copy_only=False)
+    names = runs.dictionary.to_pylist()
+    versions = table.column("policy_version").to_numpy()
+    if len(names) == 1 and (versions == versions[0]).all():
+        return [(names[0], int(versions[0]), np.arange(table.num_rows))]
+    order = np.lexsort((versions, np.argsort(np.argsort(names))[run_index]))
+    keys = np.stack([run_index[order], versions[order]], axis=1)
+    starts = np.flatnonzero(np.r_[True, (np.diff(keys, axis=0) != 0).any(axis=1)])
+    ends = np.r_[starts[1:], len(order)]
+    return [(names[int(keys[a, 0])], int(keys[a, 1]), order[a:b]) for a, b in zip(starts, ends)]
 
 
 def _escape(value: str) -> str:
