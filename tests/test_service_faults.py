@@ -104,7 +104,7 @@ def test_broker_killed_and_restarted_under_the_service(tmp_path):
 
         broker.kill()
         wait_for(lambda: serving.alive() and readyz(server)[0] == 503, 30, "/readyz to say not ready")
-        status, body = readyz(server)
+        _, body = readyz(server)
         assert body["ready"] is False and "broker unreachable since" in body["reason"], body
         time.sleep(2.0)                      # the service polls a dead broker meanwhile
         assert serving.alive(), "the service died when the broker went away"

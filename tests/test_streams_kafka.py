@@ -142,9 +142,11 @@ def test_dead_letter_publisher_survives_a_broker_restart(tmp_path):
 
     broker = EmbeddedBroker(log_path=tmp_path / "b1.log").start()
     port = broker.port
-    make = lambda: KafkaProducer(bootstrap_servers=broker.bootstrap, max_block_ms=2000,  # noqa: E731
-                                 request_timeout_ms=3000, delivery_timeout_ms=6000, bootstrap_timeout_ms=2000,
-                                 reconnect_backoff_max_ms=500)
+
+    def make():
+        return KafkaProducer(bootstrap_servers=broker.bootstrap, max_block_ms=2000, request_timeout_ms=3000,
+                             delivery_timeout_ms=6000, bootstrap_timeout_ms=2000, reconnect_backoff_max_ms=500)
+
     publisher = DeadLetterPublisher(make, "t.dlq")
     try:
         create_topic(broker.bootstrap, "t.dlq", partitions=1)

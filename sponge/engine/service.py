@@ -363,7 +363,7 @@ class IngestService:
             try:
                 self._connect(deadline)
                 break
-            except Exception as exc:  # noqa: BLE001 - sorted into transient and final below
+            except Exception as exc:  # sorted into transient and final below
                 self._close_clients()
                 if not _is_transient(exc):
                     raise IngestConfigError(f"the Kafka clients refused the configuration: {_short(exc)}") from exc
@@ -425,7 +425,9 @@ class IngestService:
     def _make_admin(self, timeout_s: float | None = None):
         from kafka import KafkaAdminClient
 
-        return KafkaAdminClient(request_timeout_ms=5000, **self._client_config(timeout_s))
+        settings = dict(request_timeout_ms=5000)
+        settings.update(self._client_config(timeout_s))
+        return KafkaAdminClient(**settings)
 
     def _make_dlq_producer(self):
         """A new producer for dead letters (a failed one is replaced, see DeadLetterPublisher)."""
@@ -517,7 +519,13 @@ class IngestService:
 
     def _broker_trouble(self, during: str, exc: BaseException) -> None:
         """Note that the broker cannot be reached (logged once per outage, then once a minute)."""
-        self._broker_error = _short(exc)
+        from kafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+
+        if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, OSError)):
+            # kafka-python's own words here ("No node_id provided") do not say what is wrong.
+            self._broker_error = f"no connection to {self.config.bootstrap_servers}: {_short(exc)}"
+        else:
+            self._broker_error = _short(exc)
         now = time.monotonic()
         if self._broker_down_since is None:
             self._broker_down_since = time.time()
@@ -921,7 +929,7 @@ class IngestService:
         if any(log_id is not None for _, log_id in offsets.values()):
             try:
                 now = self._topic_ids_now({tp.topic for tp in offsets})
-            except Exception as exc:  # noqa: BLE001 - broker away: keep them all for the retry
+            except Exception as exc:  # broker away: keep them all for the retry
                 if not _is_transient(exc):
                     raise
                 self._broker_trouble("commit", exc)
