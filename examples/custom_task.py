@@ -78,8 +78,8 @@ def main() -> None:
                                          trainer.config.max_new_tokens, temperature=0.0, seed=0)
         return {"eval_success": float(task.success(prompts, gen.responses).mean())}
 
-    config = ReMixConfig(rollout_budget=4000, max_new_tokens=7, replay_pool="curated", eval_every=5,
-                         max_wall_seconds=150, run_name="sort", progress=True)
+    config = ReMixConfig(rollout_budget=2400, max_new_tokens=7, replay_pool="curated", eval_every=5,
+                         max_wall_seconds=120, run_name="sort", progress=True)
     trainer = ReMixTrainer(
         model, tokenizer, task, config,
         eval_fn=evaluate,                                                   # replaces the default evaluation
