@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(loop, indent=2))
 
-            healthz = lambda: httpx.get(f"{url}/healthz")   # noqa: E731
+            healthz = lambda: client._http.get("/healthz")   # noqa: E731  (same keep-alive client as the draws)
             version = trainer.version
             groups, _ = client.candidates(trainer.run_id, version, "group")
             draws = {

@@ -41,7 +41,7 @@ class CurationWorker:
         self._pending_rows = 0
         self._oldest = 0.0         # when the oldest queued rows arrived
         self._draining = 0         # drain() callers waiting: hand everything over now
-        self._kicked = False       # kick(): hand the next batch over without holding back
+        self._kicked_until = 0.0   # kick(): until then, hand batches over without holding back
         self._busy = False
         self._cond = threading.Condition()
         self._stop = False
@@ -65,9 +65,10 @@ class CurationWorker:
             self._cond.notify_all()
 
     def kick(self) -> None:
-        """Hand what has queued to the curator now instead of at its batch deadline (non-blocking)."""
+        """Hand what queues in the next `batch_wait_s` to the curator at once instead of at its batch
+        deadline (non-blocking): one flush submits a segment per partition, each should go straight in."""
         with self._cond:
-            self._kicked = True
+            self._kicked_until = time.monotonic() + max(self.batch_wait_s, 0.1)
             self._cond.notify_all()
 
     @property
@@ -115,8 +116,6 @@ class CurationWorker:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
-                if batch:
-                    self._kicked = False
                 self._pending_rows = 0
                 self._busy = True
                 self._cond.notify_all()
@@ -141,7 +140,7 @@ class CurationWorker:
     def _holding_back(self) -> bool:
         """Wait for a bigger batch? (never when stopping, draining or broken)"""
         return (bool(self._queue) and self._pending_rows < self.batch_rows and not self._stop
-                and not self._draining and not self._kicked and self.broken_since is None
+                and not self._draining and time.monotonic() >= self._kicked_until and self.broken_since is None
                 and time.monotonic() - self._oldest < self.batch_wait_s)
 
     def _recover(self) -> None:
