@@ -55,6 +55,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,9 +155,15 @@ class DeltaStoreConfig(StoreConfig):
     #: A checkpoint every this many commits (Delta's default is 100).
     checkpoint_interval: int = 100
     #: OPTIMIZE merges files smaller than this per partition: the small segments of quiet periods,
-    #: not the usual ones (a busy stream's segments are larger: rewriting them would double the
-    #: write cost of every rollout).
-    target_file_bytes: int = 16 * 2**20
+    #: not the usual ones (rewriting those would double the write cost of every rollout).
+    target_file_bytes: int = 8 * 2**20
+    #: A segment's rows of one (run, version) are written as up to this many files at once, on
+    #: threads of the store (Parquet encoding lets go of the GIL; on an object store the uploads
+    #: run side by side, which a single PUT stream's latency makes worth it). None: 1 for a
+    #: local table (on a busy 2-core machine a second encoder only competes), 2 on S3 ...
+    write_threads: int | None = None
+    #: ... each of at least this many bytes of Arrow data (smaller parts stay one file).
+    split_bytes: int = 12 * 2**20
 
 
 def _is_remote(location: str) -> bool:
@@ -261,6 +268,7 @@ class DeltaRolloutStore:
         self.embedding_dim = int(embedding_dim)
         self._loc = _resolve_location(root, config)
         self.uri = self._loc.uri
+        self._write_threads = max(1, config.write_threads or (2 if self._loc.remote else 1))
         #: Local directory for state that is not table data (the table itself when local).
         self.root = self._loc.local_dir
         self._stored_schema = stored_schema(self.embedding_dim)
@@ -411,14 +419,18 @@ class DeltaRolloutStore:
                                  "sponge.range": f"{topic}/{partition}/{first_offset}-{last_offset}"})
 
     def _write_rows(self, rows: pa.Table, name: str, offset: tuple[str, int] | None, metadata: dict) -> SegmentWrite:
-        """Commit the rows (stored schema) the table does not hold yet, in one commit: the filter
-        against the index and the commit are retried until no other writer's segment commit
-        landed in between (see the module docstring)."""
+        """Commit the rows (stored schema) the table does not hold yet, in one commit.
+
+        Under the store's lock: filter against the index (refreshed from the table), and commit.
+        The files are encoded and written outside it, so segments of other partitions encode at
+        the same time; if the filter's answer changed meanwhile (another writer's commit, a
+        retention mark), the files are written again for the new answer. A commit that loses a
+        race with another writer's segment commit is retried the same way (module docstring)."""
         all_h1, all_h2 = self._index.hash(rows.column("rollout_id"))
         first = first_occurrence(all_h1, all_h2)
-        written: tuple[bytes, list] | None = None   # (which rows, their files) from an earlier attempt
-        with self._lock:
-            for attempt in range(self.config.commit_attempts):
+        written: tuple[bytes, list] | None = None   # (which rows, their files) from an earlier pass
+        for attempt in range(self.config.commit_attempts):
+            with self._lock:
                 self._refresh_index()
                 marks = self._marks_of(self._writer)
                 current = np.ones(rows.num_rows, bool)
@@ -432,28 +444,28 @@ class DeltaRolloutStore:
                 if n_keep == 0:
                     return SegmentWrite([], 0, int(current.sum()), pa.array([], pa.string()), retired, duplicates)
                 kept = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
-                if written is None or written[0] != keep.tobytes():
-                    written = (keep.tobytes(), self._write_rollout_files(kept, name))
-                read_version = self._writer.version()
-                txns = [Transaction(INGEST_APP_ID, read_version + 1)]
-                if offset is not None:
-                    previous = self._writer.transaction_version(offset[0])
-                    txns.append(Transaction(offset[0], max(offset[1], previous if previous is not None else -1)))
-                try:
-                    self._commit(self._writer, [a for a, *_ in written[1]], self._table_schema, PARTITION_BY,
-                                 txns, metadata, attempts=1)
-                except CommitFailedError:
-                    # Another writer committed (or retention moved) since our snapshot: re-check.
-                    _backoff(attempt)
-                    continue
-                kept_h1, kept_h2 = all_h1[keep], all_h2[keep]
-                for add, run, version, at in written[1]:
-                    self._known.add(unquote(add.path))
-                    self._index.add_hashed(kept_h1[at], kept_h2[at], run=self._run_code(run), version=version)
-                new_ids = kept.column("rollout_id").combine_chunks()
-                return SegmentWrite(paths=[self._physical(add.path) for add, *_ in written[1]], rows_written=n_keep,
-                                    rows_skipped_duplicate=int(current.sum()) - n_keep, new_ids=new_ids,
-                                    retired=retired, duplicates=duplicates)
+                if written is not None and written[0] == keep.tobytes():
+                    read_version = self._writer.version()
+                    txns = [Transaction(INGEST_APP_ID, read_version + 1)]
+                    if offset is not None:
+                        previous = self._writer.transaction_version(offset[0])
+                        txns.append(Transaction(offset[0], max(offset[1], -1 if previous is None else previous)))
+                    try:
+                        self._commit(self._writer, [a for a, *_ in written[1]], self._table_schema, PARTITION_BY,
+                                     txns, metadata, attempts=1)
+                    except CommitFailedError:
+                        # Another writer committed (or retention moved) since our snapshot: re-check.
+                        _backoff(attempt)
+                        continue
+                    kept_h1, kept_h2 = all_h1[keep], all_h2[keep]
+                    for add, run, version, at in written[1]:
+                        self._known.add(unquote(add.path))
+                        self._index.add_hashed(kept_h1[at], kept_h2[at], run=self._run_code(run), version=version)
+                    return SegmentWrite(paths=[self._physical(add.path) for add, *_ in written[1]],
+                                        rows_written=n_keep, rows_skipped_duplicate=int(current.sum()) - n_keep,
+                                        new_ids=kept.column("rollout_id").combine_chunks(), retired=retired,
+                                        duplicates=duplicates)
+            written = (keep.tobytes(), self._write_rollout_files(kept, name))   # outside the lock
         raise StoreError(f"could not commit segment {name} after {self.config.commit_attempts} attempts: "
                          "other writers keep committing first")
 
@@ -510,17 +522,30 @@ class DeltaRolloutStore:
         return pa.Table.from_arrays(columns, schema=self._stored_schema)
 
     def _write_rollout_files(self, table: pa.Table, name: str) -> list[tuple[AddAction, str, int, np.ndarray]]:
-        """One Parquet file per (run, policy_version) of `table`, not yet committed; each with the
-        positions of its rows in `table`."""
-        out = []
+        """Parquet files for the rows of `table`, not yet committed: per (run, policy_version), split
+        in up to `write_threads` files of at least `split_bytes`, encoded and written at once on
+        the store's threads (pyarrow lets go of the GIL); each with its rows' positions in `table`."""
+        jobs = []
         for run, version, rows in _split_rows(table):
+            part_bytes = table.nbytes * len(rows) / max(table.num_rows, 1)
+            pieces = int(max(1, min(self._write_threads, part_bytes // max(self.config.split_bytes, 1))))
+            jobs.extend((run, version, chunk) for chunk in np.array_split(rows, pieces) if len(chunk))
+
+        def write(job: tuple[str, int, np.ndarray]) -> tuple[AddAction, str, int, np.ndarray]:
+            run, version, rows = job
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             body = part.drop_columns(["run_id", "policy_version"]).cast(self._file_schema)
             rel = f"run_id={_escape(run)}/policy_version={version}/{name}-{uuid.uuid4().hex[:12]}.parquet"
             add = self._write_file(ROLLOUTS, rel, body, _stats(body, ["rollout_id", "offset"]),
                                    {"run_id": run, "policy_version": str(version)})
-            out.append((add, run, version, rows))
-        return out
+            return add, run, version, rows
+
+        if len(jobs) == 1:
+            return [write(jobs[0])]
+        if "_pool" not in self.__dict__:
+            self.__dict__.setdefault("_pool", ThreadPoolExecutor(max_workers=self._write_threads,
+                                                                 thread_name_prefix="sponge-store-write"))
+        return list(self._pool.map(write, jobs))
 
     def _write_file(self, table_name: str, rel: str, body: pa.Table, stats: dict,
                     partition_values: dict) -> AddAction:
