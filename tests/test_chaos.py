@@ -10,8 +10,7 @@ acknowledged rollout must be stored exactly once, every bad message must show ex
 the store's dead_letters view, the service must never exit on its own (only the test's kills
 end it), and at the end it must be up and ready without help.
 
-Knobs (environment): SPONGE_CHAOS_KILLS (20), SPONGE_CHAOS_BROKER_RESTARTS (3),
-SPONGE_CHAOS_BATCHES (batches per broker epoch, 24), SPONGE_CHAOS_SEED (0).
+Knobs (environment): SPONGE_CHAOS_KILLS (20), SPONGE_CHAOS_BROKER_RESTARTS (3), SPONGE_CHAOS_SEED (0).
 """
 
 from __future__ import annotations
@@ -115,6 +114,15 @@ class Supervisor:
         self.proc.terminate()
         return self.proc.wait(120)
 
+    def shutdown(self) -> None:
+        """Stop supervising and kill what runs (after a failure): nothing is started again."""
+        self._stop.set()
+        self._thread.join(10)
+        with self._lock:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
 
 def _readyz(port: int) -> tuple[int, dict]:
     try:
@@ -154,14 +162,65 @@ def _events(logs: Path) -> list[dict]:
     return out
 
 
+class Producer:
+    """Sends batches of good rollouts (and every third batch a bad message) on its own thread while
+    `running`; `pause()` returns once no send is in flight. Only acknowledged sends are counted."""
+
+    def __init__(self, bootstrap: str, seed: int):
+        self.bootstrap = bootstrap
+        self.rng = random.Random(seed)
+        self.good: set[str] = set()    # rollout_ids the broker acknowledged
+        self.bad: list[bytes] = []     # values of acknowledged bad messages
+        self.batches = 0
+        self.running = threading.Event()
+        self._idle = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            if not self.running.wait(0.05):
+                continue
+            with self._idle:
+                if self.running.is_set():
+                    self._send(self.batches)
+                    self.batches += 1
+            time.sleep(self.rng.uniform(0.05, 0.4))
+
+    def _send(self, batch: int) -> None:
+        rows = synthetic_rollouts(self.rng.randint(32, 128), seed=batch, config=SMALL, id_prefix=f"c{batch}")
+        value = None
+        with RolloutProducer(self.bootstrap, TOPIC, rows_per_message=32, acks="all",
+                             allow_auto_create_topics=False) as producer:
+            producer.send(rows)
+            if batch % 3 == 0:
+                value = b"not arrow: chaos bad message %d " % batch + self.rng.randbytes(16)
+                producer.send_raw(value, key=b"bad-%d" % batch,
+                                  headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
+            producer.flush(timeout_s=60)
+        self.good.update(rows.column("rollout_id").to_pylist())
+        if value is not None:
+            self.bad.append(value)
+
+    def pause(self) -> None:
+        self.running.clear()
+        with self._idle:
+            pass
+
+    def close(self) -> None:
+        self.pause()
+        self._done.set()
+        self._thread.join(30)
+
+
 def test_kills_and_broker_restarts_lose_nothing_and_store_nothing_twice(tmp_path):
     kills = int(os.environ.get("SPONGE_CHAOS_KILLS", "20"))
     restarts = int(os.environ.get("SPONGE_CHAOS_BROKER_RESTARTS", "3"))
-    batches = int(os.environ.get("SPONGE_CHAOS_BATCHES", "24"))
-    rng = random.Random(int(os.environ.get("SPONGE_CHAOS_SEED", "0")))
+    seed = int(os.environ.get("SPONGE_CHAOS_SEED", "0"))
+    rng = random.Random(seed)
     epochs = restarts + 1
     kills_per_epoch = [kills // epochs + (1 if e < kills % epochs else 0) for e in range(epochs)]
-    assert all(k <= batches for k in kills_per_epoch)
 
     t0 = time.monotonic()
     store_path, logs = tmp_path / "store", tmp_path / "logs"
@@ -179,47 +238,31 @@ def test_kills_and_broker_restarts_lose_nothing_and_store_nothing_twice(tmp_path
                "--k", "16", "--flush-interval-s", "0.3", "--flush-rows", "2000", "--session-timeout-ms", "6000",
                "--broker-wait-s", "0"]   # under a supervisor: wait for the broker as long as it takes
     supervisor = Supervisor(command, logs).start()
-
-    good: set[str] = set()    # acknowledged by the broker
-    bad: list[bytes] = []     # acknowledged bad messages (values)
+    producer = Producer(bootstrap, seed)
     kills_done = broker_restarts = 0
-
-    def send(batch: int) -> None:
-        rows = synthetic_rollouts(rng.randint(64, 256), seed=batch, config=SMALL, id_prefix=f"c{batch}")
-        with RolloutProducer(bootstrap, TOPIC, rows_per_message=32, acks="all",
-                             allow_auto_create_topics=False) as producer:
-            producer.send(rows)
-            value = None
-            if batch % 3 == 0:
-                value = b"not arrow: chaos bad message %d " % batch + rng.randbytes(16)
-                producer.send_raw(value, key=b"bad-%d" % batch, headers=[("content-type", ARROW_CONTENT_TYPE.encode())])
-            producer.flush(timeout_s=60)
-        good.update(rows.column("rollout_id").to_pylist())
-        if value is not None:
-            bad.append(value)
 
     def all_in() -> bool:
         _, distinct = _stored(store_path)
-        return distinct == len(good) and len(set(_dead_letter_values(store_path)) & set(bad)) == len(bad)
+        return (distinct == len(producer.good)
+                and len(set(_dead_letter_values(store_path)) & set(producer.bad)) == len(producer.bad))
 
     try:
-        batch = 0
         for epoch in range(epochs):
-            kill_after = set(rng.sample(range(batches), kills_per_epoch[epoch]))
-            for _ in range(batches):
-                send(batch)
-                if batch % batches in kill_after:
-                    # Mid-stream: the process owns partitions and is ingesting when it dies.
-                    try:
-                        wait_for(supervisor.ingesting, 180, "the service to ingest before a kill")
-                    except AssertionError:
-                        supervisor.dump()
-                        raise
-                    time.sleep(rng.uniform(0.0, 1.0))
-                    kills_done += supervisor.kill()
-                batch += 1
-                time.sleep(rng.uniform(0.05, 0.4))
+            producer.running.set()
+            for _ in range(kills_per_epoch[epoch]):
+                # Mid-stream: the process owns partitions and has made a batch durable; batches keep
+                # arriving while it dies, so the kill lands between polls, writes and commits.
+                try:
+                    wait_for(supervisor.ingesting, 180, "the service to ingest before a kill")
+                except AssertionError:
+                    supervisor.dump()
+                    raise
+                time.sleep(rng.uniform(0.2, 3.0))
+                kills_done += supervisor.kill()
+            wait_for(supervisor.ingesting, 180, "the service to ingest after the epoch's last kill")
+            time.sleep(rng.uniform(1.0, 3.0))
             # The in-memory broker forgets everything: restart it only once all acknowledged input is in.
+            producer.pause()
             wait_for(all_in, 300, f"everything sent in epoch {epoch} to be stored / dead-lettered")
             if epoch < restarts:
                 broker.kill()
@@ -228,13 +271,15 @@ def test_kills_and_broker_restarts_lose_nothing_and_store_nothing_twice(tmp_path
                                         log_path=tmp_path / f"broker{epoch + 1}.log").start()
                 topics()
                 broker_restarts += 1
+        producer.close()
         wait_for(lambda: _readyz(http_port)[0] == 200, 120, "the service to be ready at the end")
         status, body = _readyz(http_port)
         code = supervisor.stop()
     finally:
-        if supervisor.proc is not None and supervisor.proc.poll() is None:
-            supervisor.proc.kill()
+        producer.close()
+        supervisor.shutdown()
         broker.stop()
+    good, bad = producer.good, producer.bad
     elapsed = time.monotonic() - t0
 
     store = RolloutStore(store_path, embedding_dim=DIM)

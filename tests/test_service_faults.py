@@ -178,6 +178,70 @@ def test_no_broker_at_start_exits_1_with_one_line(tmp_path):
     assert waits and all(e["error"] for e in waits)   # one line per attempt, saying why
 
 
+def test_offsets_wait_for_the_dead_letter_queue(broker, topic, tmp_path):
+    """Offsets are never committed before the DLQ has acknowledged the batch's dead letters. The
+    embedded broker takes any letter (it creates a missing topic on a produce), so a DLQ that
+    refuses them is made with a topic name Kafka does not allow: the batch is held, nothing is
+    stored or committed, consumption pauses (later messages are not read), the service stays up
+    and says why. A service with a working DLQ then reads everything again and commits it."""
+    from kafka import KafkaAdminClient, TopicPartition
+
+    from sponge.engine.service import IngestService
+
+    send(broker, topic, synthetic_rollouts(32, seed=5, config=SMALL, id_prefix="held"))
+    bad_message(broker, topic, b"held")
+    base = dict(bootstrap_servers=broker, topic=topic, group_id=f"g-{topic}", store_path=str(tmp_path / "store"),
+                create_topics=False, flush_interval_s=0.2, session_timeout_ms=6000, dlq_timeout_s=1.0,
+                reconnect_backoff_max_s=1.0, broker_check_interval_s=0.5)
+    service = IngestService(IngestConfig(**base, dlq_topic="no such topic!"))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=_run_into, args=(service, stop, errors), daemon=True)
+    thread.start()
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+
+    def committed() -> int:
+        stored = admin.list_group_offsets(f"g-{topic}").get(f"g-{topic}", {})
+        return sum(max(0, entry.offset) for tp, entry in stored.items() if tp.topic == topic)
+
+    try:
+        wait_for(lambda: "dead letter(s) not acknowledged" in (service.health() or ""), 60, "the letter to be held")
+        read_before = service.totals.messages
+        send(broker, topic, synthetic_rollouts(32, seed=6, config=SMALL, id_prefix="later"))
+        time.sleep(3.0)   # several retries, and polls of paused partitions, meanwhile
+        assert not errors and thread.is_alive()
+        assert service.store.count() == 0 and committed() == 0, "stored or committed before the DLQ acknowledged"
+        assert service.totals.messages == read_before, "consumption did not pause while the letter was held"
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors and not thread.is_alive()
+    assert committed() == 0
+
+    service = IngestService(IngestConfig(**base))
+    stop = threading.Event()
+    thread = threading.Thread(target=_run_into, args=(service, stop, errors), daemon=True)
+    thread.start()
+    try:
+        # Nothing was committed, so this service reads every message from offset 0 and commits them all.
+        wait_for(lambda: service.store.count() == 64 and committed() == service.totals.messages > 0, 60,
+                 "everything stored and committed")
+        [letter] = read_dead_letters(broker, f"{topic}.dlq", expected=1)
+        assert letter["value"] == b"not arrow held"
+    finally:
+        stop.set()
+        thread.join(60)
+        admin.close()
+    assert not errors
+
+
+def _run_into(service, stop: threading.Event, errors: list) -> None:
+    try:
+        service.run(stop)
+    except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+        errors.append(exc)
+
+
 def test_selector_rebuilt_after_kill_matches(tmp_path, broker, topic):
     """State is derived: after a crash the selector rebuilt from the store reaches the value a
     selector that saw the same rollouts live reaches, within tolerance."""

@@ -507,15 +507,17 @@ class IngestService:
                     + (f" ({self._broker_error})" if self._broker_error else ""))
         if self._state != "running":
             return f"ingest {self._state}"
+        problems = []
         if self._broker_down_since is not None:
-            return f"broker unreachable since {_iso(self._broker_down_since)} ({self._broker_error})"
+            problems.append(f"broker unreachable since {_iso(self._broker_down_since)} ({self._broker_error})")
         if self._missing_topics:
-            return f"topic(s) {', '.join(self._missing_topics)} missing on the broker (create_topics is off)"
+            problems.append(f"topic(s) {', '.join(self._missing_topics)} missing on the broker (create_topics is off)")
         if self._dlq_held_since is not None:
             dlq = self._dlq
-            return (f"{dlq.pending if dlq else '?'} dead letter(s) not acknowledged by {self.config.dead_letter_topic} "
-                    f"since {_iso(self._dlq_held_since)} ({dlq.last_error if dlq else ''})")
-        return None
+            problems.append(f"{dlq.pending if dlq else '?'} dead letter(s) not acknowledged by "
+                            f"{self.config.dead_letter_topic} since {_iso(self._dlq_held_since)} "
+                            f"({dlq.last_error if dlq else ''}); consumption paused")
+        return "; ".join(problems) or None
 
     def _broker_trouble(self, during: str, exc: BaseException) -> None:
         """Note that the broker cannot be reached (logged once per outage, then once a minute)."""
