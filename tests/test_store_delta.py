@@ -258,3 +258,68 @@ def test_a_parquet_segment_store_must_be_migrated_and_migrates_elsewhere_untouch
     assert json.loads((old_root / "_sponge_store.json").read_text())["format_version"] == 2
     assert not (new_root / "_sponge_store.json").exists()
     assert os.path.isdir(new_root / "rollouts" / "_delta_log")
+
+
+@pytest.mark.soak
+def test_the_transaction_log_stays_bounded_under_a_long_stream(tmp_path):
+    """A steady stream of small segments for SPONGE_LOG_STREAM_S seconds (default 600), with
+    retention, removals and a compaction every 20 s as `sponge serve` schedules them: the log's
+    entries, the table's live files and the time to open the store stay bounded."""
+    import time
+
+    seconds = float(os.environ.get("SPONGE_LOG_STREAM_S", "600"))
+    store = store_at(tmp_path, checkpoint_interval=20, log_retention_s=60)
+    log_dir = tmp_path / "rollouts" / "_delta_log"
+    samples = []   # (elapsed s, log json files, log bytes, live files, open ms)
+    start = last_compaction = time.monotonic()
+    i = 0
+    while time.monotonic() - start < seconds:
+        version = i // 50                        # a new policy version every 50 segments
+        write(store, make_rollouts(100, dim=DIM, start=100 * i, policy_versions=(version,)), first=100 * i)
+        if i % 50 == 49:
+            store.retire_below(max(0, version - 2), run="run-a")        # keep the last few versions
+            store.delete([f"r-{100 * i + 7:09d}"], reason="stream")    # and remove one now and then
+        i += 1
+        if time.monotonic() - last_compaction >= 20:
+            store.compact()
+            last_compaction = time.monotonic()
+            opened = time.perf_counter()
+            DeltaRolloutStore.open(tmp_path).count()
+            samples.append((time.monotonic() - start, len(list(log_dir.glob("*.json"))),
+                            sum(p.stat().st_size for p in log_dir.iterdir()),
+                            len(DeltaTable(str(tmp_path / "rollouts")).file_uris()),
+                            (time.perf_counter() - opened) * 1000))
+    assert len(samples) >= 4, "the stream was too short to judge"
+    first, second = samples[: len(samples) // 2], samples[len(samples) // 2:]
+    report = "\n".join(f"{t:6.0f}s log_json={n} log_bytes={b} files={f} open_ms={o:.0f}" for t, n, b, f, o in samples)
+    for column, slack in ((1, 1.5), (2, 1.5), (3, 1.5)):
+        assert max(s[column] for s in second) <= slack * max(s[column] for s in first) + 10, report
+    assert store.count() <= 100 * 50 * 3, report
+
+
+def _claimer(root: str, out) -> None:
+    out.put(DeltaRolloutStore.open(root).claim_shared("selector/run-a/objective"))
+
+
+def test_shared_objects_and_a_claim_only_one_process_wins(tmp_path):
+    """What shard selectors on several hosts exchange through the store's location, not a local file."""
+    store = store_at(tmp_path)
+    assert store.get_shared("selector/run-a/shards/a.parquet") is None
+    store.put_shared("selector/run-a/shards/a.parquet", b"one")
+    store.put_shared("selector/run-a/shards/b.parquet", b"two")
+    listed = store.list_shared("selector/run-a/shards")
+    assert sorted(listed) == ["selector/run-a/shards/a.parquet", "selector/run-a/shards/b.parquet"]
+    store.put_shared("selector/run-a/shards/a.parquet", b"three")
+    assert store.get_shared("selector/run-a/shards/a.parquet") == b"three"
+    for bad in ("../x", "a//b", "", "a/./b"):
+        with pytest.raises(StoreError, match="not legal"):
+            store.put_shared(bad, b"x")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(str(tmp_path), out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert sorted(out.get(timeout=5) for _ in procs) == [False, False, True]
+    assert store.claim_shared("selector/run-a/objective") is False

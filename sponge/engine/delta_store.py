@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -116,6 +117,8 @@ ROLLOUTS = "rollouts"
 TOMBSTONES = "tombstones"
 DEAD_LETTERS = "dead_letters"
 REPLAY = "replay"
+#: Small objects every host of a store reads (shard solutions, the objective's parameters).
+SHARED = "_shared"
 PARTITION_BY = ["run_id", "policy_version"]
 #: Table properties sponge keeps on the rollouts table.
 DIM_KEY = "sponge.embedding_dim"
@@ -127,6 +130,7 @@ OFFSET_APP_PREFIX = "sponge.offset:"
 #: Names the views select from (Arrow datasets registered on each connection).
 DATASET_NAMES = {ROLLOUTS: "_sponge_rollouts", TOMBSTONES: "_sponge_tombstones",
                  DEAD_LETTERS: "_sponge_dead_letters", REPLAY: "_sponge_replay", "segments": "_sponge_segments"}
+_SHARED_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 #: The Arrow types a Delta table stores (no fixed-size lists; microsecond timestamps).
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -431,7 +435,10 @@ class DeltaRolloutStore:
         written: tuple[bytes, list] | None = None   # (which rows, their files) from an earlier pass
         for attempt in range(self.config.commit_attempts):
             with self._lock:
-                self._refresh_index()
+                # The first pass filters on the index as it is (the files are encoded next, outside
+                # the lock); the pass that commits refreshes it first and checks the answer again.
+                if written is not None or attempt > 0:
+                    self._refresh_index()
                 marks = self._marks_of(self._writer)
                 current = np.ones(rows.num_rows, bool)
                 if marks and rows.num_rows:
@@ -441,8 +448,10 @@ class DeltaRolloutStore:
                 retired = _counts_by_run(rows, ~current)
                 duplicates = _counts_by_run(rows, current & ~keep)
                 n_keep = int(keep.sum())
-                if n_keep == 0:
+                if n_keep == 0 and (written is not None or attempt > 0):   # an answer on a fresh index
                     return SegmentWrite([], 0, int(current.sum()), pa.array([], pa.string()), retired, duplicates)
+                if n_keep == 0:
+                    continue
                 kept = rows if n_keep == rows.num_rows else rows.filter(pa.array(keep))
                 if written is not None and written[0] == keep.tobytes():
                     read_version = self._writer.version()
@@ -565,9 +574,9 @@ class DeltaRolloutStore:
                                          "offset", "ingested_at"] if is_rollouts else True)}
         path = self._loc.path(table_name, rel)
         if self._loc.remote:
-            with self._loc.fs.open_output_stream(path) as out:
+            with self._loc.fs.open_output_stream(path) as out:   # a multipart upload, complete on close
                 pq.write_table(body, out, **options)
-            size = self._loc.fs.get_file_info(path).size
+                size = out.tell()
         else:
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
@@ -1098,6 +1107,55 @@ class DeltaRolloutStore:
                 continue
             return table, json.loads(metadata.get(b"sponge.extra", b"{}"))
         return None
+
+    # ------------------------------------------------------------------ shared objects (many hosts)
+
+    def _shared_path(self, key: str) -> str:
+        parts = key.split("/")
+        if not key or any(not part or part in (".", "..") or not _SHARED_KEY_RE.match(part) for part in parts):
+            raise StoreError(f"shared object key {key!r} is not legal: '/'-separated names of letters, digits "
+                             "and . _ : - (no empty, '.' or '..' parts)")
+        return self._loc.path(SHARED, *parts)
+
+    def put_shared(self, key: str, data: bytes) -> None:
+        """Store a small object beside the tables, where every host of the store reads it (a
+        shard's selector solution, the objective's parameters); replaces it atomically."""
+        path = self._shared_path(key)
+        if self._loc.remote:
+            with self._loc.fs.open_output_stream(path) as out:   # a PUT: all or nothing
+                out.write(data)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, bytes(data))
+
+    def get_shared(self, key: str) -> bytes | None:
+        """A shared object's bytes, or None when there is none."""
+        try:
+            with self._loc.fs.open_input_stream(self._shared_path(key)) as stream:
+                return stream.read()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def list_shared(self, prefix: str) -> dict[str, int]:
+        """The shared objects under `prefix`/ as {key: modification time in ns} (changes when replaced)."""
+        base = self._shared_path(prefix)
+        infos = self._loc.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return {f"{prefix}/{info.path[len(base) + 1:]}": int(info.mtime_ns or 0) for info in infos
+                if info.type == pafs.FileType.File and not info.base_name.startswith(".")}
+
+    def claim_shared(self, key: str) -> bool:
+        """True for exactly one caller per key across every process and host of the store: the
+        claim is the creation of a small Delta table, whose first log entry is a put-if-absent."""
+        self._shared_path(key)   # checks the key
+        uri = self._loc.table_uri(f"{SHARED}/claims/{key}")
+        try:
+            DeltaTable.create(uri, schema=pa.schema([("claimed_at", pa.int64())]), mode="error",
+                              storage_options=self._loc.storage_options)
+            return True
+        except Exception as exc:  # noqa: BLE001 - delta-rs says "already exists" in several error types
+            if DeltaTable.is_deltatable(uri, storage_options=self._loc.storage_options):
+                return False
+            raise StoreError(f"could not claim {key!r}: {exc}") from None
 
     def remove_stale_temp_files(self) -> int:
         """Remove temporary replay-snapshot files left by crashed writers (a local store's only temp
