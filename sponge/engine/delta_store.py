@@ -347,7 +347,10 @@ class DeltaRolloutStore:
                 self._raise_old_format(manifest)
 
     def _table(self, name: str, version: int | None = None) -> DeltaTable:
-        return DeltaTable(self._loc.table_uri(name), version=version, storage_options=self._loc.storage_options)
+        """One of the store's tables: at `version`, or kept current (`_LiveTable`) when None."""
+        if version is not None:
+            return DeltaTable(self._loc.table_uri(name), version=version, storage_options=self._loc.storage_options)
+        return _LiveTable(lambda: DeltaTable(self._loc.table_uri(name), storage_options=self._loc.storage_options))
 
     def _open_or_create(self, name: str, schema: pa.Schema, partition_by: list[str], create: bool) -> DeltaTable:
         try:
@@ -1408,6 +1411,26 @@ class DeltaRolloutStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _LiveTable:
+    """A DeltaTable that catches up with the log, and is loaded afresh when the log entries it
+    would catch up from were cleaned up meanwhile (a process idle for longer than the log
+    retention: the entries between its version and the last checkpoint are gone)."""
+
+    def __init__(self, open_table) -> None:
+        self._open = open_table
+        self.dt: DeltaTable = open_table()
+
+    def update_incremental(self) -> None:
+        try:
+            self.dt.update_incremental()
+        except Exception as exc:  # noqa: BLE001 - delta-rs reports a missing log entry in several types
+            log.info("reloading a Delta table whose log moved past it: %s", str(exc).splitlines()[0])
+            self.dt = self._open()
+
+    def __getattr__(self, name: str):
+        return getattr(self.dt, name)
 
 
 def _adds(table: DeltaTable) -> pa.Table:
