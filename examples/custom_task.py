@@ -69,7 +69,7 @@ def main() -> None:
     tokenizer = HFTokenizer(chars.to_hf(), skip_special_tokens=False)   # the reward may see special tokens
     task = SortTask(tokenizer)
     model = build_tiny_model(chars, TinyModelConfig(arch="llama", n_embd=64, n_layer=2), seed=0)
-    warm_start(model, tokenizer, task, steps=40, seed=0)
+    warm_start(model, tokenizer, task, steps=60, seed=0)
 
     def evaluate(trainer: ReMixTrainer) -> dict:
         """Our own held-out evaluation: greedy exact match on our held-out prompts."""
