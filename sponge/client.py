@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sponge.contract import CANDIDATE_COLUMNS, Unit
+from sponge.contract import Unit
 from sponge.features import with_embeddings
 
 __all__ = ["ServiceClient", "ServiceError", "ServiceReplaySource"]
@@ -167,7 +167,8 @@ class ServiceReplaySource:
         self.run_id: str | None = None
         self.embedding_dim = 0
         self.fingerprint = ""
-        self.enabled = True
+        self.version = 0                     # the version last registered or reported
+        self.since = 0                       # clear(): candidates only from versions >= this
         self.sent: Counter = Counter()          # rollouts sent per policy version
         self.incomplete_draws = 0
         self.last_draw: dict = {}
@@ -183,6 +184,7 @@ class ServiceReplaySource:
     def register(self, run_id: str, fingerprint: str) -> int:
         answer = self.client.register_run(run_id, fingerprint, self.window)
         self.run_id, self.fingerprint, self.window = run_id, fingerprint, answer["window"]
+        self.version = int(answer["policy_version"])
         self.embedding_dim = int(answer["embedding_dim"])
         if not answer["created"]:
             log.info("resuming run %s at policy version %d", run_id, answer["policy_version"])
@@ -216,11 +218,12 @@ class ServiceReplaySource:
         for v in [v for v in self.sent if v < low - 1]:
             del self.sent[v]    # retired for good: nothing will ever wait for them again
         sent = dict(self.sent)
+        self.version = version
         if not self.background:
             self._send_report(version, sent)
             return
         self._report = self._pool().submit(self._send_report, version, sent)
-        if self.enabled and self._asked:   # the trainer will ask for these after its next generation
+        if self._asked:   # the trainer will ask for these after its next generation
             self._pending = ((version, self._unit), self._pool().submit(self._fetch, version, self._unit))
         self._asked = False
 
@@ -238,8 +241,6 @@ class ServiceReplaySource:
 
     def candidates(self, version: int, unit: Unit = "group") -> pa.Table:
         self._registered()
-        if not self.enabled:
-            return _empty_candidates()
         self._unit, self._asked = unit, True
         pending, self._pending = self._pending, None
         report, self._report = self._report, None
@@ -250,6 +251,8 @@ class ServiceReplaySource:
         else:
             table, info = self._fetch(version, unit)
         self.last_draw = info
+        if self.since and table.num_rows:
+            table = table.filter(pc.greater_equal(table.column("policy_version"), self.since))
         if not info["complete"]:
             self.incomplete_draws += 1
             log.warning("run %s: replay candidates at version %d came after %.1f s without %d of the rollouts "
@@ -260,23 +263,27 @@ class ServiceReplaySource:
     def _fetch(self, version: int, unit: Unit) -> tuple[pa.Table, dict]:
         """Candidates at `version`, waiting (bounded) for every rollout this source sent in the window."""
         self.producer.flush()
-        low = version - self.window if self.window is not None else 0
+        low = max(version - self.window if self.window is not None else 0, self.since)
         expect = {v: n for v, n in self.sent.items() if low <= v < version}
         return self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
 
     def clear(self) -> None:
-        self.enabled = False   # reincarnation: replay off here; the service keeps curating for others
+        """Forget what was sent so far: candidates come only from rollouts of this version on (the
+        service keeps everything for SQL and other consumers)."""
+        self.since = self.version
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "fingerprint": self.fingerprint, "window": self.window,
                 "embedding_dim": self.embedding_dim,
-                "enabled": self.enabled, "sent": {str(v): n for v, n in self.sent.items()},
+                "since": self.since, "version": self.version,
+                "sent": {str(v): n for v, n in self.sent.items()},
                 "incomplete_draws": self.incomplete_draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id, self.fingerprint = state["run_id"], state["fingerprint"]
         self.embedding_dim = int(state.get("embedding_dim", self.embedding_dim))
-        self.window, self.enabled = state["window"], state["enabled"]
+        self.window, self.since = state["window"], int(state.get("since", 0))
+        self.version = int(state.get("version", self.version))
         self.sent = Counter({int(v): int(n) for v, n in state["sent"].items()})
         self.incomplete_draws = int(state.get("incomplete_draws", 0))
 
@@ -300,11 +307,3 @@ class ServiceReplaySource:
 
 def _read_arrow(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
-
-
-def _empty_candidates() -> pa.Table:
-    from sponge.record import rollout_schema
-
-    schema = rollout_schema()
-    fields = [schema.field(c) for c in CANDIDATE_COLUMNS if c in schema.names]
-    return pa.schema(fields + [pa.field("group_id", pa.string()), pa.field("advantage", pa.float32())]).empty_table()

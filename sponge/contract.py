@@ -19,7 +19,13 @@ A candidate table has the columns of `CANDIDATE_COLUMNS`: the trainer↔store co
 run) and the `advantage` of each rollout computed within its whole group
 (`sponge.groups.group_advantages`). Groups whose rewards are all equal carry no learning signal and
 are never candidates. With `unit="group"` every group is whole (all its stored rollouts); with
-`unit="rollout"` rows may come alone. A source may add more columns (`weight`, `sample_prob`, ...).
+`unit="rollout"` rows may come alone. A source may add more columns; one has a fixed meaning:
+`draw_weight` (DRAW_WEIGHT), a multiplier of the row's draw probability by which a curating source
+says what it prefers (a missing column means 1 for every row). It is not an importance weight:
+the trainer's density ratios correct for off-policyness on top of it.
+
+`clear()` forgets what is held (policy reincarnation: replay starts again from what is sent next);
+the source keeps accepting `send`.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-__all__ = ["CANDIDATE_COLUMNS", "REPLAY_COLUMNS", "ReplaySource", "Unit", "tokenizer_fingerprint"]
+__all__ = ["CANDIDATE_COLUMNS", "DRAW_WEIGHT", "REPLAY_COLUMNS", "ReplaySource", "Unit", "tokenizer_fingerprint"]
 
 #: Columns the trainer and the store exchange for every replayable rollout (the one list of them).
 REPLAY_COLUMNS: tuple[str, ...] = (
@@ -40,6 +46,9 @@ REPLAY_COLUMNS: tuple[str, ...] = (
 
 #: Columns of every candidate table a source returns.
 CANDIDATE_COLUMNS: tuple[str, ...] = REPLAY_COLUMNS + ("group_id", "advantage")
+
+#: An optional candidate column: how much more likely the source wants the row drawn (default 1).
+DRAW_WEIGHT = "draw_weight"
 
 Unit = Literal["group", "rollout"]
 
@@ -65,7 +74,7 @@ class ReplaySource(Protocol):
         table with CANDIDATE_COLUMNS; empty when there are none (or after `clear`)."""
 
     def clear(self) -> None:
-        """Stop offering candidates (policy reincarnation switches replay off)."""
+        """Forget what is held: later candidates come only from rollouts sent after this call."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this source."""

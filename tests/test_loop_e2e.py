@@ -61,7 +61,7 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     task = make_task("reverse")
     tok = CharTokenizer(task.alphabet)
     model = build_tiny_model(tok, seed=0)
-    warm_start(model, tok, task, steps=20, seed=0)
+    warm_start(model, tok, task, steps=50, seed=0)   # enough that some groups have reward variance
     cfg = ReMixConfig(prompts_per_step=4, group_size=4, rollout_budget=10_000, max_iterations=5, eval_size=16,
                       eval_every=5, replay_window=1, replay_sampling="resample", reincarnate_at=None,
                       progress=False, run_name="e2e")

@@ -44,7 +44,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("sponge.integrations.torchrl needs TorchRL: pip install 'sponge[torchrl]'") from exc
 
-from sponge.contract import ReplaySource, Unit
+from sponge.contract import DRAW_WEIGHT, ReplaySource, Unit
 from sponge.groups import group_codes
 from sponge.trainer.replay import (
     ReplaySampler,
@@ -89,10 +89,10 @@ def rollouts_to_tensordict(table: pa.Table, pad_token_id: int = 0) -> TensorDict
         "policy_version": torch.from_numpy(table.column("policy_version").to_numpy().astype(np.int64)),
         "group": torch.from_numpy(group_codes(table) if n else np.zeros(0, np.int64)),
     }
-    for column, key in (("advantage", "advantage"), ("weight", "draw_weight")):
+    for column, missing in (("advantage", 0.0), (DRAW_WEIGHT, 1.0)):
         if column in table.column_names:
-            out[key] = torch.from_numpy(pc.fill_null(table.column(column), 1.0 if column == "weight" else 0.0)
-                                        .to_numpy().astype(np.float32))
+            out[column] = torch.from_numpy(pc.fill_null(table.column(column), missing)
+                                           .to_numpy().astype(np.float32))
     return TensorDict(out, batch_size=[n])
 
 
@@ -298,7 +298,7 @@ class GroupSampler(Sampler):
                                "(nothing older in its window, or replay cleared)")
         if self.score is None:
             codes = group_codes(table)
-            prior = storage.data["draw_weight"].double().numpy() if "draw_weight" in storage.data \
+            prior = storage.data[DRAW_WEIGHT].double().numpy() if DRAW_WEIGHT in storage.data \
                 else np.ones(table.num_rows)
             weights = np.bincount(codes, weights=prior) / np.bincount(codes)
             index = draw_groups(codes, weights, batch_size, self.rng)

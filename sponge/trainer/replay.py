@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sponge.contract import CANDIDATE_COLUMNS, REPLAY_COLUMNS, ReplaySource, Unit
+from sponge.contract import CANDIDATE_COLUMNS, DRAW_WEIGHT, REPLAY_COLUMNS, ReplaySource, Unit
 from sponge.groups import group_codes, group_reward_stats, with_group_columns
 
 from .density_ratio import (
@@ -366,7 +366,7 @@ class CuratedReplayPool(FIFOReplayPool):
         out = window.filter(pc.is_in(window.column("group_id"), value_set=pa.array(chosen, pa.string())))
         staleness = version - out.column("policy_version").to_numpy()
         weight = self.staleness_decay ** np.maximum(staleness - 1, 0)
-        return out.append_column("draw_weight", pa.array(weight.astype(np.float32)))
+        return out.append_column(DRAW_WEIGHT, pa.array(weight.astype(np.float32)))
 
 
 def farthest_point_subset(embeddings: np.ndarray, k: int, start: int = 0) -> np.ndarray:
@@ -592,8 +592,8 @@ class ReplaySampler:
         cap = self.cap if self.cap is not None else truncation_cap(
             len(np.unique(versions)), self.cap_gamma, self.cap_min, self.cap_max)
         prior = self.recency_decay ** np.maximum(staleness - 1, 0).astype(np.float64)
-        if "draw_weight" in candidates.column_names:
-            prior = prior * pc.fill_null(candidates.column("draw_weight"), 1.0).to_numpy().astype(np.float64)
+        if DRAW_WEIGHT in candidates.column_names:
+            prior = prior * pc.fill_null(candidates.column(DRAW_WEIGHT), 1.0).to_numpy().astype(np.float64)
 
         if self.mode == "resample":       # every candidate's ratio decides the draw
             logp_all, mask_all = self._score(candidates, score)
