@@ -849,6 +849,12 @@ class DeltaRolloutStore:
                     return rewritten, removed, rows_removed, before, after
                 except CommitFailedError:
                     _backoff(attempt)   # a file we rewrote was replaced meanwhile (optimize): again
+                except Exception as exc:
+                    if not _log_entry_missing(exc):
+                        raise
+                    # The commits since our snapshot were cleaned from the log (it is kept for
+                    # log_retention_s) before the conflict check read them: start from a fresh one.
+                    table = self._table(ROLLOUTS)
         raise StoreError("could not commit a removal: the files kept changing under it")
 
     # ------------------------------------------------------------------ retention, per run
@@ -1431,6 +1437,12 @@ class _LiveTable:
 
     def __getattr__(self, name: str):
         return getattr(self.dt, name)
+
+
+def _log_entry_missing(exc: BaseException) -> bool:
+    """Whether delta-rs failed because a log entry it needed was cleaned up meanwhile."""
+    text = str(exc)
+    return "_delta_log" in text and "not found" in text.lower()
 
 
 def _adds(table: DeltaTable) -> pa.Table:
