@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "Knob", "add_flags", "knobs", "load"]
+__all__ = ["ConfigError", "Knob", "add_flags", "field_docs", "knobs", "load"]
 
 ENV_PREFIX = "SPONGE_"
 
@@ -156,7 +156,7 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
 
 
 def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any, Any, str]]:
-    docs = _field_docs(cls)
+    docs = field_docs(cls)
     hints = _hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
@@ -175,7 +175,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 @functools.cache
-def _field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """The `#:` comment lines above each field of `cls` (and its dataclass bases), joined."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -226,7 +226,7 @@ def _choices(typ: Any) -> list | None:
 
 
 def _metavar(typ: Any, optional: bool) -> str:
-    name = {int: "INT", float: "FLOAT", str: "TEXT", dict: "JSON"}.get(typ)
+    name = {int: "INT", float: "FLOAT", str: "TEXT", dict: "JSON", bool: "BOOL"}.get(typ)
     if name is None:
         origin = typing.get_origin(typ)
         name = "A,B,..." if origin in (tuple, list) else "VALUE"

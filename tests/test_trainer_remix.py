@@ -271,5 +271,5 @@ def test_train_help_documents_every_flag(capsys):
     for f in dataclasses.fields(ReMixConfig):
         if f.name != "progress":
             assert "--" + f.name.replace("_", "-") in text
-    assert "{none,tis,seq_tis,mis,icepop,geo_mask}" in text and "(default: tis)" in text
+    assert "{none,tis,seq_tis,mis,icepop,geo_mask}" in text and "(default: tis; env SPONGE_CORRECTION)" in " ".join(text.split())
     assert "Per-token correction" in text

@@ -24,23 +24,12 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["CHOICES", "ReMixConfig", "field_docs"]
+__all__ = ["CHOICES", "ReMixConfig"]
 
-#: Allowed values of every string knob (the CLI's choices and __post_init__'s check read this).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "replay_pool": ("fifo", "random", "curated", "selector", "diverse"),
-    "replay_unit": ("group", "rollout"),
-    "replay_sampling": ("uniform", "resample", "weight"),
-    "ratio_mode": ("sequence", "geometric"),
-    "policy_loss": ("decoupled", "mix_ppg"),
-    "correction": ("none", "tis", "seq_tis", "mis", "icepop", "geo_mask"),
-    "loss_aggregation": ("token_mean", "seq_mean"),
-    "optimizer": ("adam", "adamw", "sgd"),
-    "collapse_action": ("warn", "stop", "rollback"),
-}
 
 
 @dataclass
@@ -69,15 +58,15 @@ class ReMixConfig:
     clip_eps_high: float | None = None
     #: "decoupled": PPO clip of π_θ/π_k around 1, times the correction weight of π_k/π_behaviour
     #: (AReaL/verl); "mix_ppg": ReMix's clip of π_θ/π_behaviour around c = π_k/π_behaviour.
-    policy_loss: str = "decoupled"
+    policy_loss: Literal["decoupled", "mix_ppg"] = "decoupled"
     #: Where replay comes from: "fifo" (every signal group of the window), "random" (a random
     #: subset of pool_capacity groups of the window), "curated" (groups chosen by learning signal,
     #: diversity and staleness through sponge.selectors' dynamic selector), "selector" (single
     #: rollouts chosen by the dynamic selector's facility location, the previous curated pool),
     #: "diverse" (dedupe + farthest point, no selector).
-    replay_pool: str = "fifo"
+    replay_pool: Literal["fifo", "random", "curated", "selector", "diverse"] = "fifo"
     #: Draw replay as whole GRPO groups ("group") or as single rollouts ("rollout").
-    replay_unit: str = "group"
+    replay_unit: Literal["group", "rollout"] = "group"
     #: Curated/random/selector pool size (groups for "curated" and "random", rollouts otherwise).
     pool_capacity: int = 16
     #: Curated pool: weight λ of the learning-signal term (group reward std) against diversity.
@@ -96,7 +85,7 @@ class ReMixConfig:
     #: "mis" (sequence-level mask: rows whose sequence ratio leaves [low, high] get weight 0),
     #: "icepop" (token mask: tokens whose w leaves [low, high] get weight 0), "geo_mask"
     #: (sequence mask on the geometric-mean token ratio).
-    correction: str = "tis"
+    correction: Literal["none", "tis", "seq_tis", "mis", "icepop", "geo_mask"] = "tis"
     #: Lower bound of the correction (truncation floor, or mask below).
     correction_low: float = 0.0
     #: Upper bound of the correction (truncation cap, or mask above). TRL's default mask cap is 3.
@@ -109,9 +98,9 @@ class ReMixConfig:
     # --- density-ratio replay sampling (GLOW-style) --------------------------------------------
     #: "uniform" (draw uniformly; the correction acts in the loss), "resample" (draw ∝ truncated
     #: sequence ratio), "weight" (uniform draw, ratio as a self-normalised loss weight).
-    replay_sampling: str = "uniform"
+    replay_sampling: Literal["uniform", "resample", "weight"] = "uniform"
     #: "sequence" (exact product of token ratios) or "geometric" (per-token mean in log space).
-    ratio_mode: str = "geometric"
+    ratio_mode: Literal["sequence", "geometric"] = "geometric"
     #: Fixed truncation C of the draw ratios; None = schedule clip(γ·K, cap_min, cap_max).
     ratio_cap: float | None = None
     #: γ of the truncation schedule (K = policy versions among the candidates).
@@ -152,7 +141,7 @@ class ReMixConfig:
     #: Learning rate.
     learning_rate: float = 3e-4
     #: Optimiser when none is passed to the trainer: "adam", "adamw" or "sgd".
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     #: Weight decay (adamw, sgd).
     weight_decay: float = 0.0
     #: Gradient-norm clip (None = off).
@@ -161,7 +150,7 @@ class ReMixConfig:
     #: (None = always take all m). Guards against a second update outside the trust region.
     target_kl: float | None = 0.05
     #: "token_mean" or "seq_mean" loss aggregation.
-    loss_aggregation: str = "token_mean"
+    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     #: Divide group-centred rewards by the group std (GRPO); False keeps only the mean baseline.
     scale_advantages: bool = True
 
@@ -174,7 +163,7 @@ class ReMixConfig:
     collapse_ratio_max: float = 100.0
     #: What a detected collapse does: "warn" (log and record), "stop" (end training), "rollback"
     #: (restore the last healthy weights and halve the learning rate).
-    collapse_action: str = "rollback"
+    collapse_action: Literal["warn", "stop", "rollback"] = "rollback"
 
     # --- evaluation, logging, reproducibility -----------------------------------------------
     #: Evaluate on the held-out set every this many iterations (and at the start and end).
@@ -250,19 +239,7 @@ class ReMixConfig:
         return dataclasses.asdict(self)
 
 
-def field_docs(cls: type = ReMixConfig) -> dict[str, str]:
-    """The `#:` comment above each field of a dataclass, joined into one line per field."""
-    docs: dict[str, str] = {}
-    pending: list[str] = []
-    names = {f.name for f in dataclasses.fields(cls)}
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#:"):
-            pending.append(stripped[2:].strip())
-            continue
-        name = stripped.split(":", 1)[0].strip()
-        if name in names and ":" in stripped:
-            docs[name] = " ".join(pending)
-        if not stripped.startswith("#"):
-            pending = []
-    return docs
+#: Allowed values of every string knob, from their Literal types (__post_init__ checks them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: typing.get_args(hint) for name, hint in typing.get_type_hints(ReMixConfig).items()
+    if typing.get_origin(hint) is Literal}
