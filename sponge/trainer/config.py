@@ -24,6 +24,7 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -92,7 +93,7 @@ class ReMixConfig:
     correction_high: float = 2.0
     #: Recompute the fresh rows' log-probs with the trainer (proximal π_k) and correct the
     #: generator → trainer gap with `correction`. None = only when the generator is not the
-    #: in-process TransformersGenerator (whose log-probs are the trainer's own).
+    #: in-process TransformersGenerator (whose log-probs are the trainer's own) or bf16 is on.
     recompute_logprobs: bool | None = None
 
     # --- density-ratio replay sampling (GLOW-style) --------------------------------------------
@@ -182,6 +183,16 @@ class ReMixConfig:
     checkpoint_every: int | None = None
     #: Seed of the trainer's RNG (prompts, replay draws, sampling) and of torch.
     seed: int = 0
+
+    # --- device ------------------------------------------------------------------------------
+    #: Where the policy, its frozen references and every tensor of an update live: "auto" (the
+    #: first CUDA device when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    #: Run the policy's forward passes (scoring, updates, in-process generation) under bf16
+    #: autocast; log-softmax, losses, master weights and the optimiser stay float32. Off by
+    #: default: bf16 logits move token log-probs by ~1e-2, so with it on the fresh rows' log-probs
+    #: are recomputed (see recompute_logprobs) and the correction absorbs the kernel gap.
+    bf16: bool = False
     #: Run name written into each rollout's run_id and the metrics.
     run_name: str = "remix"
     #: Show a tqdm progress bar.
@@ -212,6 +223,8 @@ class ReMixConfig:
             (self.reincarnate_after is None or 0 < self.reincarnate_after <= 1,
              "reincarnate_after must be in (0, 1] or None"),
             (self.max_wall_seconds is None or self.max_wall_seconds > 0, "max_wall_seconds must be > 0"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"),
         ]
         checks += [(getattr(self, name) in allowed, f"{name} must be one of {', '.join(map(repr, allowed))}")
                    for name, allowed in CHOICES.items()]

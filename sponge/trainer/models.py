@@ -22,8 +22,10 @@ __all__ = [
     "TinyModelConfig",
     "Tokenizer",
     "build_tiny_model",
+    "export_hf",
     "load_pretrained",
     "pack",
+    "resolve_device",
     "response_logprobs",
     "warm_start",
 ]
@@ -184,6 +186,31 @@ def load_pretrained(path: str | Path):
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model, HFTokenizer(tok)
+
+
+def export_hf(model, tokenizer, directory: str | Path) -> Path:
+    """Write `model` and its tokenizer as a Hugging Face model directory (config, safetensors
+    weights, fast tokenizer), the form vLLM and `load_pretrained` read.
+
+    The tiny model is built in code, so this is how vLLM gets it; a CharTokenizer is written as its
+    `to_hf()` twin (the same ids), an HFTokenizer as the tokenizer it wraps."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    hf = tokenizer.to_hf() if hasattr(tokenizer, "to_hf") else getattr(tokenizer, "hf", tokenizer)
+    hf.save_pretrained(directory)
+    return directory
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`ReMixConfig.device` as a torch device: "auto" is the first CUDA device when torch sees
+    one, else the CPU; asking for CUDA on a machine without it is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
 
 
 def pack(

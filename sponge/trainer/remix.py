@@ -48,7 +48,7 @@ from .losses import (
     mix_ppg_loss,
 )
 from .metrics import MetricsLog, plot_runs
-from .models import response_logprobs
+from .models import resolve_device, response_logprobs
 from .replay import ReplaySampler, make_pool, padded_list_column, rollouts_table
 
 __all__ = ["ReMixTrainer"]
@@ -81,8 +81,11 @@ class ReMixTrainer:
                  on_policy_version: Callable[[int], None] | None = None,
                  on_rollouts: Callable[[pa.Table], None] | None = None):
         self.config, self.task, self.tokenizer = config, task, tokenizer
-        self.policy = model
-        self.generator = generator or TransformersGenerator(tokenizer)
+        # One device for the policy, its frozen references (copied from it below) and every
+        # tensor of an update; forwards under bf16 autocast when asked (losses stay float32).
+        self.device = resolve_device(config.device)
+        self.policy = model.to(self.device)
+        self.generator = generator or TransformersGenerator(tokenizer, bf16=config.bf16)
         wants_pool = config.replay_fraction > 0 or config.dynamic_sampling
         self.replay = replay_source if replay_source is not None else (make_pool(config) if wants_pool else None)
         self.sampler = ReplaySampler(config.replay_sampling, config.ratio_mode, config.ratio_cap,
@@ -92,7 +95,7 @@ class ReMixTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log = MetricsLog(self.output_dir)
         self.recompute = (config.recompute_logprobs if config.recompute_logprobs is not None
-                          else not isinstance(self.generator, TransformersGenerator))
+                          else config.bf16 or not isinstance(self.generator, TransformersGenerator))
 
         torch.manual_seed(config.seed)
         self.optimizer = _make_optimizer(optimizer, self.policy, config)
@@ -203,8 +206,9 @@ class ReMixTrainer:
         if n_rows:
             width = max(max((len(r) for r in batch_responses), default=1), 1)
             behavior_np, lengths = padded_list_column(behavior_col, 0.0, width)
-            logp_behavior = torch.from_numpy(behavior_np)
-            mask = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.float32))
+            dev = self.device
+            logp_behavior = torch.from_numpy(behavior_np).to(dev)
+            mask = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)).to(dev)
             # Proximal log π_k: the trainer's own for replayed rows and, when recomputing, for fresh
             # rows; else the generator's (then the fresh weight is exactly 1). Rows not scored at the
             # draw take it from the first update's forward, which runs at π_k (no extra forward).
@@ -216,8 +220,9 @@ class ReMixTrainer:
                     logp_prox[n_kept:] = _pad_to(draw.logp_current, width)
                 else:
                     from_forward[n_kept:] = True
-            from_forward_t = torch.from_numpy(from_forward)
-            adv_t, weights_t = torch.from_numpy(adv.astype(np.float32)), torch.from_numpy(row_weights)
+            from_forward_t = torch.from_numpy(from_forward).to(dev)
+            adv_t = torch.from_numpy(adv.astype(np.float32)).to(dev)
+            weights_t = torch.from_numpy(row_weights).to(dev)
 
             def corrections() -> torch.Tensor:
                 log_ratio = token_log_ratios(logp_prox, logp_behavior, mask)
@@ -245,8 +250,9 @@ class ReMixTrainer:
             totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
             ratio_max, approx_kl = 1.0, 0.0
             for j in range(m):
-                scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
-                                           cfg.temperature, with_entropy=True)
+                with self._autocast():
+                    scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
+                                               cfg.temperature, with_entropy=True)
                 logp, entropy = _pad_to(scores.logprobs, width), _pad_to(scores.entropy, width)
                 if is_weights is None:   # first update: this forward is π_k
                     logp_prox = torch.where(from_forward_t[:, None], logp.detach(), logp_prox)
@@ -277,13 +283,18 @@ class ReMixTrainer:
                 with torch.no_grad():
                     on = mask.bool()
                     ratio = torch.exp(logp - logp_prox)[on]
-                    totals["loss"] += loss.item()
-                    totals["pg_loss"] += aggregate(pg, mask, cfg.loss_aggregation, weights_t).item()
-                    totals["kl"] += aggregate(kl, mask).item()
-                    totals["entropy"] += aggregate(entropy, mask).item()
-                    totals["ratio_mean"] += ratio.mean().item()
-                    totals["clip_frac"] += ((ratio < 1 - cfg.clip_eps) | (ratio > 1 + cfg.eps_high)).float().mean().item()
-                    ratio_max = max(ratio_max, ratio.max().item())
+                    clip = ((ratio < 1 - cfg.clip_eps) | (ratio > 1 + cfg.eps_high)).float().mean()
+                    # One copy to the host for all of the update's statistics, not one per figure.
+                    (loss_v, pg_v, kl_v, ent_v, rmean_v, clip_v, rmax_v) = torch.stack([
+                        loss.detach(), aggregate(pg, mask, cfg.loss_aggregation, weights_t), aggregate(kl, mask),
+                        aggregate(entropy, mask), ratio.mean(), clip, ratio.max()]).tolist()
+                    totals["loss"] += loss_v
+                    totals["pg_loss"] += pg_v
+                    totals["kl"] += kl_v
+                    totals["entropy"] += ent_v
+                    totals["ratio_mean"] += rmean_v
+                    totals["clip_frac"] += clip_v
+                    ratio_max = max(ratio_max, rmax_v)
             self.policy.eval()
             stats.update({k: v / max(updates_done, 1) for k, v in totals.items()})
             stats.update({"ratio_max": ratio_max, "approx_kl": approx_kl})
@@ -461,7 +472,7 @@ class ReMixTrainer:
         path = Path(directory) / "state.pt"
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")   # loads onto any device
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.base is not None and state["base"] is not None:
@@ -478,14 +489,19 @@ class ReMixTrainer:
             self.replay.load_state_dict(state["source"])
 
     # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
     def _score(self, model, prompts, responses, width) -> torch.Tensor:
-        s = response_logprobs(model, prompts, responses, self.tokenizer.pad_token_id, self.config.temperature)
+        with self._autocast():
+            s = response_logprobs(model, prompts, responses, self.tokenizer.pad_token_id, self.config.temperature)
         return _pad_to(s.logprobs, width)
 
     @torch.no_grad()
     def _score_current(self, prompts, responses):
-        s = response_logprobs(self.policy, prompts, responses, self.tokenizer.pad_token_id,
-                              self.config.temperature)
+        with self._autocast():
+            s = response_logprobs(self.policy, prompts, responses, self.tokenizer.pad_token_id,
+                                  self.config.temperature)
         return s.logprobs, s.mask
 
     def _evaluated(self, record: dict) -> dict:
