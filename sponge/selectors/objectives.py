@@ -78,7 +78,11 @@ class FacilityLocation(Objective):
         references: (|C|, d) reference vectors (the "clients"); L2-normalised here.
         m: neighbours per element: each element covers only its m most similar references.
         quality_weight: lambda in f(S) = FL(S) + lambda * sum_{s in S} q(s).
-        use_gpu: None = a GPU index when faiss reports a GPU, else the CPU one.
+        use_gpu: None = the index on GPU 0 when faiss reports a GPU (the faiss-gpu-cu12 extra),
+            else on the CPU; False = always the CPU; True = the GPU or an error. The GPU index
+            (`StandardGpuResources` + `index_cpu_to_gpu`, float32 storage) finds the same neighbours
+            as the CPU one, with similarities equal within float rounding (~1e-6); faiss's GPU
+            search takes at most 2048 neighbours, so a wider profile stays on the CPU.
     """
 
     def __init__(self, references: np.ndarray, m: int = 16, quality_weight: float = 1.0,
@@ -94,12 +98,16 @@ class FacilityLocation(Objective):
         self.n_clients, self.dim = self.references.shape
         self.width = int(min(m, self.n_clients))
         self.quality_weight = float(quality_weight)
+        self.use_gpu = use_gpu
         index = faiss.IndexFlatIP(self.dim)
         index.add(self.references)
-        if use_gpu is None:
-            use_gpu = faiss.get_num_gpus() > 0
-        self.on_gpu = bool(use_gpu)
-        self.index = faiss.index_cpu_to_all_gpus(index) if use_gpu else index
+        self.on_gpu = _wants_gpu(use_gpu, self.width)
+        if self.on_gpu:
+            # The resources (streams, scratch memory) must live as long as the index that uses them.
+            self._gpu_resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        else:
+            self.index = index
 
     def profile(self, data: np.ndarray, quality: np.ndarray | None = None) -> Profiles:
         x = np.asarray(data, dtype=np.float32)
@@ -113,12 +121,28 @@ class FacilityLocation(Objective):
         return Profiles(clients, weights, bonus)
 
     def params(self):
-        return ({"m": self.width, "quality_weight": self.quality_weight},
+        return ({"m": self.width, "quality_weight": self.quality_weight, "use_gpu": self.use_gpu},
                 {"references": self.references})
 
     @classmethod
     def from_params(cls, scalars, arrays):
-        return cls(arrays["references"], m=scalars["m"], quality_weight=scalars["quality_weight"])
+        return cls(arrays["references"], m=scalars["m"], quality_weight=scalars["quality_weight"],
+                   use_gpu=scalars.get("use_gpu"))
+
+
+_GPU_MAX_K = 2048   # faiss's GPU k-selection handles at most this many neighbours
+
+
+def _wants_gpu(use_gpu: bool | None, k: int) -> bool:
+    """Whether FacilityLocation's index goes on the GPU (see its `use_gpu`)."""
+    available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu is None:
+        return available and k <= _GPU_MAX_K
+    if use_gpu and not available:
+        raise ValueError("use_gpu=True but faiss reports no GPU (install the faiss-gpu-cu12 extra on a GPU machine)")
+    if use_gpu and k > _GPU_MAX_K:
+        raise ValueError(f"faiss's GPU search takes at most {_GPU_MAX_K} neighbours, m is {k}")
+    return bool(use_gpu)
 
 
 class SetCoverage(Objective):
