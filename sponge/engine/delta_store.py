@@ -79,7 +79,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from sponge.contract import REPLAY_COLUMNS
-from sponge.engine.datasets import DatasetSpec, FileSystemSpec, register_datasets
+from sponge.engine.datasets import DatasetSpec, FileSystemSpec
 from sponge.engine.idmap import RolloutIdSet, first_occurrence
 from sponge.engine.sql import QueryResult
 from sponge.engine.sql_worker import SqlWorkers
@@ -297,6 +297,7 @@ class DeltaRolloutStore:
         self._known_tombs: set[str] = set()
         self._index_marks: dict[str, int] = {}
         self._indexed_at: tuple[int, int] = (-1, -1)   # (rollouts version, tombstones version)
+        self._datasets: dict[str, tuple[tuple, object]] = {}   # name -> (its files, the opened dataset)
         self._removal_cv = threading.Condition()
         self._removals: list[pa.Table] = []     # removals whose rows are not yet deleted from the table
         self._removals_taken = 0
@@ -473,6 +474,9 @@ class DeltaRolloutStore:
                     for add, run, version, at in written[1]:
                         self._known.add(unquote(add.path))
                         self._index.add_hashed(kept_h1[at], kept_h2[at], run=self._run_code(run), version=version)
+                    if self._writer.version() == read_version + 1 and self._indexed_at[0] == read_version:
+                        # Only our own commit since the last refresh: the index holds it already.
+                        self._indexed_at = (read_version + 1, self._indexed_at[1])
                     return SegmentWrite(paths=[self._physical(add.path) for add, *_ in written[1]],
                                         rows_written=n_keep, rows_skipped_duplicate=int(current.sum()) - n_keep,
                                         new_ids=kept.column("rollout_id").combine_chunks(), retired=retired,
@@ -1262,12 +1266,29 @@ class DeltaRolloutStore:
         """The Arrow datasets (current table files) the views select from, by registered name."""
         return self._snapshot()[0]
 
+    def _opened_dataset(self, name: str, spec: DatasetSpec):
+        """The spec's dataset, the same object while its files are the same: pyarrow keeps the
+        Parquet footers it has read in it, so a query does not fetch them again (on S3 a GET per
+        file and query)."""
+        if spec.table is not None:
+            return spec.table
+        key = tuple(spec.paths)
+        with self._read_lock:
+            cached = self._datasets.get(name)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        dataset = spec.open()
+        with self._read_lock:
+            self._datasets[name] = (key, dataset)
+        return dataset
+
     def connect(self, ignore_marks: bool = False) -> duckdb.DuckDBPyConnection:
         """A trusted in-memory DuckDB connection with the store's views (internal use; close it)."""
         specs, views = self._snapshot(ignore_marks)
         conn = duckdb.connect(":memory:")
         try:
-            register_datasets(conn, specs)
+            for name, spec in specs.items():
+                conn.register(name, self._opened_dataset(name, spec))
             for statement in views:
                 conn.execute(statement)
         except BaseException:
