@@ -96,3 +96,29 @@ def test_sponge_train_with_a_local_model_directory(tmp_path, capsys, arch):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["rollouts"] == 32 and "eval_success" in lines[-1]
     assert any(r.get("n_fresh", 0) > 0 for r in lines)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_exercises_every_cpu_path(tmp_path):
+    """bench/gpu_check.py --cpu-dry-run: every check runs or says why not, and the JSON holds the
+    figures the GPU run will report (the real run is for a GPU machine)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-dry-run", "--steps", "10",
+                           "--min-rise", "-1", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert set(checks) == {"train", "train_vllm", "logprobs", "logprobs_vllm", "speed", "speed_vllm", "faiss"}
+    assert report["ok"] and report["device"] == "cpu (dry run)" and report["failed"] == []
+    assert {n for n, c in checks.items() if c["status"] == "pass"} == {"train", "logprobs", "speed"}
+    for name in ("train_vllm", "logprobs_vllm", "speed_vllm"):
+        assert checks[name]["status"] == "skipped" and "vLLM" in checks[name]["reason"]
+    assert checks["faiss"]["status"] == "skipped" and checks["faiss"]["same_neighbours_share"] == 1.0
+    assert checks["logprobs"]["generators"]["transformers_float32"]["mean_abs_delta"] < 1e-4
+    assert checks["speed"]["training"]["cpu_steps_per_s"] > 0 and checks["train"]["rollouts"] == 10 * 80
