@@ -12,6 +12,9 @@ curation's, the API's), into
 - a YAML or TOML file (`--config file.yaml`) with a mapping per section, or the flat names:
   `{"ingest": {"flush_rows": 5000}}` or `{"flush_rows": 5000}`.
 
+A field may say how users call it: `field(..., metadata={"name": "http_port"})` renames the knob
+(flag `--http-port`, env `SPONGE_HTTP_PORT`); `metadata={"alias": "store"}` adds a second flag.
+
 Precedence: flags > environment > config file > the dataclass defaults. A value that does not fit
 its field (a typo in a name, "ten" for an int, a choice not offered) is a `ConfigError` naming the
 field and where the value came from.
@@ -57,10 +60,16 @@ class Knob:
     type: Any
     default: Any
     help: str
+    #: another flag for the same knob (`--store` for `--store-path`)
+    alias: str | None = None
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> list[str]:
+        return [self.flag] + ([f"--{self.alias.replace('_', '-')}"] if self.alias else [])
 
     @property
     def env(self) -> str:
@@ -75,10 +84,15 @@ def knobs(cls: type) -> list[Knob]:
     """Every leaf field of `cls` and its nested sections, with the names users type."""
     leaves = list(_leaves(cls, ()))
     counts: dict[str, int] = {}
-    for path, *_ in leaves:
-        counts[path[-1]] = counts.get(path[-1], 0) + 1
-    return [Knob(path, path[-1] if counts[path[-1]] == 1 else ".".join(path), typ, default, doc)
-            for path, typ, default, doc in leaves]
+    for path, _, _, _, meta in leaves:
+        name = meta.get("name", path[-1])
+        counts[name] = counts.get(name, 0) + 1
+    out = []
+    for path, typ, default, doc, meta in leaves:
+        name = meta.get("name", path[-1])
+        name = name if counts[name] == 1 else ".".join(path[:-1] + (name,))
+        out.append(Knob(path, name, typ, default, doc, meta.get("alias")))
+    return out
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool = True) -> None:
@@ -94,10 +108,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool =
         if section not in groups:
             groups[section] = parser.add_argument_group(_section_title(cls, section)) if section else parser
         group = groups[section]
-        help_text = f"{knob.help} (default: {_show(knob.default)}; env {knob.env})".strip()
+        help_text = f"{knob.help} (default: {_show(knob.default)}; env {knob.env})".strip().replace("%", "%%")
         base, optional = _unwrap_optional(knob.type)
         if base is bool and not optional:
-            group.add_argument(knob.flag, dest=knob.dest, action=argparse.BooleanOptionalAction,
+            group.add_argument(*knob.flags, dest=knob.dest, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
             continue
         kwargs: dict[str, Any] = {"dest": knob.dest, "default": argparse.SUPPRESS, "help": help_text,
@@ -106,7 +120,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool =
         if choices is not None:
             kwargs["choices"] = choices + (["none"] if optional else [])
             kwargs.pop("metavar")
-        group.add_argument(knob.flag, **kwargs)
+        group.add_argument(*knob.flags, **kwargs)
 
 
 def load(cls: type, args: argparse.Namespace | None = None, *, env: Mapping[str, str] | None = None,
@@ -155,7 +169,7 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
         raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
-def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any, Any, str]]:
+def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any, Any, str, Mapping]]:
     docs = field_docs(cls)
     hints = _hints(cls)
     defaults = cls()
@@ -166,7 +180,7 @@ def _leaves(cls: type, prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...
         if _is_config(typ):
             yield from _leaves(typ, prefix + (f.name,))
         else:
-            yield prefix + (f.name,), typ, getattr(defaults, f.name), docs.get(f.name, "")
+            yield prefix + (f.name,), typ, getattr(defaults, f.name), docs.get(f.name, ""), f.metadata
 
 
 @functools.cache

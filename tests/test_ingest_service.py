@@ -18,7 +18,6 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -345,18 +344,30 @@ def test_sigterm_flushes_and_commits(broker, topic, tmp_path):
 
 
 def test_config_precedence_file_env_flags(tmp_path):
-    cfg_file = tmp_path / "ingest.yaml"
-    cfg_file.write_text("ingest:\n  topic: from-file\n  flush_rows: 10\n  group_id: file-group\n")
-    cfg = IngestConfig.load(cfg_file, env={"SPONGE_FLUSH_ROWS": "20", "SPONGE_CREATE_TOPICS": "false"},
-                            overrides={"flush_rows": None, "group_id": "flag-group"})
-    assert (cfg.topic, cfg.flush_rows, cfg.group_id, cfg.create_topics) == ("from-file", 20, "flag-group", False)
-    toml = tmp_path / "ingest.toml"
+    """sponge serve's settings: flags > SPONGE_* environment > config file > defaults (sponge.config)."""
+    import argparse
+
+    from sponge.config import ConfigError, load
+    from sponge.engine.server import ServerConfig, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("ingest:\n  topic: from-file\n  flush_rows: 10\n  group_id: file-group\ncuration:\n  k: 7\n")
+    args = parser.parse_args(["--config", str(cfg_file), "--group", "flag-group"])
+    cfg = load(ServerConfig, args, env={"SPONGE_FLUSH_ROWS": "20", "SPONGE_CREATE_TOPICS": "false"})
+    assert (cfg.ingest.topic, cfg.ingest.flush_rows, cfg.ingest.group_id, cfg.ingest.create_topics) == (
+        "from-file", 20, "flag-group", False)
+    assert cfg.curation.k == 7
+    toml = tmp_path / "serve.toml"
     toml.write_text('topic = "t"\nflush_interval_s = 0.5\n[kafka]\nsecurity_protocol = "PLAINTEXT"\n')
-    cfg = IngestConfig.load(toml, env={})
+    cfg = load(ServerConfig, parser.parse_args(["--config", str(toml)]), env={}).ingest
     assert cfg.flush_interval_s == 0.5 and cfg.kafka == {"security_protocol": "PLAINTEXT"}
     assert cfg.dead_letter_topic == "t.dlq"
-    with pytest.raises(ValueError, match="flush_row"):
-        IngestConfig.load(None, env={}, overrides={"flush_row": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("flush_row: 3\n")
+    with pytest.raises(ConfigError, match="flush_row"):
+        load(ServerConfig, parser.parse_args(["--config", str(bad)]), env={})
 
 
 def test_metrics_are_served_over_http(broker, topic, tmp_path):

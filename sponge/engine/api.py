@@ -25,7 +25,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -45,15 +45,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class ApiConfig:
+    """The HTTP API: where it listens, its token, the bounds a client cannot raise."""
+
     #: Interface to bind; loopback by default so nothing is exposed by accident.
-    host: str = "127.0.0.1"
+    host: str = field(default="127.0.0.1", metadata={"name": "http_host"})
     #: Port to bind; 0 picks a free one (the chosen port is on `ApiServer.port`).
-    port: int = 8765
+    port: int = field(default=8765, metadata={"name": "http_port"})
     #: When set, every endpoint but /healthz needs `Authorization: Bearer <token>`.
     token: str | None = None
-    #: Upper bounds a client cannot raise.
+    #: Most rows one /replay/sample request may ask for.
     max_sample: int = 4096
+    #: Most rows one POST /sql returns, whatever the request says.
     max_sql_rows: int = 10_000
+    #: Longest one POST /sql may run, whatever the request says.
     max_sql_seconds: float = 10.0
 
 

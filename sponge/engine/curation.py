@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -52,12 +52,14 @@ log = logging.getLogger("sponge.curation")
 
 @dataclass
 class CurationConfig:
+    """Per-run selection, retention and replay candidates."""
+
     #: Size of each run's replay subset (rollouts the selector keeps; each pulls its group along).
     k: int = 64
     #: Approximation slack of the dynamic algorithm: f(S) >= (1/2 - eps) OPT; smaller eps, more instances.
     eps: float = 0.2
     #: Selection method: "dynamic" (default) or a baseline from sponge.selectors.METHODS.
-    method: str = "dynamic"
+    method: Literal["dynamic", "lazy_greedy", "sieve", "random"] = "dynamic"
     #: Reference vectors (facility-location clients): the run's first rollouts' embeddings.
     n_references: int = 256
     #: Selection starts once this many references exist; when the full n_references arrive the

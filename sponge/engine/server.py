@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from sponge.engine import service as ingest
 from sponge.engine.api import ApiConfig, ApiServer, create_app
 from sponge.engine.curation import SELECTION_COLUMNS, CurationConfig, Curator
+from sponge.engine.delta_store import DeltaStoreConfig
 from sponge.engine.worker import CurationWorker
 
 HELP = "run the service: ingest rollouts from Kafka, curate the replay subset, serve it over HTTP"
@@ -46,12 +47,13 @@ class ServerConfig:
     """The service's configuration: one section per part."""
 
     ingest: ingest.IngestConfig = field(default_factory=ingest.IngestConfig)
+    store: DeltaStoreConfig = field(default_factory=DeltaStoreConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     #: Keep a dynamic selector over the stored rollouts (off: plain ingest + SQL).
     selection: bool = True
     #: Compute an embedding for rollouts that arrive without one.
-    embed_missing: bool = True
+    embed_missing: bool = field(default=True, metadata={"alias": "embed"})
     #: Local sentence-embedding model; None = the bundled all-MiniLM-L6-v2.
     embedding_model: str | None = None
     #: Rewrite segments without tombstoned rows, and delete retired policy versions' files, this
@@ -199,7 +201,8 @@ class CurationServer:
         if config.malloc_arenas:
             limit_malloc_arenas(config.malloc_arenas)
         self.config = config
-        self.store = RolloutStore(config.ingest.store_path, embedding_dim=config.ingest.embedding_dim)
+        self.store = RolloutStore(config.ingest.store_path, embedding_dim=config.ingest.embedding_dim,
+                                  config=config.store)
         self.curator = Curator(self.store, config.curation) if config.selection else None
         enrich = MissingEmbeddings(config.embedding_model, config.ingest.embedding_dim) \
             if config.embed_missing else None
@@ -326,46 +329,17 @@ class CurationServer:
 # ---- command line --------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    ingest.add_arguments(parser)
-    g = parser.add_argument_group("curation and HTTP")
-    g.add_argument("--no-selection", dest="selection", action="store_false",
-                   help="plain ingest: no selector, no replay endpoints")
-    g.add_argument("--no-embed", dest="embed_missing", action="store_false",
-                   help="do not compute embeddings for rollouts that arrive without one")
-    g.add_argument("--embedding-model", default=None, help="local sentence-embedding model directory")
-    g.add_argument("--k", type=int, default=CurationConfig.k, help="replay subset size")
-    g.add_argument("--eps", type=float, default=CurationConfig.eps, help="approximation slack of the selector")
-    g.add_argument("--method", default=CurationConfig.method,
-                   help="selection method: dynamic, lazy_greedy, sieve or random")
-    g.add_argument("--shard", default=None,
-                   help="name of this process's shard when several services share a group and a store: "
-                        "each selects over its own partitions, the replay subset merges all shards")
-    g.add_argument("--retention-window", type=int, default=CurationConfig.retention_window,
-                   help="keep rollouts with policy_version >= current - window (negative: keep all)")
-    g.add_argument("--compact-interval-s", type=float, default=ServerConfig.compact_interval_s,
-                   help="rewrite segments without tombstoned rows and delete retired versions' files this "
-                        "often (0 = never)")
-    g.add_argument("--malloc-arenas", type=int, default=ServerConfig.malloc_arenas,
-                   help="glibc malloc arenas (0 = glibc's default); more arenas let the service's threads "
-                        "fragment a heap each and RSS creep")
-    g.add_argument("--http-host", default=ApiConfig.host, help="HTTP interface")
-    g.add_argument("--http-port", type=int, default=ApiConfig.port, help="HTTP port (0 = any free port)")
-    g.add_argument("--token", default=None, help="bearer token required by the HTTP API (env SPONGE_TOKEN)")
+    from sponge.config import add_flags
+
+    parser.description = (HELP + ". Every knob of every section is a flag, a SPONGE_* environment variable "
+                          "and a key of the --config file (flags win, then the environment, then the file).")
+    add_flags(parser, ServerConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    import os
+    from sponge.config import load
 
-    overrides = {name: getattr(args, name, None) for name in list(ingest._FLAG_FIELDS) + ["create_topics"]}
-    window = args.retention_window
-    return ServerConfig(
-        ingest=ingest.IngestConfig.load(args.config, overrides=overrides),
-        curation=CurationConfig(k=args.k, eps=args.eps, method=args.method, shard=args.shard,
-                                retention_window=None if window is not None and window < 0 else window),
-        api=ApiConfig(host=args.http_host, port=args.http_port, token=args.token or os.environ.get("SPONGE_TOKEN")),
-        selection=args.selection, embed_missing=args.embed_missing, embedding_model=args.embedding_model,
-        compact_interval_s=args.compact_interval_s, malloc_arenas=args.malloc_arenas,
-    )
+    return load(ServerConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,21 +38,16 @@ stored rows (rollout_id and embedding at least): the hook for online selection.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
-import signal
 import sys
 import threading
 import time
-import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +60,6 @@ from sponge.record import RecordError, Violation
 from sponge.streams.codec import decode
 from sponge.streams.dlq import DeadLetter, DeadLetterPublisher, dead_letters_table, dlq_topic_for
 
-HELP = "run the long-running ingest service: Kafka rollouts → validated Parquet store"
 
 log = logging.getLogger("sponge.ingest")
 
@@ -85,9 +79,9 @@ class IngestConfig:
     #: topic the rollouts arrive on
     topic: str = "rollouts"
     #: consumer group; processes in one group split the partitions between them
-    group_id: str = "sponge-engine"
-    #: directory of the rollout store (Parquet segments)
-    store_path: str = DEFAULT_STORE_PATH
+    group_id: str = field(default="sponge-engine", metadata={"alias": "group"})
+    #: where the rollout store is: a directory, or s3://bucket/prefix (AWS_* settings, AWS_ENDPOINT_URL)
+    store_path: str = field(default=DEFAULT_STORE_PATH, metadata={"alias": "store"})
     #: embedding width of the store; rows with another width are dead-lettered
     embedding_dim: int = record.DEFAULT_EMBEDDING_DIM
     #: dead-letter topic; empty means `<topic>.dlq`
@@ -118,10 +112,8 @@ class IngestConfig:
     max_partition_fetch_bytes: int = 16 << 20
     #: most bytes fetched per request
     fetch_max_bytes: int = 64 << 20
-    #: serve Prometheus metrics on this port (0 = off)
-    metrics_port: int = 0
-    #: log level (DEBUG, INFO, WARNING, ...)
-    log_level: str = "INFO"
+    #: log level
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: at start, wait this long for a Kafka broker before giving up (seconds; 0 = wait forever)
     broker_wait_s: float = 30.0
     #: a lost broker is retried at most this far apart (kafka-python's own default, 30 s, delays recovery)
@@ -137,53 +129,6 @@ class IngestConfig:
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or dlq_topic_for(self.topic)
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
-             overrides: Mapping[str, Any] | None = None) -> "IngestConfig":
-        """Defaults, then the file at `path`, then SPONGE_* variables of `env`, then `overrides`."""
-        values: dict[str, Any] = {}
-        if path:
-            values.update(_read_config_file(Path(path)))
-        env = os.environ if env is None else env
-        for f in dataclasses.fields(cls):
-            name = f"SPONGE_{f.name.upper()}"
-            if name in env:
-                values[f.name] = env[name]
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown ingest config keys: {unknown}; known: {sorted(known)}")
-        return cls(**{k: _coerce(known[k], v) for k, v in values.items()})
-
-
-def _read_config_file(path: Path) -> dict:
-    text = path.read_text()
-    if path.suffix in (".toml", ".tml"):
-        data = tomllib.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys")
-    return dict(data.get("ingest", data))
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if not isinstance(value, str):
-        return value
-    if kind == "bool":
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    if kind == "dict":
-        return json.loads(value)
-    return value
 
 
 # ---- structured logs ----------------------------------------------------------------------
@@ -1000,74 +945,6 @@ class IngestService:
             self.on_assign({tp.partition for tp in partitions if tp.topic == self.config.topic})
 
 
-# ---- `sponge serve` ---------------------------------------------------------------------------
-
-_FLAG_FIELDS = {
-    "bootstrap_servers": "--bootstrap-servers", "topic": "--topic", "group_id": "--group",
-    "store_path": "--store", "embedding_dim": "--embedding-dim", "dlq_topic": "--dlq-topic",
-    "partitions": "--partitions", "flush_rows": "--flush-rows", "flush_bytes": "--flush-bytes",
-    "flush_interval_s": "--flush-interval-s", "max_message_bytes": "--max-message-bytes",
-    "max_poll_records": "--max-poll-records",
-    "session_timeout_ms": "--session-timeout-ms", "metrics_port": "--metrics-port", "log_level": "--log-level",
-    "broker_wait_s": "--broker-wait-s",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML or TOML file of IngestConfig keys")
-    docs = _field_docs()
-    for name, flag in _FLAG_FIELDS.items():
-        f = next(x for x in dataclasses.fields(IngestConfig) if x.name == name)
-        typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else "", str)
-        # SUPPRESS: an unset flag leaves no attribute, so env and file values are not overridden.
-        parser.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
-                            help=f"{docs.get(name, '')} (default {f.default!r}; env SPONGE_{name.upper()})")
-    parser.add_argument("--no-create-topics", dest="create_topics", action="store_const", const=False,
-                        default=argparse.SUPPRESS, help="do not create the topic and DLQ topic at start")
-
-
-def _field_docs() -> dict[str, str]:
-    """The `#:` comment above each IngestConfig field, for --help."""
-    import inspect
-
-    docs, pending = {}, []
-    for line in inspect.getsource(IngestConfig).splitlines():
-        line = line.strip()
-        if line.startswith("#:"):
-            pending.append(line[2:].strip())
-        elif ":" in line and pending and not line.startswith(("@", "def", '"""')):
-            docs[line.split(":")[0].strip()] = " ".join(pending)
-            pending = []
-    return docs
-
-
 def exit_status(exc: BaseException) -> int:
     """1 for a transient failure (no broker: a restart may succeed), 2 for a final one (fix the config)."""
     return 2 if isinstance(exc, IngestConfigError) else 1
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name, None) for name in list(_FLAG_FIELDS) + ["create_topics"]}
-    config = IngestConfig.load(args.config, overrides=overrides)
-    configure_json_logging(config.log_level)
-    stop = threading.Event()
-
-    def _stop(signum, _frame):
-        log_event(logging.INFO, "signal received; flushing and stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    service = IngestService(config)
-    if config.metrics_port:
-        port = service.metrics.serve(config.metrics_port)
-        log_event(logging.INFO, "metrics", url=f"http://127.0.0.1:{port}/metrics")
-    try:
-        totals = service.run(stop)
-    except (BrokerUnavailable, IngestConfigError) as exc:
-        print(f"sponge: {exc}", file=sys.stderr, flush=True)
-        return exit_status(exc)
-    finally:
-        service.metrics.stop()
-    print(json.dumps({"event": "totals", **dataclasses.asdict(totals)}), flush=True)
-    return 0

@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,19 +83,19 @@ class SqlLimits:
     """Bounds applied to every user query, and the worker pool that runs them."""
 
     #: At most this many rows come back; more are cut off and the result says it was truncated.
-    max_rows: int = 10_000
+    max_rows: int = field(default=10_000, metadata={"name": "sql_max_rows"})
     #: Wall-clock seconds from handing the query to a worker (parse, guard, views, plan, run,
     #: result) until the worker is killed.
-    timeout_s: float = 10.0
+    timeout_s: float = field(default=10.0, metadata={"name": "sql_timeout_s"})
     #: Memory for the query: DuckDB's memory_limit (no spilling to disk: over it fails) and,
     #: plus a fixed headroom for threads and the Arrow export, the worker's address-space limit.
-    memory_limit: str = "1GB"
+    memory_limit: str = field(default="1GB", metadata={"name": "sql_memory_limit"})
     #: Worker threads for the query.
-    threads: int = 2
+    threads: int = field(default=2, metadata={"name": "sql_threads"})
     #: Largest result (Arrow IPC bytes) a query may return; larger fails with a clear error.
-    max_result_bytes: int = 128 * 2**20
+    max_result_bytes: int = field(default=128 * 2**20, metadata={"name": "sql_max_result_bytes"})
     #: Queries that may run at once per worker pool (a process); more are refused (SqlBusy).
-    max_concurrent: int = 2
+    max_concurrent: int = field(default=2, metadata={"name": "sql_max_concurrent"})
 
     def __post_init__(self) -> None:
         if self.max_rows < 0:
