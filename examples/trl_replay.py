@@ -7,6 +7,7 @@ at π_k/π_behaviour). Needs the `trl` extra (pip install 'sponge[trl]').
 
     python examples/trl_replay.py                       # starts `sponge broker` and `sponge serve` itself
     python examples/trl_replay.py --url http://127.0.0.1:8765 --bootstrap-servers 127.0.0.1:9092
+    python examples/trl_replay.py --model ./my-llama     # any local Hugging Face causal LM instead of the tiny one
 
 It prints TRL's log line per step with the replay columns, then what reached the service.
 """
@@ -76,6 +77,10 @@ def main() -> None:
     parser.add_argument("--updates-per-batch", type=int, default=1,
                         help="TRL's num_iterations (ReMix's m): optimizer steps per generated batch")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--model", default=None,
+                        help="local Hugging Face causal LM directory (default: a tiny Llama built in code)")
+    parser.add_argument("--warm-start-steps", type=int, default=None,
+                        help="supervised warm-start steps (default: 60 for the tiny model, 0 with --model)")
     parser.add_argument("--run-id", default=f"trl-example-{int(time.time())}")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: tiny models are fastest on one, and the service needs a core)")
@@ -114,25 +119,37 @@ def main() -> None:
                 proc.kill()
 
 
+def load_policy(model_path: str | None, task):
+    """(model, sponge tokenizer, Hugging Face tokenizer): a local causal LM directory when given,
+    else the tiny Llama built in code for the task's alphabet (nothing is downloaded either way)."""
+    from sponge.trainer import (
+        CharTokenizer,
+        TinyModelConfig,
+        build_tiny_model,
+        load_pretrained,
+    )
+
+    if model_path:
+        model, tokenizer = load_pretrained(model_path)
+        return model, tokenizer, tokenizer.hf
+    chars = CharTokenizer(task.alphabet)
+    model = build_tiny_model(chars, TinyModelConfig(arch="llama", n_embd=64, n_layer=2, n_positions=64), seed=0)
+    return model, chars, chars.to_hf()
+
+
 def train(url: str, bootstrap: str, args: argparse.Namespace, work: Path) -> None:
     from datasets import Dataset
     from trl import GRPOConfig
 
     from sponge.client import ServiceClient, ServiceReplaySource
     from sponge.integrations.trl import SpongeGRPOTrainer, SpongeReplayConfig
-    from sponge.trainer import (
-        CharTokenizer,
-        TinyModelConfig,
-        TransformersGenerator,
-        build_tiny_model,
-        make_task,
-        warm_start,
-    )
+    from sponge.trainer import TransformersGenerator, make_task, warm_start
 
     task = make_task("reverse", partial_credit=0.5)
-    chars = CharTokenizer(task.alphabet)
-    model = build_tiny_model(chars, TinyModelConfig(arch="llama", n_embd=64, n_layer=2, n_positions=64), seed=0)
-    warm_start(model, chars, task, steps=60, seed=0)
+    model, tok, hf_tokenizer = load_policy(args.model, task)
+    steps = args.warm_start_steps if args.warm_start_steps is not None else (0 if args.model else 60)
+    if steps > 0:
+        warm_start(model, tok, task, steps=steps, seed=0)
     prompts, _ = task.sample(np.random.default_rng(0), 20_000)
 
     def reward(prompts, completions, **_):
@@ -144,14 +161,14 @@ def train(url: str, bootstrap: str, args: argparse.Namespace, work: Path) -> Non
         """Greedy held-out reward (exact answer 1, else half the share of positions right)."""
         was_training = model.training
         model.eval()
-        gen = TransformersGenerator(chars).generate(model, [chars.encode_prompt(p) for p in held_out], 8, 0.0, seed=0)
+        gen = TransformersGenerator(tok).generate(model, [tok.encode_prompt(p) for p in held_out], 8, 0.0, seed=0)
         model.train(was_training)
         return float(task.reward(held_out, gen.responses).mean())
 
     source = ServiceReplaySource(url, bootstrap_servers=bootstrap, topic=args.topic, window=2, wait_s=60)
     trainer = SpongeGRPOTrainer(
         model=model, reward_funcs=reward, train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=chars.to_hf(), replay=source,
+        processing_class=hf_tokenizer, replay=source,
         args=GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch, num_generations=8,
                         max_completion_length=8, max_steps=args.steps, learning_rate=args.lr, logging_steps=1,
                         lr_scheduler_type="constant",

@@ -122,3 +122,26 @@ def test_gpu_check_dry_run_exercises_every_cpu_path(tmp_path):
     assert checks["faiss"]["status"] == "skipped" and checks["faiss"]["same_neighbours_share"] == 1.0
     assert checks["logprobs"]["generators"]["transformers_float32"]["mean_abs_delta"] < 1e-4
     assert checks["speed"]["training"]["cpu_steps_per_s"] > 0 and checks["train"]["rollouts"] == 10 * 80
+
+
+def test_trl_example_takes_a_local_model_directory(tmp_path):
+    """examples/trl_replay.py --model PATH: the policy and both tokenizers come from the directory
+    (the whole example, broker and service included, ran with it by hand: see its docstring)."""
+    import importlib.util
+    from pathlib import Path
+
+    from sponge.trainer import HFTokenizer
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "trl_replay.py"
+    spec = importlib.util.spec_from_file_location("trl_replay_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    task = make_task("reverse")
+    chars = CharTokenizer(task.alphabet)
+    export_hf(build_tiny_model(chars, TinyModelConfig(arch="llama"), seed=0), chars, tmp_path / "m")
+    model, tok, hf = example.load_policy(str(tmp_path / "m"), task)
+    assert isinstance(tok, HFTokenizer) and hf is tok.hf
+    assert tok.encode_prompt("0123") == chars.encode_prompt("0123") == hf("0123")["input_ids"]
+    assert type(model).__name__ == "LlamaForCausalLM"
+    _, default_tok, _ = example.load_policy(None, task)
+    assert isinstance(default_tok, CharTokenizer)
