@@ -355,11 +355,12 @@ def check_speed(ctx: Context, rounds: int = 3) -> dict:
                   "device_over_cpu": round(tps["device"] / tps["cpu"], 2), "prompts": len(prompts),
                   "max_new_tokens": ctx.task.max_answer_len + 1, "rounds": rounds,
                   "cpu_threads": torch.get_num_threads()}
-    if ctx.device.type == "cuda":
+    if ctx.device.type == "cuda":   # host waits per generate call: sampling should add none to greedy's
         for n in (8, 16):
-            _, syncs = count_syncs(lambda n=n: TransformersGenerator(ctx.tok).generate(dev_model, prompts, n, 1.0,
-                                                                                       seed=2))
-            generation[f"host_syncs_per_generate_{n}_tokens"] = syncs
+            for temperature in (1.0, 0.0):
+                _, syncs = count_syncs(lambda n=n, t=temperature: TransformersGenerator(ctx.tok).generate(
+                    dev_model, prompts, n, t, seed=2))
+                generation[f"host_syncs_{n}_tokens_T{temperature:g}"] = syncs
 
     # trainer steps/s: the same config and seed on the device and on the CPU, blocks alternated
     trainers = {k: ReMixTrainer(ctx.model(cpu), ctx.tok, ctx.task,

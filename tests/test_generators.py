@@ -38,6 +38,7 @@ from sponge.trainer.generators import (
     VLLMGenerator,
     _cache_of,
     parse_outputs,
+    sample_categorical,
     sampling_kwargs,
 )
 from sponge.trainer.models import export_hf, load_pretrained
@@ -118,6 +119,17 @@ def test_cpu_draws_are_unchanged_for_a_seed(setup, arch, temperature):
     if temperature > 0:
         other = TransformersGenerator(tok, batch_size=10).generate(model, prompts, 8, temperature, seed=78)
         assert other.response_tokens != got.response_tokens
+
+
+def test_sample_categorical_is_multinomials_draw():
+    probs = torch.softmax(torch.randn(200, 13) * 3, -1)
+    for seed in range(5):
+        a = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+        b = sample_categorical(probs, torch.Generator().manual_seed(seed))
+        assert torch.equal(a, b)
+    counts = np.bincount(sample_categorical(probs[:1].expand(20000, -1), torch.Generator().manual_seed(0)).numpy(),
+                         minlength=13)
+    np.testing.assert_allclose(counts / 20000, probs[0].numpy(), atol=0.015)
 
 
 def test_checking_for_the_end_less_often_changes_nothing(setup):

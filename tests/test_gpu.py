@@ -86,18 +86,19 @@ def test_generation_on_the_device_matches_the_trainer(warm):
 def test_generation_does_not_wait_for_the_device_per_token(warm):
     _, tok, model, prompts = warm
 
-    def syncs(n_tokens):
+    def syncs(n_tokens, temperature):
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                TransformersGenerator(tok).generate(model, prompts, n_tokens, 1.0, seed=1)
+                TransformersGenerator(tok).generate(model, prompts, n_tokens, temperature, seed=1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    # host synchronisations per call grow with one check every 8 tokens, not with every token
-    assert syncs(16) <= syncs(8) + 2
+    # Drawing costs no wait for the device: sampled and greedy generation make the same number of
+    # host synchronisations (the model's own forward may make some; torch.multinomial made 2 a token)
+    assert syncs(16, 1.0) <= syncs(16, 0.0) + 1
 
 
 def test_bf16_training_on_the_device(warm):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Generation", "Generator", "TransformersGenerator", "VLLMConfig", "VLLMGenerator", "parse_outputs",
-           "sampling_kwargs"]
+           "sample_categorical", "sampling_kwargs"]
 
 
 @dataclass
@@ -52,9 +52,10 @@ class TransformersGenerator:
     the same positions as an unpadded one (and as the right-padded scoring in `models.pack`).
     `temperature=0` decodes greedily and records log-probs at temperature 1.
 
-    Tokens are drawn on the model's device (`torch.multinomial` with a generator on that
-    device), so a CUDA run copies nothing to the host until a chunk is done; on the CPU the draws
-    are the same as they always were for a given seed. `bf16` runs the forward passes under bf16
+    Tokens are drawn on the model's device with a generator on that device (`sample_categorical`:
+    multinomial's algorithm without its per-call host checks), so a CUDA run copies nothing to
+    the host until a chunk is done; on the CPU the draws are the same as they always were for a
+    given seed. `bf16` runs the forward passes under bf16
     autocast (the log-softmax stays float32). Whether every row has ended is asked every
     `stop_check_every` tokens (None: every token on the CPU, where asking is free; every 8 on a
     GPU, where each ask waits for the device).
@@ -110,7 +111,7 @@ class TransformersGenerator:
         for t in range(max_new_tokens):
             logp_all = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
             if temperature > 0:
-                tok = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(1)
+                tok = sample_categorical(logp_all.exp(), gen)
             else:
                 tok = logp_all.argmax(-1)
             tokens[:, t] = torch.where(done, torch.full_like(tok, pad), tok)
@@ -129,6 +130,15 @@ class TransformersGenerator:
         lengths, tokens, logps = lengths.cpu().numpy(), tokens.cpu().numpy(), logps.cpu().numpy()
         return ([tokens[i, : lengths[i]].tolist() for i in range(n)],
                 [logps[i, : lengths[i]].astype(np.float32) for i in range(n)])
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of `probs` [B, V]: argmax(p / q) with q ~ Exp(1), which is
+    torch.multinomial's own algorithm for a single sample (the same draws and generator state for
+    a seed) without its two validity checks, each of which copies a flag to the host: on a GPU
+    those were two waits per generated token."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
 
 
 def _cache_of(out):
