@@ -355,11 +355,14 @@ def check_speed(ctx: Context, rounds: int = 3) -> dict:
                   "device_over_cpu": round(tps["device"] / tps["cpu"], 2), "prompts": len(prompts),
                   "max_new_tokens": ctx.task.max_answer_len + 1, "rounds": rounds,
                   "cpu_threads": torch.get_num_threads()}
-    if ctx.device.type == "cuda":   # host waits per generate call: sampling should add none to greedy's
+    if ctx.device.type == "cuda":
+        # Host waits per generate call, every row run to n tokens (the same forward passes at T = 1
+        # and greedy): drawing should add none to greedy's, and 16 tokens against 8 shows what the
+        # model's own forward costs per token.
         for n in (8, 16):
             for temperature in (1.0, 0.0):
-                _, syncs = count_syncs(lambda n=n, t=temperature: TransformersGenerator(ctx.tok).generate(
-                    dev_model, prompts, n, t, seed=2))
+                _, syncs = count_syncs(lambda n=n, t=temperature: TransformersGenerator(
+                    ctx.tok, stop_check_every=n).generate(dev_model, prompts, n, t, seed=2))
                 generation[f"host_syncs_{n}_tokens_T{temperature:g}"] = syncs
 
     # trainer steps/s: the same config and seed on the device and on the CPU, blocks alternated
