@@ -144,7 +144,7 @@ class Curator:
             raise ValueError(f"unknown selection method {self.config.method!r}; choose from {sorted(METHODS)}")
         if self.config.shard is not None and not self.config.shard.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"shard name must be letters, digits, '-' or '_', got {self.config.shard!r}")
-        self.registry = RunRegistry(store.root)
+        self.registry = RunRegistry(store)
         self._host = SelectorHost() if self.config.selector_process else None
         self._lock = threading.RLock()
         self._arrivals = threading.Condition()   # read-your-writes waiters; its own lock, not the curator's
@@ -315,9 +315,11 @@ class Curator:
                     run.arrived.update(dict(zip(versions.tolist(), counts.tolist())))
                     self._arrivals.notify_all()
                 self._apply_retention(run)
-                cutoff = self._cutoff(run)
-                if cutoff is not None and int(versions.min()) < cutoff:
-                    run.selection.evict_below(cutoff)   # rows that arrive already out of the window
+                # Out of the window, or retired by another process of the store (a version report
+                # made to another host): either way nothing below this may stay in the selector.
+                floor = max(self._cutoff(run) or 0, self.store.retired_below(run_id) or 0)
+                if floor and (int(versions.min()) < floor or run.selection.ids.live_below(floor).size):
+                    run.selection.evict_below(floor)
 
     def _run_for_arrivals(self, run_id: str, n: int) -> _Run | None:
         record = self.registry.get(run_id)

@@ -4,30 +4,29 @@ A run is one training run: its rollouts carry its `run_id`, it reports its own p
 keeps its own retention window and replay subset, and registers the fingerprint of the tokenizer
 (and model) its token ids belong to, so rows of another run or tokenizer are never served to it.
 
-The registry is a small JSON file in the store root (`_runs.json`), replaced atomically under a
-file lock, so every process on the store (shards, a restarted service) sees the same runs and
-versions. Per-run counters that only matter while the service runs (rows curated per version,
+The registry is one small JSON object per run among the store's shared objects (`runs/<run_id>`,
+beside the tables, on a local disk or an object store), so every process of the store — shards on
+one host or on many, a restarted service — sees the same runs and versions. A run is created by
+exactly one process (a claim only one wins); its version is written by the process its trainer
+talks to. Per-run counters that only matter while the service runs (rows curated per version,
 refusals) live in the curator, not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from sponge.engine.store import MAX_VERSION, RUN_ID_RE, StoreError
-from sponge.files import atomic_write
 
 __all__ = ["RunError", "RunRecord", "RunRegistry"]
 
-REGISTRY_NAME = "_runs.json"
+#: The shared objects of the registry: <PREFIX>/<run_id>, one JSON record each.
+PREFIX = "runs"
 
 
 class RunError(ValueError):
@@ -57,23 +56,28 @@ class RunRecord:
 class RunRegistry:
     """The runs of one store: register, look up, advance versions, delete (thread- and process-safe)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.path = self.root / REGISTRY_NAME
-        self._signature: tuple = ()
-        self._runs: dict[str, RunRecord] = {}
+    def __init__(self, store: Any) -> None:
+        self.store = store                      # put_shared / get_shared / list_shared / claim_shared
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int | None, RunRecord]] = {}   # run -> (object's mtime, record)
+        self._listed_at = float("-inf")
+
+    #: Another process's change is seen within this many seconds (a listing of the store's shared
+    #: objects, on an object store a LIST request, at most this often).
+    refresh_s: float = 1.0
 
     def runs(self) -> dict[str, RunRecord]:
-        """Every run the store knows, deleted ones included (re-read when another process changed it)."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return dict(self._runs)
-        signature = (st.st_ino, st.st_mtime_ns)
-        if signature != self._signature:
-            self._runs = _read(self.path)
-            self._signature = signature
-        return dict(self._runs)
+        """Every run the store knows, deleted ones included (another process's change within refresh_s)."""
+        with self._lock:
+            if time.monotonic() - self._listed_at >= self.refresh_s:
+                listed = {key.rsplit("/", 1)[-1]: t for key, t in self.store.list_shared(PREFIX).items()}
+                for run, mtime in listed.items():
+                    if self._cache.get(run, (None,))[0] != mtime:
+                        record = self._read(run)
+                        if record is not None:
+                            self._cache[run] = (mtime, record)
+                self._listed_at = time.monotonic()
+            return {run: rec for run, (_, rec) in sorted(self._cache.items())}
 
     def get(self, run_id: str) -> RunRecord | None:
         return self.runs().get(run_id)
@@ -88,74 +92,75 @@ class RunRegistry:
         check_run_id(run_id)
         if not isinstance(fingerprint, str) or len(fingerprint) > 256:
             raise RunError("fingerprint must be a string of at most 256 characters")
-        with self._locked() as runs:
-            known = runs.get(run_id)
-            if known is not None:
-                if known.deleted:
-                    raise RunError(f"run {run_id!r} was deleted; its id cannot be used again: start a new run id",
-                                   status=410)
-                if known.fingerprint and fingerprint and known.fingerprint != fingerprint:
-                    raise RunError(
-                        f"run {run_id!r} was registered with tokenizer/model fingerprint {known.fingerprint}, "
-                        f"this trainer has {fingerprint}: its token ids would not match; use a new run id",
-                        status=409)
-                if fingerprint and not known.fingerprint:
-                    known = dataclasses.replace(known, fingerprint=fingerprint)
-                    runs[run_id] = known
-                return known, False
-            live = sum(not r.deleted for r in runs.values())
+        known = self.get(run_id)
+        if known is None:
+            live = len(self.live())
             if live >= max_runs:
-                raise RunError(f"too many live runs ({live}, the cap is {max_runs}): delete one you are done with "
-                               "(DELETE /runs/{id}) or raise --max-runs", status=409)
-            record = RunRecord(run_id, fingerprint, window, 0, time.time())
-            runs[run_id] = record
-            return record, True
+                raise RunError(f"too many live runs ({live}, the cap is {max_runs}): delete one you are done "
+                               "with (DELETE /runs/{id}) or raise --max-runs", status=409)
+            if self.store.claim_shared(f"{PREFIX}-claims/{run_id}"):
+                record = RunRecord(run_id, fingerprint, window, 0, time.time())
+                self._write(record)
+                return record, True
+            known = self._wait_for(run_id)   # another process created it a moment ago
+        if known.deleted:
+            raise RunError(f"run {run_id!r} was deleted; its id cannot be used again: start a new run id",
+                           status=410)
+        if known.fingerprint and fingerprint and known.fingerprint != fingerprint:
+            raise RunError(
+                f"run {run_id!r} was registered with tokenizer/model fingerprint {known.fingerprint}, "
+                f"this trainer has {fingerprint}: its token ids would not match; use a new run id", status=409)
+        if fingerprint and not known.fingerprint:
+            known = dataclasses.replace(known, fingerprint=fingerprint)
+            self._write(known)
+        return known, False
 
     def set_version(self, run_id: str, version: int) -> RunRecord:
         """The run's trainer now generates with `version`; returns the record (versions only go up)."""
-        with self._locked() as runs:
-            record = self._existing(runs, run_id)
-            if version < record.policy_version:
-                raise RunError(f"policy version went backwards for run {run_id!r}: {version} < "
-                               f"{record.policy_version} (a new training run needs a new run id)", status=409)
-            if version != record.policy_version:
-                record = dataclasses.replace(record, policy_version=version)
-                runs[run_id] = record
-            return record
+        record = self._existing(run_id)
+        if version < record.policy_version:
+            raise RunError(f"policy version went backwards for run {run_id!r}: {version} < "
+                           f"{record.policy_version} (a new training run needs a new run id)", status=409)
+        if version != record.policy_version:
+            record = dataclasses.replace(record, policy_version=version)
+            self._write(record)
+        return record
 
     def delete(self, run_id: str) -> RunRecord:
-        with self._locked() as runs:
-            record = dataclasses.replace(self._existing(runs, run_id), deleted=True)
-            runs[run_id] = record
-            return record
+        record = dataclasses.replace(self._existing(run_id), deleted=True)
+        self._write(record)
+        return record
 
-    @staticmethod
-    def _existing(runs: dict[str, RunRecord], run_id: str) -> RunRecord:
-        record = runs.get(run_id)
+    def _existing(self, run_id: str) -> RunRecord:
+        record = self.get(run_id)
         if record is None:
             raise RunError(f"no run {run_id!r}: register it first (POST /runs)", status=404)
         if record.deleted:
             raise RunError(f"run {run_id!r} was deleted", status=410)
         return record
 
-    @contextmanager
-    def _locked(self) -> Iterator[dict[str, RunRecord]]:
-        """The registry for a read-modify-write, under a file lock shared by every process."""
-        lock_dir = self.root / "_locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_dir / "runs.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def _write(self, record: RunRecord) -> None:
+        self.store.put_shared(f"{PREFIX}/{record.run_id}", json.dumps(dataclasses.asdict(record)).encode())
+        with self._lock:
+            self._cache[record.run_id] = (None, record)   # ours at once; its mtime at the next listing
+
+    def _read(self, run_id: str) -> RunRecord | None:
+        blob = self.store.get_shared(f"{PREFIX}/{run_id}")
+        if blob is None:
+            return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            runs = self.runs()
-            before = dict(runs)
-            yield runs
-            if runs != before:
-                body = {r: dataclasses.asdict(rec) for r, rec in sorted(runs.items())}
-                atomic_write(self.path, json.dumps({"runs": body}, indent=1).encode())
-                self._runs, self._signature = dict(runs), ()
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            fields = {f.name for f in dataclasses.fields(RunRecord)}
+            return RunRecord(**{k: v for k, v in json.loads(blob).items() if k in fields})
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"unreadable run record {PREFIX}/{run_id} in the store: {exc}") from None
+
+    def _wait_for(self, run_id: str, timeout_s: float = 30.0) -> RunRecord:
+        deadline = time.monotonic() + timeout_s
+        while (record := self._read(run_id)) is None:
+            if time.monotonic() > deadline:
+                raise RunError(f"run {run_id!r} was claimed by another process that never wrote it", status=503)
+            time.sleep(0.05)
+        return record
 
 
 def check_run_id(run_id: str) -> str:
@@ -171,13 +176,3 @@ def check_version(version: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
         raise RunError(f"policy version {version!r} is out of range: an integer in [0, 2^63 - 1]")
     return version
-
-
-def _read(path: Path) -> dict[str, RunRecord]:
-    try:
-        body = json.loads(path.read_text())["runs"]
-        fields = {f.name for f in dataclasses.fields(RunRecord)}
-        return {run: RunRecord(**{k: v for k, v in rec.items() if k in fields}) for run, rec in body.items()}
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise StoreError(f"unreadable run registry {path}: {exc}; fix or delete the file "
-                         "(deleting it forgets the runs' versions and fingerprints)") from None

@@ -5,19 +5,19 @@ rollout of the run goes in (its embedding, and a quality bonus when its GRPO gro
 variance, the only groups that carry a learning signal); retention, removal and the per-run cap
 take rollouts out; the subset is read out lazily, only when someone asks or a snapshot is due.
 Its state is derived from the store: `rebuild` re-inserts the run's live rollouts. The objective's
-reference vectors (facility-location clients) are the run's first embeddings, saved beside the
-store so a restart optimises the same f.
+reference vectors (facility-location clients) are the run's first embeddings, saved as a shared
+object of the store (`selector/<run>/objective`) so a restart, or another host, optimises the same f.
 
-In shard mode (several services on one store, each owning some Kafka partitions) each process
-selects over its own partitions and the run's subset is greedy over the union of every shard's
-solution (a composable core-set, `sponge.engine.shards`), exchanged through small files.
+In shard mode (several services on one store, on one host or many, each owning some Kafka
+partitions) each process selects over its own partitions and the run's subset is greedy over the
+union of every shard's solution (a composable core-set, `sponge.engine.shards`), exchanged as
+shared objects of the store (`selector/<run>/shards/<shard>`): what the table's location holds,
+not a local file, so hosts that share nothing but the store merge the same subset.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,8 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sponge.engine.idmap import RolloutIdMap
-from sponge.files import atomic_write
-from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, load_params, save_params
+from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, params_bytes, selector_from_bytes
 from sponge.selectors.process import HostedSelector, SelectorHost
 
 if TYPE_CHECKING:
@@ -48,7 +47,7 @@ class RunSelection:
                  shard: str | None = None) -> None:
         self.run_id, self.store, self.config, self.host = run_id, store, config, host
         self.partitions, self.shard = partitions, shard
-        self.state_dir = Path(store.root) / "selector" / run_id
+        self.key = f"selector/{run_id}"   # its shared objects: <key>/objective, <key>/shards/<shard>
         self.selector: Selector | HostedSelector | None = None
         self.ids = RolloutIdMap()
         self.references: list[np.ndarray] = []
@@ -62,8 +61,9 @@ class RunSelection:
     def rebuild(self, progress: bool = False) -> None:
         """A new selector over the run's live rollouts in the store (references from disk when saved)."""
         self.references = []
-        if (self.state_dir / "selector.json").exists():
-            self.references = list(load_params(self.state_dir).objective.references)
+        saved = self.store.get_shared(f"{self.key}/objective")
+        if saved is not None:
+            self.references = list(selector_from_bytes(saved).objective.references)
         else:
             for batch in self.store.scan(columns=["embedding"], run=self.run_id):
                 self._collect_references(pa.Table.from_batches([batch]))
@@ -116,23 +116,18 @@ class RunSelection:
         self.changed()
 
     def _fix_objective(self, objective: Objective, params: dict) -> Objective:
-        """Save f's parameters beside the store; in shard mode the first shard to get here fixes f
-        for all (an exclusive claim file, so two shards starting at once cannot both win) and the
-        others load it."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        saved = self.state_dir / "selector.json"
-        if self.shard is not None:
-            try:
-                os.close(os.open(self.state_dir / "objective.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                deadline = time.monotonic() + 30.0   # the claimant writes it right after claiming
-                while not saved.exists() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if saved.exists():
-                    objective = load_params(self.state_dir).objective
-                    self.references = list(objective.references)
-                    return objective
-        save_params(METHODS[self.config.method](objective, **params), self.state_dir)
+        """Save f's parameters as a shared object of the store; in shard mode the first shard to
+        get here, on any host, fixes f for all (a claim only one process wins) and the others load it."""
+        key = f"{self.key}/objective"
+        if self.shard is not None and not self.store.claim_shared(key):
+            deadline = time.monotonic() + 30.0   # the claimant writes it right after claiming
+            while (saved := self.store.get_shared(key)) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if saved is not None:
+                objective = selector_from_bytes(saved).objective
+                self.references = list(objective.references)
+                return objective
+        self.store.put_shared(key, params_bytes(METHODS[self.config.method](objective, **params)))
         return objective
 
     # -- updates ----------------------------------------------------------------------------------
@@ -245,29 +240,26 @@ class RunSelection:
         self.selector = None
 
     # -- shard merging ---------------------------------------------------------------------------------
-    def _shard_dir(self) -> Path:
-        return self.state_dir / "shards"
-
     def _publish_shard_solution(self) -> None:
-        """Write this shard's solution (ids + embeddings) for the others to merge."""
+        """Share this shard's solution (ids + embeddings, Parquet bytes) for the others to merge."""
         table = self.store.rows_by_id(self.ids.strings(self._solution), ["rollout_id", "embedding"])
-        self._shard_dir().mkdir(parents=True, exist_ok=True)
-        atomic_write(self._shard_dir() / f"{self.shard}.parquet", lambda tmp: pq.write_table(table, tmp))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.store.put_shared(f"{self.key}/shards/{self.shard}", sink.getvalue().to_pybytes())
 
     def _merged_subset(self, own: list[str]) -> tuple[list[str], float]:
         from sponge.engine.shards import merge_shard_solutions
 
-        files = sorted(p for p in self._shard_dir().glob("*.parquet")
-                       if p.stem != self.shard) if self._shard_dir().exists() else []
-        key = (self.selection_version, tuple((p.name, p.stat().st_mtime_ns) for p in files))
+        others = {k: t for k, t in self.store.list_shared(f"{self.key}/shards").items()
+                  if k.rsplit("/", 1)[-1] != self.shard}
+        key = (self.selection_version, tuple(sorted(others.items())))
         if self._merged is not None and self._merged[0] == key:
             return self._merged[1], self._merged[2]
         tables = [self.store.rows_by_id(pa.array(own, pa.string()), ["rollout_id", "embedding"])]
-        for path in files:
-            try:
-                tables.append(pq.read_table(path))
-            except FileNotFoundError:
-                continue
+        for shared in sorted(others):
+            blob = self.store.get_shared(shared)
+            if blob is not None:
+                tables.append(pq.read_table(pa.BufferReader(blob)))
         union = pa.concat_tables(tables)
         names = union.column("rollout_id").to_pylist()
         chosen, value = merge_shard_solutions(self.selector.objective,

@@ -10,7 +10,7 @@ parameter persistence), dynamic (the (1/2 - eps) dynamic algorithm), baselines (
 sieve-streaming rerun, random subset).
 """
 
-from sponge.selectors.base import Selector, load_params, save_params
+from sponge.selectors.base import Selector, load_params, params_bytes, save_params, selector_from_bytes
 from sponge.selectors.baselines import (
     LazyGreedyRerun,
     RandomSubset,
@@ -36,5 +36,7 @@ __all__ = [
     "SieveStreamingRerun",
     "lazy_greedy",
     "load_params",
+    "params_bytes",
     "save_params",
+    "selector_from_bytes",
 ]

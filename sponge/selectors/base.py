@@ -14,6 +14,7 @@ all before anything changes.
 
 from __future__ import annotations
 
+import io
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -114,30 +115,39 @@ class Selector(ABC):
 # Persistence of parameters. The state itself is derived: rebuild it by re-inserting the live rollouts.
 
 
-def save_params(selector: Selector, directory: str | Path) -> Path:
-    """Write the selector's method, parameters and objective (scalars + arrays) under `directory`."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+def params_bytes(selector: Selector) -> bytes:
+    """The selector's method, parameters and objective (scalars + arrays) as one .npz blob."""
     scalars, arrays = selector.objective.params()
     meta = {"method": selector.method, "params": selector.params(),
             "objective": type(selector.objective).__name__, "objective_params": scalars}
-    np.savez(d / "objective_arrays.npz", **arrays)
-    # selector.json last and atomically: a reader that sees it finds the arrays complete
-    tmp = d / ".selector.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(d / "selector.json")
+    buffer = io.BytesIO()
+    np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    return buffer.getvalue()
+
+
+def selector_from_bytes(blob: bytes) -> Selector:
+    """A new, empty selector equal in parameters to the one `params_bytes` described."""
+    from sponge.selectors import METHODS  # late import: the methods import this module
+
+    with np.load(io.BytesIO(blob)) as z:
+        meta = json.loads(z["__meta__"].tobytes().decode())
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    if meta["objective"] not in OBJECTIVES or meta["method"] not in METHODS:
+        raise ValueError(f"unknown objective {meta['objective']!r} or method {meta['method']!r}")
+    objective = OBJECTIVES[meta["objective"]].from_params(meta["objective_params"], arrays)
+    return METHODS[meta["method"]](objective, **meta["params"])
+
+
+def save_params(selector: Selector, directory: str | Path) -> Path:
+    """Write the selector's parameters to `directory`/selector.npz (atomically)."""
+    from sponge.files import atomic_write
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / "selector.npz", params_bytes(selector))
     return d
 
 
 def load_params(directory: str | Path) -> Selector:
     """A new, empty selector equal in parameters to the one saved in `directory`."""
-    from sponge.selectors import METHODS  # late import: the methods import this module
-
-    d = Path(directory)
-    meta = json.loads((d / "selector.json").read_text())
-    if meta["objective"] not in OBJECTIVES or meta["method"] not in METHODS:
-        raise ValueError(f"unknown objective {meta['objective']!r} or method {meta['method']!r}")
-    with np.load(d / "objective_arrays.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    objective = OBJECTIVES[meta["objective"]].from_params(meta["objective_params"], arrays)
-    return METHODS[meta["method"]](objective, **meta["params"])
+    return selector_from_bytes((Path(directory) / "selector.npz").read_bytes())
