@@ -218,3 +218,73 @@ def test_serve_on_s3_killed_three_times_loses_nothing_and_stores_nothing_twice(s
     events = [json.loads(line) for line in (tmp_path / "host0" / "serve.log").read_text().splitlines()
               if line.startswith("{")]
     assert any(e.get("event") == "flushed" for e in events)
+
+
+@pytest.mark.slow
+def test_two_hosts_on_s3_select_over_their_partitions_merge_through_the_store_and_survive_one_dying(
+        s3, broker, topic, tmp_path):
+    """Item 4: two `sponge serve --shard` processes, each in its own working directory (as on its own
+    host, sharing nothing but the S3 store and Kafka), in one consumer group: each selects over its
+    partitions, both serve the same global subset merged from what the store holds, and when one
+    dies the other takes its partitions with nothing lost and nothing twice."""
+    import httpx
+    from test_ingest_service import SMALL
+
+    from sponge.streams.synthetic import produce
+
+    uri = location()
+    count, holder = _counter(s3, uri, tmp_path / "reader")
+    hosts = [_serve(broker, topic, uri, s3, tmp_path / f"host-{name}", shard=name, k=8, n_references=32,
+                    session_timeout_ms=SESSION_MS) for name in ("a", "b")]
+    urls = [None, None]
+
+    def url_of(i: int) -> str | None:
+        for line in (tmp_path / f"host-{'ab'[i]}" / "serve.log").read_text(errors="replace").splitlines():
+            if '"event": "http"' in line:
+                return json.loads(line)["url"]
+        return None
+
+    try:
+        _wait(lambda: all(url_of(i) for i in range(2)), 180, "both hosts' HTTP addresses")
+        urls = [url_of(i) for i in range(2)]
+
+        def partitions(i: int) -> list[int]:
+            body = httpx.get(f"{urls[i]}/readyz", timeout=10).json()
+            return body.get("partitions") or []
+
+        _wait(lambda: sorted(partitions(0) + partitions(1)) == [0, 1, 2, 3] and partitions(0) and partitions(1),
+              180, "the group to split the partitions between the two hosts")
+        expected = produce(broker, topic, 1600, seed=411, synthetic=SMALL, rows_per_message=8)["good_ids"]
+        _wait(lambda: count() == len(expected), 180, "every rollout stored")
+
+        def subset(i: int) -> list[str]:
+            answer = httpx.get(f"{urls[i]}/replay/subset", params={"run": "synthetic"}, timeout=30)
+            if answer.status_code == 404:   # the run registers itself once its first rollouts are curated
+                return []
+            assert answer.status_code == 200, answer.text
+            return sorted(answer.json()["rollout_ids"])
+
+        _wait(lambda: subset(0) and subset(0) == subset(1), 120, "both hosts to serve one merged subset")
+        assert len(subset(0)) == 8
+        # Each host selected over its own partitions only: its live count is a strict part of the whole.
+        lives = [httpx.get(f"{u}/runs/synthetic", timeout=10).json()["n_live"] for u in urls]
+        assert all(0 < n < len(expected) for n in lives) and sum(lives) == len(expected)
+        # Shared state lives in the store, not in either working directory.
+        assert holder["store"].get_shared("runs/synthetic") is not None
+        assert len(holder["store"].list_shared("selector/synthetic/shards")) == 2
+
+        hosts[1].send_signal(signal.SIGKILL)                  # host b dies
+        hosts[1].wait(30)
+        _wait(lambda: partitions(0) == [0, 1, 2, 3], 120, "host a to take every partition")
+        more = produce(broker, topic, 800, seed=412, synthetic=SMALL, rows_per_message=8)["good_ids"]
+        _wait(lambda: count() == len(expected | more), 180, "the rollouts sent after host b died")
+        _assert_exactly(holder, expected | more)
+    finally:
+        for proc in hosts:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in hosts:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

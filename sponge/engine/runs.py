@@ -80,7 +80,13 @@ class RunRegistry:
             return {run: rec for run, (_, rec) in sorted(self._cache.items())}
 
     def get(self, run_id: str) -> RunRecord | None:
-        return self.runs().get(run_id)
+        record = self.runs().get(run_id)
+        if record is None:   # not listed yet: created by another process within refresh_s
+            record = self._read(run_id)
+            if record is not None:
+                with self._lock:
+                    self._cache[run_id] = (None, record)
+        return record
 
     def live(self) -> dict[str, RunRecord]:
         return {r: rec for r, rec in self.runs().items() if not rec.deleted}
