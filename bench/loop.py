@@ -31,6 +31,10 @@ from pathlib import Path
 import numpy as np
 
 
+#: The run the synthetic rollouts belong to (sponge.streams.synthetic's default).
+RUN = "synthetic"
+
+
 def drain(poll_once, totals, target: int, timeout_s: float) -> float:
     """Poll until `target` rollouts are durable; seconds from the first message to the last flush."""
     t_first = None
@@ -179,16 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"replay sample n=256:       p50 {p50:.1f} ms  p99 {p99:.1f} ms   "
                   f"(/healthz floor p50 {f50:.1f} ms, p99 {f99:.1f} ms)")
             results.update(sample_p50_ms=p50, sample_p99_ms=p99, healthz_p50_ms=f50, healthz_p99_ms=f99)
-            value_before = server.curator.value()
+            value_before = server.curator.describe_run(RUN)["objective_value"]
             server.close()
 
         # restart: rebuild the selector from the store
         store = server.store
         restarted = Curator(store, CurationConfig(k=args.k, retention_window=None))
         secs = restarted.rebuild(progress=True)
+        rebuilt_value = restarted.describe_run(RUN)["objective_value"]
         print(f"restart: selector rebuilt from {store.count():,} stored rollouts in {secs:.1f}s "
-              f"(f = {restarted.value():.2f} vs {value_before:.2f} before)")
-        results.update(rebuild_seconds=secs, rebuild_value=restarted.value(), value_before=value_before)
+              f"(f = {rebuilt_value:.2f} vs {value_before:.2f} before)")
+        results.update(rebuild_seconds=secs, rebuild_value=rebuilt_value, value_before=value_before)
 
         results.update(scale_out(store, restarted, args.k))
         restarted.close()
@@ -205,7 +210,7 @@ def scale_out(store, curator, k: int) -> dict:
     from sponge.engine.shards import greedy_subset, merge_shard_solutions
     from sponge.selectors import DynamicSelector
 
-    objective = curator.selector.objective
+    objective = curator.selection(RUN).selector.objective
     conn = store.connect()
     rows = conn.sql("SELECT rollout_id, partition, embedding FROM rollouts ORDER BY rollout_id").to_arrow_table()
     emb = embedding_matrix(rows)
@@ -217,7 +222,7 @@ def scale_out(store, curator, k: int) -> dict:
         sel.insert(ids, emb[ids])
         shards.append(sel.solution())
     _, merged_value = merge_shard_solutions(objective, [(s, emb[s]) for s in shards], k)
-    single_value = curator.value()
+    single_value = curator.describe_run(RUN)["objective_value"]
     _, greedy_value = greedy_subset(objective, np.arange(len(emb)), emb, k)
     print(f"scale-out (2 shards):      merged f = {merged_value:.2f}; one selector over all f = {single_value:.2f}; "
           f"lazy greedy over all f = {greedy_value:.2f}  (merged/greedy = {merged_value / greedy_value:.3f})")

@@ -132,6 +132,7 @@ class _Run:
     target_since: float = 0.0
     incomplete_draws: int = 0
     candidate_cache: tuple | None = None
+    subset_cache: tuple | None = None
 
 
 class Curator:
@@ -269,6 +270,16 @@ class Curator:
                 self._host.close()
             self._closed = True
 
+    @property
+    def selector_pid(self) -> int | None:
+        """The selectors' child process, None when they run in this process (or have not started)."""
+        return self._host.pid if self._host is not None else None
+
+    def selection(self, run_id: str) -> RunSelection:
+        """A live run's selection (its selector, objective and id map), e.g. for a benchmark."""
+        with self._lock:
+            return self._run(run_id).selection
+
     def sync(self) -> None:
         """Wait until every selector has applied what it was handed; raises what any of them raised."""
         with self._lock:
@@ -395,7 +406,7 @@ class Curator:
                 del run.expected[v]
             for v in [v for v in run.arrived if v < mark]:
                 del run.arrived[v]
-        run.candidate_cache = None
+        run.candidate_cache = run.subset_cache = None
         return retired
 
     def lower_retention(self, run_id: str, version: int) -> int:
@@ -406,7 +417,7 @@ class Curator:
             restored = self.store.lower_retirement(version, run=run_id)
             run.target_mark = None
             run.selection.rebuild()
-            run.candidate_cache = None
+            run.candidate_cache = run.subset_cache = None
             return restored
 
     # -- removal -------------------------------------------------------------------------------------
@@ -419,7 +430,7 @@ class Curator:
             self._removed_ids.add(gone)
             for run in self._runs.values():
                 if run.selection.forget(gone):
-                    run.candidate_cache = None
+                    run.candidate_cache = run.subset_cache = None
             return removal
 
     # -- replay ----------------------------------------------------------------------------------------
@@ -491,10 +502,17 @@ class Curator:
         """The subset's rows of a run, each with its advantage over its whole stored group."""
         with self._lock:
             run_id = self.resolve_run(run_id)
-            ids = pa.array(self._run(run_id).selection.subset_ids(), pa.string())
-        groups = with_group_columns(self.store.group_rows(run_id, ids, 0, np.iinfo(np.int64).max),
-                                    drop_no_signal=False)
-        return groups.filter(pc.is_in(groups.column("rollout_id"), value_set=ids)).select(list(CANDIDATE_COLUMNS))
+            run = self._run(run_id)
+            subset = run.selection.subset_ids()
+            key = ("subset", run.selection.selection_version, tuple(subset))
+            if run.subset_cache is not None and run.subset_cache[0] == key:
+                return run.subset_cache[1]   # read from the store once per selection version
+            ids = pa.array(subset, pa.string())
+            groups = with_group_columns(self.store.group_rows(run_id, ids, 0, np.iinfo(np.int64).max),
+                                        drop_no_signal=False)
+            rows = groups.filter(pc.is_in(groups.column("rollout_id"), value_set=ids)).select(list(CANDIDATE_COLUMNS))
+            run.subset_cache = (key, rows)
+            return rows
 
     def sample(self, n: int, weighting: str = "uniform", seed: int | None = None,
                run_id: str | None = None) -> pa.Table:
