@@ -68,6 +68,7 @@ from sponge.contract import REPLAY_COLUMNS
 from sponge.engine.idmap import RolloutIdSet, first_occurrence
 from sponge.engine.sql import QueryResult, SqlLimits
 from sponge.engine.sql_worker import SqlWorkers
+from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir
 from sponge.record import (
     DEAD_LETTER_SCHEMA,
     DEFAULT_EMBEDDING_DIM,
@@ -104,7 +105,6 @@ TOMBSTONES_DIR = "tombstones"
 DEAD_LETTERS_DIR = "dead_letters"
 REPLAY_DIR = "replay"
 LOCKS_DIR = "_locks"
-TEMP_SUFFIX = ".tmp"
 
 TOMBSTONE_SCHEMA = pa.schema([
     pa.field("rollout_id", pa.string(), nullable=False),
@@ -280,7 +280,7 @@ class ParquetRolloutStore:
                 )
             return
         body = json.dumps({"format_version": STORE_FORMAT_VERSION, "embedding_dim": self.embedding_dim}, indent=2)
-        _atomic_write_bytes(path, body.encode())
+        atomic_write(path, body.encode())
 
     # ------------------------------------------------------------------ writing rollouts
 
@@ -501,7 +501,7 @@ class ParquetRolloutStore:
 
     def _write_marks(self, marks: dict[str, int]) -> None:
         body = json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}, sort_keys=True)
-        _atomic_write_bytes(self.root / RETIRED_NAME, body.encode())
+        atomic_write(self.root / RETIRED_NAME, body.encode())
         self._refresh_index()
 
     def _count_run_below(self, run: str, version: int) -> int:
@@ -550,7 +550,7 @@ class ParquetRolloutStore:
                 rows_removed += rows
                 removed += 1
             for directory in {path.parent for path, *_ in segments}:
-                _fsync_dir(directory)   # one fsync per directory, not per file
+                fsync_dir(directory)   # one fsync per directory, not per file
         return removed, rows_removed, freed
 
     def compact(self, guard: AbstractContextManager | None = None) -> CompactionResult:
@@ -652,7 +652,7 @@ class ParquetRolloutStore:
         for path in files:
             path.unlink(missing_ok=True)
             self._known_files.pop(str(path), None)
-        _fsync_dir(merged.parent)
+        fsync_dir(merged.parent)
         return len(files)
 
     # ------------------------------------------------------------------ other files
@@ -1030,36 +1030,19 @@ class ParquetRolloutStore:
             os.close(fd)
 
     def _write_parquet(self, table: pa.Table, path: Path) -> None:
-        """Write `table` to `path` atomically: temp file in the same directory, fsync, rename."""
-        tmp = path.parent / f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
+        """Write `table` to `path` atomically (sponge.files.atomic_write: temp file, fsync, rename)."""
         is_rollouts = "embedding" in table.schema.names
-        try:
-            codec, level = self.config.compression, self.config.compression_level
-            if set(self.config.uncompressed_columns) & set(table.schema.names):
-                packed = [n for n in table.schema.names if n not in self.config.uncompressed_columns]
-                codec = {n: ("none" if n in self.config.uncompressed_columns else codec) for n in table.schema.names}
-                level = None if level is None else {n: level for n in packed}
-            pq.write_table(
-                table,
-                tmp,
-                compression=codec,
-                compression_level=level,
-                row_group_size=self.config.row_group_size,
-                # Dictionary encoding pays for repeated strings, not for floats or token ids.
-                use_dictionary=["prompt_id", "run_id", "topic", "prompt"] if is_rollouts else True,
-                write_statistics=(["rollout_id", "prompt_id", "run_id", "reward", "created_at", "topic",
-                                   "partition", "offset", "ingested_at"] if is_rollouts else True),
-            )
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        codec, level = self.config.compression, self.config.compression_level
+        if set(self.config.uncompressed_columns) & set(table.schema.names):
+            packed = [n for n in table.schema.names if n not in self.config.uncompressed_columns]
+            codec = {n: ("none" if n in self.config.uncompressed_columns else codec) for n in table.schema.names}
+            level = None if level is None else {n: level for n in packed}
+        atomic_write(path, lambda tmp: pq.write_table(
+            table, tmp, compression=codec, compression_level=level, row_group_size=self.config.row_group_size,
+            # Dictionary encoding pays for repeated strings, not for floats or token ids.
+            use_dictionary=["prompt_id", "run_id", "topic", "prompt"] if is_rollouts else True,
+            write_statistics=(["rollout_id", "prompt_id", "run_id", "reward", "created_at", "topic",
+                               "partition", "offset", "ingested_at"] if is_rollouts else True)))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1207,24 +1190,6 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1268,7 +1233,7 @@ def migrate(root: str | os.PathLike, progress: bool = False) -> int:
             tmp = target.parent / f".{target.name}~migrate{TEMP_SUFFIX}"
             pq.write_table(part, tmp, compression="zstd")
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         path.unlink()
         try:
             path.parent.rmdir()
@@ -1279,6 +1244,6 @@ def migrate(root: str | os.PathLike, progress: bool = False) -> int:
         below = json.loads(retired.read_text()).get("below")
         if below is not None:
             marks = {run: _check_version(int(below), "retention mark") for run in runs}
-            _atomic_write_bytes(retired, json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}).encode())
-    _atomic_write_bytes(manifest, json.dumps({**body, "format_version": STORE_FORMAT_VERSION}, indent=2).encode())
+            atomic_write(retired, json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}).encode())
+    atomic_write(manifest, json.dumps({**body, "format_version": STORE_FORMAT_VERSION}, indent=2).encode())
     return len(old)

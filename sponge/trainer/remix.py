@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 
 from sponge.contract import ReplaySource, tokenizer_fingerprint
+from sponge.files import atomic_write
 from sponge.groups import group_advantages, has_signal
 
 from .config import ReMixConfig
@@ -461,10 +462,8 @@ class ReMixTrainer:
             "guard": copy.deepcopy(self.guard.state), "collapses": self.collapses,
             "source": None if self.replay is None else self.replay.state_dict(),
         }
-        tmp = directory / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(directory / "state.pt")
-        (directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        atomic_write(directory / "state.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(directory / "config.json", json.dumps(self.config.to_dict(), indent=2).encode())
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> None:
