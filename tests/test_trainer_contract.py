@@ -16,7 +16,6 @@ from sponge.trainer import (
     DiverseReplayPool,
     FIFOReplayPool,
     RandomReplayPool,
-    SelectorReplayPool,
     draw_groups,
     rollouts_table,
 )
@@ -45,7 +44,6 @@ POOLS = {
     "fifo": lambda: FIFOReplayPool(window=2),
     "random": lambda: RandomReplayPool(window=2, capacity=3, seed=0),
     "curated": lambda: CuratedReplayPool(window=2, capacity=3, seed=0),
-    "selector": lambda: SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0),
     "diverse": lambda: DiverseReplayPool(window=2, capacity=6),
 }
 

@@ -220,24 +220,3 @@ def _digit_groups(rng, n_groups, version, group=4, success=None):
         run_id="run")
 
 
-def test_selector_pool_inserts_deletes_with_the_window_and_caps():
-    pytest.importorskip("sponge.selectors")
-    from sponge.trainer import SelectorReplayPool
-
-    rng = np.random.default_rng(0)
-    pool = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
-    pool.register("run", "fp")
-    pool.send(_digit_groups(rng, 3, 0, success=[0, 4, 0]))   # no signal at all: nothing kept
-    assert len(pool) == 0 and pool.candidates(1).num_rows == 0
-    for v in range(4):
-        pool.send(_digit_groups(rng, 3, v, success=[2, 4, 1]))   # the middle group carries no signal
-        pool.report_version(v + 1)
-    assert len(pool) == 2 * 8                                # zero-variance groups never enter
-    rows = pool.candidates(4, unit="rollout")
-    assert 0 < rows.num_rows <= 6
-    assert set(rows.column("policy_version").to_pylist()) <= {2, 3}
-    assert pool.selector.stats()["n_live"] == 16             # versions 0, 1 deleted; 2, 3 live (8 each)
-    state = pool.state_dict()
-    again = SelectorReplayPool(window=2, capacity=6, n_references=16, seed=0)
-    again.load_state_dict(state)                              # rebuilt from its rows (checkpoint path)
-    assert again.candidates(4).num_rows > 0 and again.version == 4

@@ -6,7 +6,7 @@ Public API:
 - losses:     `sponge.trainer.losses` (PPO clip, decoupled PPO, Mix-PPG, KL-Convex, entropy, aggregation);
               GRPO advantages are `sponge.groups.group_advantages`
 - replay:     the in-process `sponge.contract.ReplaySource` pools (`FIFOReplayPool`, `RandomReplayPool`,
-              `CuratedReplayPool`, `SelectorReplayPool`, `DiverseReplayPool`), `ReplaySampler`,
+              `CuratedReplayPool`, `DiverseReplayPool`), `ReplaySampler`,
               `draw_groups`, `rollouts_table`; the density ratios and off-policy corrections (TIS, MIS,
               IcePop, geometric mask) in `sponge.trainer.density_ratio`
 - guard:      `CollapseGuard`
@@ -37,7 +37,6 @@ from .replay import (
     ReplayDraw,
     ReplaySampler,
     ReplaySource,
-    SelectorReplayPool,
     draw_groups,
     make_pool,
     rollouts_table,
@@ -61,7 +60,6 @@ __all__ = [
     "ReplaySampler",
     "ReplaySource",
     "ReverseTask",
-    "SelectorReplayPool",
     "Task",
     "TinyModelConfig",
     "TransformersGenerator",

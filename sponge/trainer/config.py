@@ -62,10 +62,9 @@ class ReMixConfig:
     policy_loss: Literal["decoupled", "mix_ppg"] = "decoupled"
     #: Where replay comes from: "fifo" (every signal group of the window), "random" (a random
     #: subset of pool_capacity groups of the window), "curated" (groups chosen by learning signal,
-    #: diversity and staleness through sponge.selectors' dynamic selector), "selector" (single
-    #: rollouts chosen by the dynamic selector's facility location, the previous curated pool),
-    #: "diverse" (dedupe + farthest point, no selector).
-    replay_pool: Literal["fifo", "random", "curated", "selector", "diverse"] = "fifo"
+    #: diversity and staleness through sponge.selectors' dynamic selector) or "diverse" (dedupe +
+    #: farthest point, no selector).
+    replay_pool: Literal["fifo", "random", "curated", "diverse"] = "fifo"
     #: Draw replay as whole GRPO groups ("group") or as single rollouts ("rollout").
     replay_unit: Literal["group", "rollout"] = "group"
     #: Curated/random/selector pool size (groups for "curated" and "random", rollouts otherwise).

@@ -14,7 +14,6 @@ never kept (no learning signal). They differ only in which of those groups they 
                         facility location of group embeddings plus a learning-signal term (the
                         group's reward std, largest at success ½), with a staleness-decayed draw
                         weight travelling with the rows.
-- `SelectorReplayPool`: single rollouts chosen by the dynamic selector (the earlier curated pool).
 - `DiverseReplayPool`:  dedupe + drop + greedy farthest point, no selector.
 
 A candidate table has `sponge.contract.CANDIDATE_COLUMNS` and, from the curated pool, `draw_weight`
@@ -56,7 +55,6 @@ __all__ = [
     "ReplayDraw",
     "ReplaySampler",
     "ReplaySource",
-    "SelectorReplayPool",
     "char_position_embedding",
     "draw_groups",
     "farthest_point_subset",
@@ -417,64 +415,6 @@ class DiverseReplayPool(FIFOReplayPool):
         return _whole_groups(window, table, self.unit)
 
 
-class SelectorReplayPool(FIFOReplayPool):
-    """Single rollouts of the window chosen by sponge's fully dynamic submodular selector: facility
-    location over rollout embeddings (top-`neighbours` references each) plus λ·|advantage|. The
-    earlier curated pool, kept for comparison. With unit "group" the chosen rollouts' whole groups
-    are offered."""
-
-    def __init__(self, window: int = 2, capacity: int = 128, n_references: int = 128, neighbours: int = 16,
-                 quality_weight: float = 0.1, eps: float = 0.2, seed: int = 0):
-        super().__init__(window)
-        self.capacity, self.n_references, self.neighbours = capacity, n_references, neighbours
-        self.quality_weight, self.eps, self.seed = quality_weight, eps, seed
-        self.selector = None
-        self.ids: dict[str, int] = {}
-        self._next_id = 0
-        self.unit = "group"
-
-    def _added(self, rows: pa.Table) -> None:
-        from sponge.selectors import DynamicSelector, FacilityLocation
-
-        names = rows.column("rollout_id").to_pylist()
-        new = [i for i, r in enumerate(names) if r not in self.ids]
-        if not new:
-            return
-        rows = rows.take(pa.array(new))
-        emb = _embed(rows)
-        if self.selector is None:
-            rng = np.random.default_rng(self.seed)
-            refs = emb[rng.choice(len(emb), size=min(self.n_references, len(emb)), replace=False)]
-            objective = FacilityLocation(refs, m=self.neighbours, quality_weight=self.quality_weight)
-            self.selector = DynamicSelector(objective, k=self.capacity, eps=self.eps, seed=self.seed)
-        ids = np.arange(self._next_id, self._next_id + rows.num_rows, dtype=np.int64)
-        self._next_id += rows.num_rows
-        self.ids.update(zip(rows.column("rollout_id").to_pylist(), ids.tolist()))
-        quality = np.abs(rows.column("advantage").to_numpy()).astype(np.float32)
-        self.selector.insert(ids, emb, quality=quality)
-
-    def _evicted(self, rows: pa.Table) -> None:
-        gone = [self.ids.pop(r) for r in rows.column("rollout_id").to_pylist() if r in self.ids]
-        if gone and self.selector is not None:
-            self.selector.delete(np.array(gone, dtype=np.int64))
-
-    def clear(self) -> None:
-        super().clear()
-        self.selector, self.ids = None, {}
-
-    def candidates(self, version: int, unit: Unit = "group") -> pa.Table:
-        self.unit = unit
-        return super().candidates(version, unit)
-
-    def _choose(self, window: pa.Table, version: int) -> pa.Table:
-        if self.selector is None:
-            return window.slice(0, 0)
-        chosen_ids = {int(i) for i in self.selector.solution()}
-        chosen = [r for r, i in self.ids.items() if i in chosen_ids]
-        rows = window.filter(pc.is_in(window.column("rollout_id"), value_set=pa.array(chosen, pa.string())))
-        return _whole_groups(window, rows, self.unit)
-
-
 def make_pool(config) -> ReplaySource:
     """The in-process pool a `ReMixConfig` names (replay_pool, replay_window, pool_capacity, ...)."""
     kind = config.replay_pool
@@ -483,8 +423,6 @@ def make_pool(config) -> ReplaySource:
     if kind == "curated":
         return CuratedReplayPool(config.replay_window, config.pool_capacity, config.curation_quality_weight,
                                  config.curation_staleness_decay, seed=config.seed)
-    if kind == "selector":
-        return SelectorReplayPool(config.replay_window, config.pool_capacity * config.group_size, seed=config.seed)
     if kind == "diverse":
         return DiverseReplayPool(config.replay_window, config.pool_capacity * config.group_size)
     return FIFOReplayPool(config.replay_window)
