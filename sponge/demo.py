@@ -119,10 +119,7 @@ def _subset_diversity(curator, run_id: str) -> float:
     ids = curator.subset_ids(run_id)
     if len(ids) < 2:
         return float("nan")
-    conn = curator.store.connect()
-    conn.register("ids", pa.table({"rollout_id": pa.array(ids, pa.string())}))
-    emb = conn.sql("SELECT embedding FROM rollouts JOIN ids USING (rollout_id)").to_arrow_table()
-    x = embedding_matrix(emb)
+    x = embedding_matrix(curator.store.rows_by_id(ids, ["embedding"]))
     x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
     sims = x @ x.T
     n = len(x)
@@ -130,10 +127,10 @@ def _subset_diversity(curator, run_id: str) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from sponge.engine.api import ApiConfig
     from sponge.client import ServiceReplaySource
+    from sponge.engine.api import ApiConfig
     from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import CurationServer, ServerConfig
+    from sponge.engine.server import ServerConfig, serve_in_thread
     from sponge.engine.service import IngestConfig
     from sponge.streams.broker import EmbeddedBroker
     from sponge.trainer import (
@@ -171,39 +168,32 @@ def run_demo(cfg: DemoConfig) -> dict:
                                 store_path=str(out / "store"), partitions=2, log_level="WARNING"),
             curation=CurationConfig(k=cfg.k, seed=cfg.seed),
             api=ApiConfig(port=0))
-        server = CurationServer(server_cfg)
-        stop = threading.Event()
-        service_thread = threading.Thread(target=server.run, args=(stop,), name="sponge-service", daemon=True)
-        service_thread.start()
-        if not server.ready.wait(120):
-            raise RuntimeError("the service did not become ready within 120 s")
-        timeline = Timeline(server).start()
-        source = ServiceReplaySource(server.http.url, broker.bootstrap, "rollouts",
-                                     window=remix_cfg.replay_window)
-        try:
-            print(f"[3/5] ReMix with curated replay: rollouts → Kafka → store → selector → replay "
-                  f"(service at {server.http.url})")
-            trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
-                                   replay_source=source, output_dir=out / "runs" / "remix-curated")
-            histories["remix-curated"] = trainer.history   # filled as it trains: an interrupt keeps it
-            trainer.train()
-            if cfg.baseline:
-                print("[4/5] on-policy GRPO baseline from the same weights and seed")
-                grpo = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task,
-                                    ReMixConfig.grpo(rollout_budget=cfg.rollout_budget, seed=cfg.seed),
-                                    output_dir=out / "runs" / "grpo")
-                histories["grpo"] = grpo.history
-                grpo.train()
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: stopping the service and writing the report from what was recorded")
-        finally:
-            source.close()
-            timeline.stop()
-            if source.run_id is not None:   # the service's view of the run, before it stops
-                summary["service"] = server.curator.describe_run(source.run_id)
-            stop.set()
-            service_thread.join(timeout=60)
+        with serve_in_thread(server_cfg) as server:
+            timeline = Timeline(server).start()
+            source = ServiceReplaySource(server.http.url, broker.bootstrap, "rollouts",
+                                         window=remix_cfg.replay_window)
+            try:
+                print(f"[3/5] ReMix with curated replay: rollouts → Kafka → store → selector → replay "
+                      f"(service at {server.http.url})")
+                trainer = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task, remix_cfg,
+                                       replay_source=source, output_dir=out / "runs" / "remix-curated")
+                histories["remix-curated"] = trainer.history   # filled as it trains: an interrupt keeps it
+                trainer.train()
+                if cfg.baseline:
+                    print("[4/5] on-policy GRPO baseline from the same weights and seed")
+                    grpo = ReMixTrainer(copy.deepcopy(base_model), tokenizer, task,
+                                        ReMixConfig.grpo(rollout_budget=cfg.rollout_budget, seed=cfg.seed),
+                                        output_dir=out / "runs" / "grpo")
+                    histories["grpo"] = grpo.history
+                    grpo.train()
+            except KeyboardInterrupt:
+                interrupted = True
+                print("\ninterrupted: stopping the service and writing the report from what was recorded")
+            finally:
+                source.close()
+                timeline.stop()
+                if source.run_id is not None:   # the service's view of the run, before it stops
+                    summary["service"] = server.curator.describe_run(source.run_id)
         summary["ingest"] = dataclasses.asdict(server.ingest.totals)
         summary["store"] = server.store.stats()
 

@@ -153,11 +153,10 @@ def test_records_round_trip_through_the_tensordict_layout():
 @pytest.fixture
 def service(broker, topic, tmp_path):
     """`sponge serve` in a thread on the test's topic."""
-    import threading
 
     from sponge.engine.api import ApiConfig
     from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import CurationServer, ServerConfig
+    from sponge.engine.server import ServerConfig, serve_in_thread
     from sponge.engine.service import IngestConfig
 
     config = ServerConfig(
@@ -166,15 +165,8 @@ def service(broker, topic, tmp_path):
                             create_topics=False, log_level="WARNING"),
         curation=CurationConfig(k=8, n_references=32, snapshot_interval_s=0.0, batch_wait_s=0.2),
         api=ApiConfig(port=0))
-    server = CurationServer(config)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-    thread.start()
-    assert server.ready.wait(120), "service never became ready"
-    yield server
-    stop.set()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "service did not stop on its stop event"
+    with serve_in_thread(config) as server:
+        yield server
 
 
 def test_a_torchrl_buffer_over_the_service(service, broker, topic):

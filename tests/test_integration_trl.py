@@ -257,11 +257,10 @@ def test_bad_configuration_is_refused_in_one_line():
 @pytest.fixture
 def service(broker, topic, tmp_path):
     """`sponge serve` in a thread: ingest from the test's topic, curation with a small selector."""
-    import threading
 
     from sponge.engine.api import ApiConfig
     from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import CurationServer, ServerConfig
+    from sponge.engine.server import ServerConfig, serve_in_thread
     from sponge.engine.service import IngestConfig
 
     config = ServerConfig(
@@ -270,15 +269,8 @@ def service(broker, topic, tmp_path):
                             create_topics=False, log_level="WARNING"),
         curation=CurationConfig(k=8, n_references=32, snapshot_interval_s=0.0, batch_wait_s=0.2),
         api=ApiConfig(port=0))
-    server = CurationServer(config)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-    thread.start()
-    assert server.ready.wait(120), "service never became ready"
-    yield server
-    stop.set()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "service did not stop on its stop event"
+    with serve_in_thread(config) as server:
+        yield server
 
 
 def test_trl_trains_on_replay_from_the_service(setup, service, broker, topic, tmp_path):

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import threading
-
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from helpers import wait_for
 
-from sponge.engine.api import ApiConfig
 from sponge.client import ServiceClient, ServiceReplaySource
+from sponge.engine.api import ApiConfig
 from sponge.engine.curation import CurationConfig
-from sponge.engine.server import CurationServer, ServerConfig
+from sponge.engine.server import ServerConfig, serve_in_thread
 from sponge.engine.service import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import synthetic_rollouts
@@ -27,15 +25,8 @@ def running_server(broker, topic, tmp_path):
                             create_topics=False, log_level="WARNING"),
         curation=CurationConfig(k=8, n_references=32, retention_window=1, snapshot_interval_s=0.0),
         api=ApiConfig(port=0), compact_interval_s=1.0)
-    server = CurationServer(config)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-    thread.start()
-    assert server.ready.wait(60), "service never became ready"
-    yield server
-    stop.set()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "service did not stop on its stop event"
+    with serve_in_thread(config) as server:
+        yield server
 
 
 def test_missing_embeddings_are_computed_with_minilm(running_server, broker, topic):
@@ -55,7 +46,14 @@ def test_missing_embeddings_are_computed_with_minilm(running_server, broker, top
 
 
 def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
-    from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
+    from sponge.trainer import (
+        CharTokenizer,
+        ReMixConfig,
+        ReMixTrainer,
+        build_tiny_model,
+        make_task,
+        warm_start,
+    )
 
     server = running_server
     task = make_task("reverse")

@@ -3,14 +3,14 @@ Each keeps a selector over its own partitions; the replay subset is greedy over 
 
 from __future__ import annotations
 
-import threading
+import contextlib
 
 from helpers import wait_for
 
-from sponge.engine.api import ApiConfig
 from sponge.client import ServiceClient
+from sponge.engine.api import ApiConfig
 from sponge.engine.curation import CurationConfig, Curator
-from sponge.engine.server import CurationServer, ServerConfig
+from sponge.engine.server import ServerConfig, serve_in_thread
 from sponge.engine.service import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
@@ -18,19 +18,15 @@ from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 def test_two_shards_split_the_partitions_and_merge_their_subsets(broker, topic, tmp_path):
     store_path = tmp_path / "store"
-    servers, threads, stop = [], [], threading.Event()
+    stack = contextlib.ExitStack()
+    servers = []
     for shard in ("a", "b"):
         config = ServerConfig(
             ingest=IngestConfig(bootstrap_servers=broker, topic=topic, group_id=f"g-{topic}",
                                 store_path=str(store_path), flush_interval_s=0.2, session_timeout_ms=6000,
                                 create_topics=False, log_level="WARNING"),
             curation=CurationConfig(k=16, n_references=64, shard=shard, seed=1), api=ApiConfig(port=0))
-        server = CurationServer(config)
-        thread = threading.Thread(target=server.run, args=(stop,), daemon=True)
-        thread.start()
-        assert server.ready.wait(60)
-        servers.append(server)
-        threads.append(thread)
+        servers.append(stack.enter_context(serve_in_thread(config)))
     try:
         wait_for(lambda: all(s.curator.partitions for s in servers)
                  and set().union(*(s.curator.partitions for s in servers)) == {0, 1, 2, 3}
@@ -59,6 +55,4 @@ def test_two_shards_split_the_partitions_and_merge_their_subsets(broker, topic, 
         for c in clients:
             c.close()
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        stack.close()

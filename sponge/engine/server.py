@@ -24,7 +24,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -324,6 +325,44 @@ class CurationServer:
                 self.http.stop()
                 if self.curator is not None:
                     self.curator.close()
+
+
+@contextmanager
+def serve_in_thread(config: ServerConfig, ready_timeout_s: float = 180.0) -> Iterator[CurationServer]:
+    """Run the service on a thread of this process until the block ends (a notebook, a test, the demo):
+
+        with serve_in_thread(ServerConfig(api=ApiConfig(port=0))) as server:
+            client = ServiceClient(server.http.url)
+
+    Waits until the service is ready (raises if it is not within `ready_timeout_s`); on leaving it
+    flushes, commits and stops, and raises if it did not stop within a minute."""
+    server = CurationServer(config)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="sponge-service", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not server.ready.wait(0.2):
+            if failure:
+                raise failure[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service was not ready within {ready_timeout_s:g} s: {server.ready.reason()}")
+        yield server
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    if thread.is_alive():
+        raise RuntimeError("the service did not stop within 60 s of its stop event")
+    if failure:
+        raise failure[0]
 
 
 # ---- command line --------------------------------------------------------------------------------
