@@ -42,8 +42,13 @@ def test_two_shards_split_the_partitions_and_merge_their_subsets(broker, topic, 
         assert min(s.curator.describe()["n_live"] for s in servers) > 0
         # The global subset: both shards answer the same merge of both solutions.
         clients = [ServiceClient(s.http.url) for s in servers]
-        subsets = [sorted(c.subset().column("rollout_id").to_pylist()) for c in clients]
-        assert subsets[0] == subsets[1] and len(subsets[0]) == 16
+        # Each shard publishes its solution to the store after its own selection step, so for a moment
+        # one shard may merge the other's previous solution: the two answers converge, they are not
+        # instantly equal.
+        def subsets() -> list[list[str]]:
+            return [sorted(c.subset().column("rollout_id").to_pylist()) for c in clients]
+        wait_for(lambda: (lambda s: s[0] == s[1])(subsets()), 60, "both shards to serve the same merged subset")
+        assert len(subsets()[0]) == 16
         merged_value = servers[0].curator.describe_run("synthetic")["objective_value"]
         single = Curator(store, CurationConfig(k=16, n_references=64, seed=1))   # one selector, all data
         single.rebuild()
