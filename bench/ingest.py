@@ -83,7 +83,7 @@ def service_run(bootstrap: str, topic: str, store_path: str, messages: int, roll
     `store_kind`: "delta" (the store at `store_path`, a directory or s3:// with `store_env`) or
     "parquet" (the format-2 Parquet-segment store it replaced, for comparison)."""
     os.environ.update(store_env)
-    from sponge.engine.service import IngestConfig, IngestService
+    from sponge.service.ingest import IngestConfig, IngestService
 
     samples, stop = [], threading.Event()
     threading.Thread(target=_rss_sampler, args=(interval_s, samples, stop), daemon=True).start()
@@ -91,7 +91,7 @@ def service_run(bootstrap: str, topic: str, store_path: str, messages: int, roll
                           store_path=store_path, create_topics=False, session_timeout_ms=6000, **settings)
     store = None
     if store_kind == "parquet":
-        from sponge.engine.store import ParquetRolloutStore
+        from sponge.store import ParquetRolloutStore
 
         store = ParquetRolloutStore(store_path, embedding_dim=settings["embedding_dim"])
     service = IngestService(config, store=store).start()

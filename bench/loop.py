@@ -65,7 +65,7 @@ def cpu_seconds(selector_pid: int | None = None) -> np.ndarray:
 
 def run_alone(config, rollouts: int) -> tuple[float, np.ndarray]:
     """(a): plain ingest; returns (rollouts/s, CPU us/rollout [service, selector (0), broker])."""
-    from sponge.engine.service import IngestService
+    from sponge.service.ingest import IngestService
 
     service = IngestService(config).start()
     cpu0 = cpu_seconds()
@@ -79,7 +79,7 @@ def run_curated(config, rollouts: int, close: bool):
     """(b): the curation server (ingest + selector process + HTTP); ends when every rollout is
     durable *and* inside the selector. Returns (rollouts/s, stored/s, CPU us/rollout [service,
     selector, broker], the server if still open)."""
-    from sponge.engine.server import CurationServer
+    from sponge.service.server import CurationServer
 
     server = CurationServer(config).start()
     selector_pid = server.curator.selector_pid
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from sponge.engine.api import ApiConfig
-    from sponge.engine.curation import CurationConfig, Curator
-    from sponge.engine.server import ServerConfig
-    from sponge.engine.service import IngestConfig, configure_json_logging
+    from sponge.service.api import ApiConfig
+    from sponge.service.curation import CurationConfig, Curator
+    from sponge.service.server import ServerConfig
+    from sponge.service.ingest import IngestConfig, configure_json_logging
     from sponge.streams.broker import EmbeddedBroker, create_topic
     from sponge.streams.synthetic import produce
 
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def scale_out(store, curator, k: int) -> dict:
     """Two shard selectors (by partition) merged greedily, against one selector over everything."""
-    from sponge.engine.curation import embedding_matrix
-    from sponge.engine.shards import greedy_subset, merge_shard_solutions
+    from sponge.service.curation import embedding_matrix
+    from sponge.service.shards import greedy_subset, merge_shard_solutions
     from sponge.selectors import DynamicSelector
 
     objective = curator.selection(RUN).selector.objective

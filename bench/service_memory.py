@@ -23,10 +23,10 @@ import tracemalloc
 import psutil
 import pyarrow as pa
 
-from sponge.engine.api import ApiConfig
-from sponge.engine.curation import CurationConfig
-from sponge.engine.server import CurationServer, ServerConfig
-from sponge.engine.service import IngestConfig
+from sponge.service.api import ApiConfig
+from sponge.service.curation import CurationConfig
+from sponge.service.server import CurationServer, ServerConfig
+from sponge.service.ingest import IngestConfig
 from sponge.streams.broker import EmbeddedBroker, create_topic
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts

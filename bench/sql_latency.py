@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sponge.engine.sql import run_read_only
-from sponge.engine.store import RolloutStore
+from sponge.store.sql import run_read_only
+from sponge.store import RolloutStore
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 QUERY = "SELECT policy_version, count(*) AS n, avg(reward) AS r FROM rollouts GROUP BY 1 ORDER BY 1"
 
 OLD_CLI = """
 import sys
-from sponge.engine.sql import run_read_only
-from sponge.engine.sql_cli import format_table
-from sponge.engine.store import RolloutStore
+from sponge.store.sql import run_read_only
+from sponge.store.sql_cli import format_table
+from sponge.store import RolloutStore
 store = RolloutStore.open(sys.argv[1])
 limits = store.config.sql_limits
 result = run_read_only(sys.argv[2], setup_sql=store.view_sql(), allowed_dir=store.root, limits=limits)

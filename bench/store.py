@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from sponge.engine.delta_store import DeltaRolloutStore, DeltaStoreConfig
-from sponge.engine.store import ParquetRolloutStore
+from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig
+from sponge.store import ParquetRolloutStore
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 

@@ -15,9 +15,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("sponge.streams.broker", "run the embedded Kafka-compatible broker in the foreground"),
     "produce": ("sponge.streams.synthetic", "send synthetic rollouts (optionally malformed ones) to a topic"),
-    "serve": ("sponge.engine.server", "run the service: ingest from Kafka, curate the replay subset, serve replay over HTTP"),
-    "sql": ("sponge.engine.sql_cli", "run a read-only SQL query over the rollout store"),
-    "store": ("sponge.engine.store_cli", "look after a rollout store: stats, migrate an older format, lower a retention mark"),
+    "serve": ("sponge.service.server", "run the service: ingest from Kafka, curate the replay subset, serve replay over HTTP"),
+    "sql": ("sponge.store.sql_cli", "run a read-only SQL query over the rollout store"),
+    "store": ("sponge.store.cli", "look after a rollout store: stats, migrate an older format, lower a retention mark"),
     "train": ("sponge.trainer.cli", "train a tiny model on a toy task with ReMix or GRPO"),
     "demo": ("sponge.demo", "the end-to-end demo: broker, service and trainer on a toy task"),
 }

@@ -114,7 +114,7 @@ class Timeline:
 
 def _subset_diversity(curator, run_id: str) -> float:
     """Mean pairwise cosine distance inside the replay subset (0 = identical, 1 = orthogonal)."""
-    from sponge.engine.curation import embedding_matrix
+    from sponge.service.curation import embedding_matrix
 
     ids = curator.subset_ids(run_id)
     if len(ids) < 2:
@@ -128,10 +128,10 @@ def _subset_diversity(curator, run_id: str) -> float:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from sponge.client import ServiceReplaySource
-    from sponge.engine.api import ApiConfig
-    from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import ServerConfig, serve_in_thread
-    from sponge.engine.service import IngestConfig
+    from sponge.service.api import ApiConfig
+    from sponge.service.curation import CurationConfig
+    from sponge.service.server import ServerConfig, serve_in_thread
+    from sponge.service.ingest import IngestConfig
     from sponge.streams.broker import EmbeddedBroker
     from sponge.trainer import (
         CharTokenizer,

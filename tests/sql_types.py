@@ -1,5 +1,5 @@
 """One query returning every kind of DuckDB value, and the JSON both `sponge sql --format json`
-and `POST /sql` must give for it (the forms are documented in sponge/engine/sql_json.py)."""
+and `POST /sql` must give for it (the forms are documented in sponge/store/sql_json.py)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import functools
 
 import pytest
 
-from sponge.engine.delta_store import DeltaRolloutStore, DeltaStoreConfig
-from sponge.engine.store import ParquetRolloutStore, StoreConfig
+from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig
+from sponge.store import ParquetRolloutStore, StoreConfig
 
 IMPLEMENTATIONS = {"parquet": ParquetRolloutStore, "delta": DeltaRolloutStore}
 

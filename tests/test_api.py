@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from sponge.engine.api import ApiConfig, ApiServer, create_app
+from sponge.service.api import ApiConfig, ApiServer, create_app
 from sponge.client import ServiceClient, ServiceError
-from sponge.engine.curation import CurationConfig, Curator
-from sponge.engine.store import RolloutStore
+from sponge.service.curation import CurationConfig, Curator
+from sponge.store import RolloutStore
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 TOKEN = "s3cret"

@@ -31,7 +31,7 @@ import duckdb
 import pytest
 from helpers import wait_for
 
-from sponge.engine.store import RolloutStore
+from sponge.store import RolloutStore
 from sponge.streams.broker import EmbeddedBroker, create_topic, free_port
 from sponge.streams.codec import ARROW_CONTENT_TYPE
 from sponge.streams.producer import RolloutProducer

@@ -29,7 +29,7 @@ def test_serve_on_a_store_of_another_format_says_how_to_migrate(tmp_path):
 def test_serve_with_a_corrupt_retention_mark_is_a_final_one_line_error(tmp_path):
     from deltalake import DeltaTable
 
-    from sponge.engine.store import RolloutStore
+    from sponge.store import RolloutStore
 
     RolloutStore(tmp_path)
     DeltaTable(str(tmp_path / "rollouts")).alter.set_table_properties(   # a mark beyond int64, set by hand
@@ -47,8 +47,8 @@ def test_sql_and_store_on_a_missing_store_say_where_they_looked(tmp_path):
 
 
 def test_every_command_shares_one_default_store_path():
-    from sponge.engine.service import IngestConfig
-    from sponge.engine.store import DEFAULT_STORE_PATH
+    from sponge.service.ingest import IngestConfig
+    from sponge.store import DEFAULT_STORE_PATH
 
     assert IngestConfig().store_path == DEFAULT_STORE_PATH
     for command in ("sql", "store"):

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from sponge.engine.curation import CurationConfig, Curator, embedding_matrix, group_has_signal
-from sponge.engine.runs import RunError
-from sponge.engine.shards import greedy_subset
-from sponge.engine.store import RolloutStore, SegmentWrite
+from sponge.service.curation import CurationConfig, Curator, embedding_matrix, group_has_signal
+from sponge.service.runs import RunError
+from sponge.service.shards import greedy_subset
+from sponge.store import RolloutStore, SegmentWrite
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 

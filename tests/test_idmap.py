@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from sponge.engine.idmap import RolloutIdMap
+from sponge.store.idmap import RolloutIdMap
 
 
 def test_ids_round_trip_in_batches_and_unknown_ones_are_minus_one():
@@ -42,7 +42,7 @@ def test_empty_inputs():
 
 
 def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing():
-    from sponge.engine.idmap import RolloutIdSet
+    from sponge.store.idmap import RolloutIdSet
 
     removed = RolloutIdSet()
     removed.add(pa.array([f"r{i}" for i in range(0, 5000, 2)]))
@@ -60,7 +60,7 @@ def test_id_set_membership_in_batches_and_a_first_hash_collision_hides_nothing()
 
 
 def test_id_set_tags_let_retention_drop_a_runs_old_versions_only():
-    from sponge.engine.idmap import RolloutIdSet
+    from sponge.store.idmap import RolloutIdSet
 
     index = RolloutIdSet()
     index.add([f"a{v}" for v in range(5)][:2], run=1, version=0)

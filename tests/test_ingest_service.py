@@ -27,10 +27,10 @@ from sponge.streams.dlq import read_dead_letters
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import MALFORMED_KINDS, SyntheticConfig, produce, synthetic_rollouts
 
-store_module = pytest.importorskip("sponge.engine.store", reason="the store (sponge/engine/store.py) is not there yet")
+store_module = pytest.importorskip("sponge.store", reason="the store (sponge/store/) is not there yet")
 RolloutStore = store_module.RolloutStore
 
-from sponge.engine.service import IngestConfig, IngestService  # noqa: E402
+from sponge.service.ingest import IngestConfig, IngestService  # noqa: E402
 
 DIM = 384
 SMALL = SyntheticConfig(embedding_dim=DIM, response_tokens=40, prompt_tokens=10, group_size=8)
@@ -348,7 +348,7 @@ def test_config_precedence_file_env_flags(tmp_path):
     import argparse
 
     from sponge.config import ConfigError, load
-    from sponge.engine.server import ServerConfig, add_arguments
+    from sponge.service.server import ServerConfig, add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -154,10 +154,10 @@ def test_records_round_trip_through_the_tensordict_layout():
 def service(broker, topic, tmp_path):
     """`sponge serve` in a thread on the test's topic."""
 
-    from sponge.engine.api import ApiConfig
-    from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import ServerConfig, serve_in_thread
-    from sponge.engine.service import IngestConfig
+    from sponge.service.api import ApiConfig
+    from sponge.service.curation import CurationConfig
+    from sponge.service.server import ServerConfig, serve_in_thread
+    from sponge.service.ingest import IngestConfig
 
     config = ServerConfig(
         ingest=IngestConfig(bootstrap_servers=broker, topic=topic, group_id=f"g-{topic}",

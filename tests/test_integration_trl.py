@@ -258,10 +258,10 @@ def test_bad_configuration_is_refused_in_one_line():
 def service(broker, topic, tmp_path):
     """`sponge serve` in a thread: ingest from the test's topic, curation with a small selector."""
 
-    from sponge.engine.api import ApiConfig
-    from sponge.engine.curation import CurationConfig
-    from sponge.engine.server import ServerConfig, serve_in_thread
-    from sponge.engine.service import IngestConfig
+    from sponge.service.api import ApiConfig
+    from sponge.service.curation import CurationConfig
+    from sponge.service.server import ServerConfig, serve_in_thread
+    from sponge.service.ingest import IngestConfig
 
     config = ServerConfig(
         ingest=IngestConfig(bootstrap_servers=broker, topic=topic, group_id=f"g-{topic}",

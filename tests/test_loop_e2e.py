@@ -9,10 +9,10 @@ import pytest
 from helpers import wait_for
 
 from sponge.client import ServiceClient, ServiceReplaySource
-from sponge.engine.api import ApiConfig
-from sponge.engine.curation import CurationConfig
-from sponge.engine.server import ServerConfig, serve_in_thread
-from sponge.engine.service import IngestConfig
+from sponge.service.api import ApiConfig
+from sponge.service.curation import CurationConfig
+from sponge.service.server import ServerConfig, serve_in_thread
+from sponge.service.ingest import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import synthetic_rollouts
 
@@ -96,7 +96,7 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_the_server_can_cap_malloc_arenas():
-    from sponge.engine.server import ServerConfig, limit_malloc_arenas
+    from sponge.service.server import ServerConfig, limit_malloc_arenas
 
     assert ServerConfig().malloc_arenas == 2
     assert limit_malloc_arenas(2) is True

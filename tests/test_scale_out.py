@@ -8,10 +8,10 @@ import contextlib
 from helpers import wait_for
 
 from sponge.client import ServiceClient
-from sponge.engine.api import ApiConfig
-from sponge.engine.curation import CurationConfig, Curator
-from sponge.engine.server import ServerConfig, serve_in_thread
-from sponge.engine.service import IngestConfig
+from sponge.service.api import ApiConfig
+from sponge.service.curation import CurationConfig, Curator
+from sponge.service.server import ServerConfig, serve_in_thread
+from sponge.service.ingest import IngestConfig
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 

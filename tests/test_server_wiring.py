@@ -1,4 +1,4 @@
-"""How `sponge serve` puts its parts together (sponge.engine.server), on a real broker: settings from
+"""How `sponge serve` puts its parts together (sponge.service.server), on a real broker: settings from
 flags reach the part they configure, a waiting trainer hurries ingest and selection, readiness
 follows the parts, and /metrics carries the per-run figures."""
 
@@ -11,7 +11,7 @@ import httpx
 from helpers import wait_for
 
 from sponge.client import ServiceClient
-from sponge.engine.server import ServerConfig, add_arguments, config_from_args, serve_in_thread
+from sponge.service.server import ServerConfig, add_arguments, config_from_args, serve_in_thread
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import synthetic_rollouts
 

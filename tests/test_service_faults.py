@@ -15,10 +15,10 @@ import urllib.request
 import pytest
 from helpers import wait_for
 
-from sponge.engine.api import ApiConfig
-from sponge.engine.curation import CurationConfig, Curator
-from sponge.engine.server import CurationServer, ServerConfig
-from sponge.engine.service import IngestConfig
+from sponge.service.api import ApiConfig
+from sponge.service.curation import CurationConfig, Curator
+from sponge.service.server import CurationServer, ServerConfig
+from sponge.service.ingest import IngestConfig
 from sponge.streams.broker import EmbeddedBroker, free_port
 from sponge.streams.codec import ARROW_CONTENT_TYPE
 from sponge.streams.dlq import read_dead_letters
@@ -186,7 +186,7 @@ def test_offsets_wait_for_the_dead_letter_queue(broker, topic, tmp_path):
     and says why. A service with a working DLQ then reads everything again and commits it."""
     from kafka import KafkaAdminClient, TopicPartition
 
-    from sponge.engine.service import IngestService
+    from sponge.service.ingest import IngestService
 
     send(broker, topic, synthetic_rollouts(32, seed=5, config=SMALL, id_prefix="held"))
     bad_message(broker, topic, b"held")

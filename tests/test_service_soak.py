@@ -24,7 +24,7 @@ import psutil
 import pytest
 from test_ingest_service import _serve, _wait
 
-from sponge.engine.store import RolloutStore
+from sponge.store import RolloutStore
 from sponge.streams.producer import RolloutProducer
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 

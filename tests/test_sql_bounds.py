@@ -26,9 +26,9 @@ from helpers import wait_for
 from sql_types import TYPES_JSON, TYPES_QUERY
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.sql import SqlBusy, SqlLimitError, SqlLimits, SqlUnavailable
-from sponge.engine.sql_worker import SqlWorkers
-from sponge.engine.store import RolloutStore
+from sponge.store.sql import SqlBusy, SqlLimitError, SqlLimits, SqlUnavailable
+from sponge.store.sql_worker import SqlWorkers
+from sponge.store import RolloutStore
 
 DIM = 384   # the service opens the store with its default embedding dimension
 MiB = 2**20
@@ -69,7 +69,7 @@ def store_root(tmp_path_factory):
 #: no flag), so a query can outlive the shutdown it must not delay.
 SERVE = """
 import dataclasses, sys
-from sponge.engine import server
+from sponge.service import server
 make = server.config_from_args
 def config_from_args(args):
     config = make(args)
@@ -114,7 +114,7 @@ class Service:
 
     def query_children(self) -> list[psutil.Process]:
         """The fork server's children: the warm spare and the queries running."""
-        servers = [c for c in self.ps.children() if "sponge.engine.sql_worker" in " ".join(c.cmdline())]
+        servers = [c for c in self.ps.children() if "sponge.store.sql_worker" in " ".join(c.cmdline())]
         return [c for s in servers for c in s.children()]
 
     def stop(self, timeout_s: float = 60) -> float:
@@ -310,7 +310,7 @@ def test_the_fork_server_keeps_one_thread():
     with SqlWorkers() as workers:
         assert run(workers, "SELECT 1 AS x").table.to_pylist() == [{"x": 1}]
         server = psutil.Process(workers._servers[0].process.pid)
-        assert "sponge.engine.sql_worker" in " ".join(server.cmdline())
+        assert "sponge.store.sql_worker" in " ".join(server.cmdline())
         assert server.num_threads() == 1
 
 

@@ -12,7 +12,7 @@ import pytest
 from test_store_fixtures import make_rollouts
 
 from sponge.cli import main
-from sponge.engine.store import RolloutStore
+from sponge.store import RolloutStore
 
 DIM = 8
 

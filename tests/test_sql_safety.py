@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.sql import (
+from sponge.store.sql import (
     SqlError,
     SqlLimits,
     check_read_only,
     open_locked_connection,
 )
-from sponge.engine.store import RolloutStore, StoreConfig
+from sponge.store import RolloutStore, StoreConfig
 
 DIM = 8
 

@@ -15,12 +15,12 @@ import pytest
 from deltalake import DeltaTable
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.delta_store import (
+from sponge.store.delta import (
     DeltaRolloutStore,
     DeltaStoreConfig,
     migrate_to_delta,
 )
-from sponge.engine.store import ParquetRolloutStore, StoreError
+from sponge.store import ParquetRolloutStore, StoreError
 
 DIM = 8
 

@@ -14,8 +14,8 @@ import pytest
 from deltalake import DeltaTable
 from test_store_fixtures import make_rollouts
 
-import sponge.engine.store as store_module
-from sponge.engine.store import (
+import sponge.store.parquet as store_module
+from sponge.store import (
     ParquetRolloutStore,
     RolloutStore,
     StoreConfig,
@@ -401,7 +401,7 @@ def test_a_store_of_another_format_or_none_at_all_is_a_clear_error(tmp_path):
 
 def test_a_format_1_store_migrates_in_place_to_delta_tables_with_its_rows_and_retention(tmp_path, capsys):
     from sponge.cli import main
-    from sponge.engine.store import stored_schema
+    from sponge.record import stored_schema
 
     store = ParquetRolloutStore(tmp_path, embedding_dim=DIM)
     a = make_rollouts(30, dim=DIM, policy_versions=(0, 1, 2))

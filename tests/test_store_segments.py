@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_store_fixtures import make_rollouts
 
-from sponge.engine.delta_store import DeltaRolloutStore
-from sponge.engine.store import (
-    REPLAY_SCHEMA,
+from sponge.store.delta import DeltaRolloutStore
+from sponge.store.common import REPLAY_SCHEMA
+from sponge.store import (
     ParquetRolloutStore,
     RolloutStore,
     StoreError,

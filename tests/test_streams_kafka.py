@@ -123,7 +123,7 @@ def test_letter_id_the_store_computes_for_old_files_matches_the_python_one(tmp_p
     """Files written before letter ids existed have no letter_id column: the dead_letters view
     computes it in SQL, and it must be the id the service puts on new letters, or a replayed
     letter would show twice across an upgrade."""
-    from sponge.engine.store import RolloutStore
+    from sponge.store import RolloutStore
 
     letters = [DeadLetter("rollouts", 3, 17, b"\x00\xffbytes"), DeadLetter("rollouts", 0, 5, None)]
     old = dead_letters_table(letters).drop_columns(["letter_id"])

@@ -1,4 +1,4 @@
-"""The curation worker (sponge.engine.worker) over a real curator and store: batching, kicks, drains,
+"""The curation worker (sponge.service.worker) over a real curator and store: batching, kicks, drains,
 backpressure, and recovery from a curator failure without stopping its caller."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 from helpers import wait_for
 
-from sponge.engine.curation import SELECTION_COLUMNS, CurationConfig, Curator
-from sponge.engine.store import RolloutStore
-from sponge.engine.worker import CurationWorker
+from sponge.service.curation import SELECTION_COLUMNS, CurationConfig, Curator
+from sponge.store import RolloutStore
+from sponge.service.worker import CurationWorker
 from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 RUN = "synthetic"

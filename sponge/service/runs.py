@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sponge.engine.store import MAX_VERSION, RUN_ID_RE, StoreError
+from sponge.store import MAX_VERSION, RUN_ID_RE, StoreError
 
 __all__ = ["RunError", "RunRecord", "RunRegistry"]
 

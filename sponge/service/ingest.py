@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sponge import record
-from sponge.engine.metrics import IngestMetrics
-from sponge.engine.store import DEFAULT_STORE_PATH
+from sponge.service.metrics import IngestMetrics
+from sponge.store import DEFAULT_STORE_PATH
 from sponge.record import RecordError, Violation
 from sponge.streams.codec import decode
 from sponge.streams.dlq import DeadLetter, DeadLetterPublisher, dead_letters_table, dlq_topic_for
@@ -247,7 +247,7 @@ class IngestService:
                  on_assign: Callable[[set[int]], None] | None = None):
         self.config = config
         if store is None:
-            from sponge.engine.store import RolloutStore
+            from sponge.store import RolloutStore
 
             store = RolloutStore(config.store_path, embedding_dim=config.embedding_dim)
         self.store = store

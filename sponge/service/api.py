@@ -5,7 +5,7 @@ turns bad input into a 4xx with a message that says what to fix; nothing a clien
 sends can stop the service. Replay travels as an Arrow IPC stream (candidates with their
 `group_id` and `advantage`; legacy samples with a `weight` column beside the rows).
 
-Runs (one per training run; `sponge.engine.runs`):
+Runs (one per training run; `sponge.service.runs`):
 
     POST   /runs                      {"run_id", "fingerprint", "window"?} → 201 new / 200 resumed
     GET    /runs                      every live run, described
@@ -34,13 +34,13 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from sponge.engine.runs import RunError
-from sponge.engine.store import MAX_VERSION, StoreError
+from sponge.service.runs import RunError
+from sponge.store import MAX_VERSION, StoreError
 from sponge.streams.codec import ARROW_CONTENT_TYPE, encode_arrow
 
 if TYPE_CHECKING:
-    from sponge.engine.curation import Curator
-    from sponge.engine.store import RolloutStore
+    from sponge.service.curation import Curator
+    from sponge.store import RolloutStore
 
 
 @dataclass
@@ -236,7 +236,7 @@ def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
                             headers={"x-sponge-selection-version": str(cur.selection_version(run))})
         return JSONResponse(content={"rollout_ids": cur.subset_ids(run), **cur.describe_run(run)})
 
-    from sponge.engine.sql_worker import SqlWorkers
+    from sponge.store.sql_worker import SqlWorkers
 
     app.state.sql_workers = SqlWorkers(store.config.sql_limits)   # ApiServer.stop() kills what runs
 
@@ -244,7 +244,7 @@ def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
     def sql(req: SqlRequest) -> Response:
         """Run in a bounded child process. 400: refused or failed; 422: a time, memory or result-size
         limit stopped it; 429: max_concurrent queries already run; 503: shutting down or retry."""
-        from sponge.engine.sql import SqlBusy, SqlError, SqlLimitError, SqlUnavailable
+        from sponge.store.sql import SqlBusy, SqlError, SqlLimitError, SqlUnavailable
 
         try:
             table = store.query(req.query, max_rows=min(req.max_rows, config.max_sql_rows),
@@ -298,8 +298,8 @@ def _token_ok(request: Request, token: str) -> bool:
 
 
 def _jsonable(table: pa.Table) -> list[dict]:
-    # The one encoder `sponge sql --format json` uses too: every DuckDB type (sponge.engine.sql_json).
-    from sponge.engine.sql_json import json_rows
+    # The one encoder `sponge sql --format json` uses too: every DuckDB type (sponge.store.sql_json).
+    from sponge.store.sql_json import json_rows
 
     return json_rows(table)
 

@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sponge.engine import service as ingest
-from sponge.engine.api import ApiConfig, ApiServer, create_app
-from sponge.engine.curation import SELECTION_COLUMNS, CurationConfig, Curator
-from sponge.engine.delta_store import DeltaStoreConfig
-from sponge.engine.worker import CurationWorker
+from sponge.service import ingest
+from sponge.service.api import ApiConfig, ApiServer, create_app
+from sponge.service.curation import SELECTION_COLUMNS, CurationConfig, Curator
+from sponge.store.delta import DeltaStoreConfig
+from sponge.service.worker import CurationWorker
 
 HELP = "run the service: ingest rollouts from Kafka, curate the replay subset, serve it over HTTP"
 
@@ -93,7 +93,7 @@ class MissingEmbeddings:
     @property
     def embedder(self):
         if self._embedder is None:
-            from sponge.engine.embedder import EmbedderConfig, TextEmbedder
+            from sponge.service.embedder import EmbedderConfig, TextEmbedder
 
             embedder = TextEmbedder(EmbedderConfig(model_path=self.model_path))
             if embedder.dim != self.dim:
@@ -197,7 +197,7 @@ class CurationServer:
     """Ingest + curation + HTTP in one process; `run(stop_event)` until stopped."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from sponge.engine.store import RolloutStore
+        from sponge.store import RolloutStore
 
         if config.malloc_arenas:
             limit_malloc_arenas(config.malloc_arenas)
@@ -382,7 +382,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.engine.store import StoreError
+    from sponge.store import StoreError
 
     try:
         config = config_from_args(args)

@@ -1,7 +1,7 @@
 """Curation: per run, keep the replay subset current as rollouts arrive, go stale and are removed,
 and hand trainers their replay candidates.
 
-The `Curator` composes, for every live run (`sponge.engine.runs`):
+The `Curator` composes, for every live run (`sponge.service.runs`):
 
 - selection (`RunSelection`): the dynamic selector over the run's live rollouts;
 - retention: the trainer's version reports retire the run's versions older than current − window
@@ -33,16 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sponge.contract import CANDIDATE_COLUMNS
-from sponge.engine.idmap import RolloutIdSet
-from sponge.engine.runs import RunError, RunRecord, RunRegistry, check_run_id, check_version
-from sponge.engine.selection import SELECTION_COLUMNS, RunSelection, embedding_matrix, group_has_signal
-from sponge.engine.store import DEFAULT_RUN, Removal
+from sponge.store.idmap import RolloutIdSet
+from sponge.service.runs import RunError, RunRecord, RunRegistry, check_run_id, check_version
+from sponge.service.selection import SELECTION_COLUMNS, RunSelection, embedding_matrix, group_has_signal
+from sponge.store import DEFAULT_RUN, Removal
 from sponge.groups import with_group_columns
 from sponge.selectors import METHODS
 from sponge.selectors.process import SelectorHost
 
 if TYPE_CHECKING:
-    from sponge.engine.store import RolloutStore, SegmentWrite
+    from sponge.store import RolloutStore, SegmentWrite
 
 __all__ = ["SELECTION_COLUMNS", "Candidates", "CurationConfig", "Curator", "embedding_matrix",
            "group_has_signal"]

@@ -40,7 +40,7 @@ How today's promises map onto Delta:
   (files no snapshot of the last `vacuum_retention_hours` needs), a checkpoint and log cleanup, so
   the log stays short.
 * SQL: each reader registers the tables' current files as Arrow datasets on its own in-memory
-  DuckDB connection (`sponge.engine.datasets`); the views `rollouts`, `tombstones`,
+  DuckDB connection (`sponge.store.datasets`); the views `rollouts`, `tombstones`,
   `dead_letters`, `replay_subset`, `segments` select from them. User SQL runs in a bounded child
   process that gets the same dataset descriptions.
 """
@@ -79,11 +79,11 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from sponge.contract import REPLAY_COLUMNS
-from sponge.engine.datasets import DatasetSpec, FileSystemSpec
-from sponge.engine.idmap import RolloutIdSet, first_occurrence
-from sponge.engine.sql import QueryResult
-from sponge.engine.sql_worker import SqlWorkers
-from sponge.engine.store import (
+from sponge.store.datasets import DatasetSpec, FileSystemSpec
+from sponge.store.idmap import RolloutIdSet, first_occurrence
+from sponge.store.sql import QueryResult
+from sponge.store.sql_worker import SqlWorkers
+from sponge.store.common import (
     DEFAULT_RUN,
     MANIFEST_NAME,
     REPLAY_SCHEMA,
@@ -93,15 +93,15 @@ from sponge.engine.store import (
     SegmentWrite,
     StoreConfig,
     StoreError,
-    _as_string_array,
-    _check_run,
-    _check_topic,
-    _check_version,
-    _mark_of_each_row,
-    _quote_ident,
-    _sql_str,
+    as_string_array,
+    check_run,
+    check_topic,
+    check_version,
+    mark_of_each_row,
+    quote_ident,
+    sql_str,
 )
-from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir
+from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
 from sponge.record import (
     DEAD_LETTER_SCHEMA,
     DEFAULT_EMBEDDING_DIM,
@@ -410,7 +410,7 @@ class DeltaRolloutStore:
         offset, all or nothing.
         """
         rows = self._conform_rows(rows)
-        _check_topic(topic)
+        check_topic(topic)
         partition, first_offset, last_offset = int(partition), int(first_offset), int(last_offset)
         if partition < 0 or first_offset < 0 or last_offset < first_offset:
             raise StoreError(f"bad segment range: partition={partition}, offsets {first_offset}-{last_offset} "
@@ -446,7 +446,7 @@ class DeltaRolloutStore:
                 marks = self._marks_of(self._writer)
                 current = np.ones(rows.num_rows, bool)
                 if marks and rows.num_rows:
-                    current = pc.greater_equal(rows.column("policy_version"), _mark_of_each_row(
+                    current = pc.greater_equal(rows.column("policy_version"), mark_of_each_row(
                         rows.column("run_id"), marks)).to_numpy(zero_copy_only=False)
                 keep = current & first & ~self._index.contains_hashed(all_h1, all_h2)
                 retired = _counts_by_run(rows, ~current)
@@ -490,7 +490,7 @@ class DeltaRolloutStore:
 
         Recorded in the same commit as the segment, so a consumer that seeks to this + 1 after a
         restart neither skips nor repeats a committed range (repeats would be skipped anyway)."""
-        _check_topic(topic)
+        check_topic(topic)
         with self._read_lock:
             reader = self._readers[ROLLOUTS]
             reader.update_incremental()
@@ -519,7 +519,7 @@ class DeltaRolloutStore:
         if run_id.null_count:   # a rollout that names no run belongs to the default one
             rows = rows.set_column(rows.schema.get_field_index("run_id"), expected.field("run_id"),
                                    pc.fill_null(run_id, DEFAULT_RUN))
-        from sponge.engine.store import RUN_ID_RE
+        from sponge.store.common import RUN_ID_RE
 
         bad = pc.invert(pc.match_substring_regex(rows.column("run_id"), RUN_ID_RE.pattern))
         if pc.any(bad).as_py():
@@ -652,7 +652,7 @@ class DeltaRolloutStore:
         for key, value in table.metadata().configuration.items():
             if key.startswith(MARK_PREFIX) and value not in (None, "", "0"):
                 try:
-                    out[_check_run(key[len(MARK_PREFIX):])] = _check_version(int(value), "retention mark")
+                    out[check_run(key[len(MARK_PREFIX):])] = check_version(int(value), "retention mark")
                 except (ValueError, StoreError) as exc:
                     raise StoreError(f"unreadable retention mark {key}={value!r} on the rollouts table: {exc}; "
                                      "mend it with `sponge store retention --run R --lower-to V`") from None
@@ -727,7 +727,7 @@ class DeltaRolloutStore:
         hold (never stored, retired or already removed) come back in `Removal.unknown`."""
         if not isinstance(reason, str) or not reason:
             raise StoreError("delete needs a non-empty reason")
-        ids = pc.drop_null(_as_string_array(rollout_ids))
+        ids = pc.drop_null(as_string_array(rollout_ids))
         ids = pc.unique(ids.filter(pc.not_equal(ids, "")))
         if len(ids) == 0:
             return Removal(0, [])
@@ -796,7 +796,7 @@ class DeltaRolloutStore:
 
     def live_ids(self, rollout_ids: Sequence[str] | pa.Array) -> pa.Array:
         """Those of `rollout_ids` that are live rollouts in the store (distinct)."""
-        return self._live_rows(_as_string_array(rollout_ids)).column("rollout_id").combine_chunks()
+        return self._live_rows(as_string_array(rollout_ids)).column("rollout_id").combine_chunks()
 
     def _purge(self, dead: pa.Table, guard: AbstractContextManager | None = None) -> tuple[int, int, int, int, int]:
         """Delete rows (rollout_id, run_id, policy_version) from the rollouts table: each file that holds
@@ -878,8 +878,8 @@ class DeltaRolloutStore:
         """Retention: drop every rollout of `run` with policy_version < `version` from every view at
         once, refuse such rows from now on, and delete them from the table (a partition-predicate
         delete). The mark only rises. Returns how many live rollouts were retired."""
-        version = _check_version(version, "retention mark")
-        _check_run(run)
+        version = check_version(version, "retention mark")
+        check_run(run)
         with self._lock:
             self._writer.update_incremental()
             marks = self._marks_of(self._writer)
@@ -900,7 +900,7 @@ class DeltaRolloutStore:
                 try:
                     with guard if guard is not None else nullcontext():
                         result = table.delete(
-                            f"run_id = {_sql_str(run)} AND policy_version < {int(version)}",
+                            f"run_id = {sql_str(run)} AND policy_version < {int(version)}",
                             commit_properties=CommitProperties(custom_metadata={
                                 "sponge.operation": "retire", "sponge.run": run, "sponge.below": str(version)}))
                     if not self._loc.remote:
@@ -918,8 +918,8 @@ class DeltaRolloutStore:
         versions between the new and the old mark that VACUUM has not deleted yet are put back in
         the table (Delta time travel); the others are gone for good. Returns how many rollouts came
         back into the views."""
-        version = _check_version(version, "retention mark")
-        _check_run(run)
+        version = check_version(version, "retention mark")
+        check_run(run)
         with self._lock:
             self._writer.update_incremental()
             old = self._marks_of(self._writer).get(run)
@@ -1177,9 +1177,6 @@ class DeltaRolloutStore:
             return 0
         import socket
 
-        from sponge.engine.store import (
-            _pid_alive,  # the writer-liveness test the Parquet store used
-        )
 
         removed, host, now = 0, socket.gethostname(), time.time()
         for path in Path(self._loc.uri).rglob(f".*{TEMP_SUFFIX}"):
@@ -1191,7 +1188,7 @@ class DeltaRolloutStore:
                 age = now - path.stat().st_mtime
             except FileNotFoundError:
                 continue
-            dead = writer_host == host and writer_pid.isdigit() and not _pid_alive(int(writer_pid))
+            dead = writer_host == host and writer_pid.isdigit() and not pid_alive(int(writer_pid))
             if dead or age > self.config.stale_temp_age_s:
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -1236,9 +1233,9 @@ class DeltaRolloutStore:
     def _views(self, marks: dict[str, int]) -> list[str]:
         dim = self.embedding_dim
         columns = ", ".join(f"CAST(embedding AS FLOAT[{dim}]) AS embedding" if f.name == "embedding"
-                            else _quote_ident(f.name) for f in self._stored_schema)
+                            else quote_ident(f.name) for f in self._stored_schema)
         # Retention, per run: a predicate on the partition columns, so the scan skips those files.
-        retired = " OR ".join(f"(run_id = {_sql_str(run)} AND policy_version < {int(mark)})"
+        retired = " OR ".join(f"(run_id = {sql_str(run)} AND policy_version < {int(mark)})"
                               for run, mark in sorted(marks.items()))
         where = f"WHERE NOT ({retired}) AND " if retired else "WHERE "
         n = DATASET_NAMES
@@ -1252,7 +1249,7 @@ class DeltaRolloutStore:
             "value, received_at, coalesce(letter_id, concat_ws('/', topic, partition, \"offset\", "
             f"left(sha256(coalesce(value, ''::BLOB)), 32))) AS letter_id FROM {n[DEAD_LETTERS]}) "
             "QUALIFY row_number() OVER (PARTITION BY letter_id ORDER BY received_at) = 1"),
-            (f"CREATE OR REPLACE VIEW replay_subset AS SELECT {', '.join(_quote_ident(c) for c in REPLAY_SCHEMA.names)} "
+            (f"CREATE OR REPLACE VIEW replay_subset AS SELECT {', '.join(quote_ident(c) for c in REPLAY_SCHEMA.names)} "
             f"FROM {n[REPLAY]}"),
             f"CREATE OR REPLACE VIEW segments AS SELECT file, run_id, policy_version, rows, bytes FROM {n['segments']}",
         ]
@@ -1300,7 +1297,7 @@ class DeltaRolloutStore:
               workers: SqlWorkers | None = None) -> QueryResult:
         """Run user SQL read-only within the configured bounds; returns the table and whether it was cut.
 
-        The query runs in a child process (`sponge.engine.sql_worker`) with an address-space limit
+        The query runs in a child process (`sponge.store.sql_worker`) with an address-space limit
         and a SIGKILL at the deadline; it opens the same table files as Arrow datasets."""
         limits = self.config.sql_limits.narrowed(max_rows=max_rows, timeout_s=timeout_s)
         if workers is None:
@@ -1313,7 +1310,7 @@ class DeltaRolloutStore:
         """Run user SQL read-only (single SELECT, store tables only, bounded rows/time/memory).
 
         The result's schema metadata has `sponge.truncated` = b"true" when rows were cut off.
-        Raises sponge.engine.sql.SqlError with a one-line reason when refused or failed.
+        Raises sponge.store.sql.SqlError with a one-line reason when refused or failed.
         """
         return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
 
@@ -1324,8 +1321,8 @@ class DeltaRolloutStore:
         target = pa.schema([self._stored_schema.field(c) for c in names])
         conn = self.connect()
         try:
-            where = "" if run is None else f" WHERE run_id = {_sql_str(_check_run(run))}"
-            reader = conn.sql(f"SELECT {', '.join(_quote_ident(c) for c in names)} FROM rollouts{where}"
+            where = "" if run is None else f" WHERE run_id = {sql_str(check_run(run))}"
+            reader = conn.sql(f"SELECT {', '.join(quote_ident(c) for c in names)} FROM rollouts{where}"
                               ).to_arrow_reader(int(batch_size))
             for batch in reader:
                 if batch.num_rows:
@@ -1345,8 +1342,8 @@ class DeltaRolloutStore:
         names = self._check_columns(columns)
         conn = self.connect()
         try:
-            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
             return conn.sql(f"SELECT {cols} FROM rollouts r JOIN (SELECT DISTINCT rollout_id FROM wanted) "
                             "USING (rollout_id) ORDER BY r.rollout_id").to_arrow_table()
         finally:
@@ -1359,14 +1356,14 @@ class DeltaRolloutStore:
         names = self._check_columns(list(columns))
         conn = self.connect()
         try:
-            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
             return conn.sql(
                 f"WITH g AS (SELECT DISTINCT prompt_id, policy_version FROM rollouts JOIN wanted USING (rollout_id) "
                 "WHERE run_id = $1 AND policy_version >= $2 AND policy_version < $3) "
                 f"SELECT {cols} FROM rollouts r JOIN g USING (prompt_id, policy_version) WHERE r.run_id = $1 "
                 "ORDER BY r.policy_version, r.prompt_id, r.rollout_id",
-                params=[_check_run(run), int(low), int(high)]).to_arrow_table()
+                params=[check_run(run), int(low), int(high)]).to_arrow_table()
         finally:
             conn.close()
 
@@ -1375,7 +1372,7 @@ class DeltaRolloutStore:
         conn = self.connect()
         try:
             rows = conn.execute("SELECT policy_version, count(*) FROM rollouts WHERE run_id = $1 GROUP BY 1",
-                                [_check_run(run)]).fetchall()
+                                [check_run(run)]).fetchall()
         finally:
             conn.close()
         return {int(v): int(n) for v, n in rows}
@@ -1538,8 +1535,8 @@ def migrate_to_delta(root: str | os.PathLike, target: str | os.PathLike | None =
 
     from tqdm.auto import tqdm
 
-    from sponge.engine.store import RETIRED_NAME, ParquetRolloutStore
-    from sponge.engine.store import migrate as migrate_format1
+    from sponge.store.parquet import RETIRED_NAME, ParquetRolloutStore
+    from sponge.store.parquet import migrate as migrate_format1
 
     root = Path(root).resolve()
     manifest = root / MANIFEST_NAME

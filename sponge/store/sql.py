@@ -14,7 +14,7 @@ caller down:
    off, and ``lock_configuration=true`` freezes all of that for the rest of the connection.
 3. The engine's bounds: ``memory_limit`` and ``threads`` per query, a row bound (at most
    ``max_rows`` rows come back, flagged as truncated) and a result-size bound.
-4. The operating system's bounds (`sponge.engine.sql_worker`): layers 1-3 run in a child
+4. The operating system's bounds (`sponge.store.sql_worker`): layers 1-3 run in a child
    process with an address-space limit, killed with SIGKILL at the deadline, so an allocation
    DuckDB does not count (a list from ``range(10^9)``, ``repeat('x', 10^9)``) or a plan that
    never checks for interruption cannot grow or stall the caller.
@@ -230,14 +230,14 @@ def open_locked_connection(
     The setup statements are trusted (they create the views); after them nothing can read
     outside `allowed_dir`, load extensions, spill to disk or change any setting. `conn`: a
     fresh `new_connection()` to lock (by default one is made). `datasets`: Arrow datasets
-    (`sponge.engine.datasets` specs or their JSON, by name) registered before the views, which
+    (`sponge.store.datasets` specs or their JSON, by name) registered before the views, which
     select from them; they stay readable after the lock (pyarrow reads their files, not DuckDB).
     """
     allowed = str(Path(allowed_dir).resolve()).rstrip("/") + "/"
     conn = conn if conn is not None else new_connection()
     try:
         if datasets:
-            from sponge.engine.datasets import register_datasets
+            from sponge.store.datasets import register_datasets
 
             register_datasets(conn, datasets)
         for statement in setup_sql:
@@ -262,7 +262,7 @@ def run_read_only(
     """Check `query`, run it on a fresh locked connection within `limits`, return Arrow.
 
     This runs in the calling process, bounded by DuckDB alone (layers 1-3); user SQL from the
-    store, the CLI and the HTTP API goes through `sponge.engine.sql_worker` instead, which runs
+    store, the CLI and the HTTP API goes through `sponge.store.sql_worker` instead, which runs
     this function in a child process the OS bounds. `conn`: a fresh `new_connection()` to use
     (for the guard's parse too, before any view exists); it is closed at the end.
     """

@@ -10,7 +10,7 @@ object of the store (`selector/<run>/objective`) so a restart, or another host, 
 
 In shard mode (several services on one store, on one host or many, each owning some Kafka
 partitions) each process selects over its own partitions and the run's subset is greedy over the
-union of every shard's solution (a composable core-set, `sponge.engine.shards`), exchanged as
+union of every shard's solution (a composable core-set, `sponge.service.shards`), exchanged as
 shared objects of the store (`selector/<run>/shards/<shard>`): what the table's location holds,
 not a local file, so hosts that share nothing but the store merge the same subset.
 """
@@ -25,13 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sponge.engine.idmap import RolloutIdMap
+from sponge.store.idmap import RolloutIdMap
 from sponge.selectors import METHODS, FacilityLocation, Objective, Selector, params_bytes, selector_from_bytes
 from sponge.selectors.process import HostedSelector, SelectorHost
 
 if TYPE_CHECKING:
-    from sponge.engine.curation import CurationConfig
-    from sponge.engine.store import RolloutStore
+    from sponge.service.curation import CurationConfig
+    from sponge.store import RolloutStore
 
 __all__ = ["SELECTION_COLUMNS", "RunSelection", "embedding_matrix", "group_has_signal"]
 
@@ -248,7 +248,7 @@ class RunSelection:
         self.store.put_shared(f"{self.key}/shards/{self.shard}", sink.getvalue().to_pybytes())
 
     def _merged_subset(self, own: list[str]) -> tuple[list[str], float]:
-        from sponge.engine.shards import merge_shard_solutions
+        from sponge.service.shards import merge_shard_solutions
 
         others = {k: t for k, t in self.store.list_shared(f"{self.key}/shards").items()
                   if k.rsplit("/", 1)[-1] != self.shard}

@@ -1,6 +1,6 @@
 """User SQL in child processes the OS bounds: an address-space limit and SIGKILL at the deadline.
 
-    caller (service / CLI)  --control socket-->  fork server: `python -m sponge.engine.sql_worker FD`
+    caller (service / CLI)  --control socket-->  fork server: `python -m sponge.store.sql_worker FD`
           |                                        (duckdb + pyarrow imported once, one thread)
           |                                              | fork, one per query
           +------ query socket (job in, result out) --> query child: guard, locked connection,
@@ -52,7 +52,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Self
 
-from sponge.engine.sql import (
+from sponge.store.sql import (
     ERROR_KINDS,
     QueryResult,
     SqlBusy,
@@ -116,7 +116,7 @@ class SqlWorkers:
             datasets: dict | None = None) -> QueryResult:
         """Run one query in a fresh child within `limits`; raise SqlError (or a kind of it) if not.
 
-        `datasets`: Arrow datasets the views select from, as `sponge.engine.datasets.DatasetSpec`
+        `datasets`: Arrow datasets the views select from, as `sponge.store.datasets.DatasetSpec`
         JSON by name; the child opens and registers them before the views are created."""
         started = time.perf_counter()
         if not self._slots.acquire(blocking=False):
@@ -205,7 +205,7 @@ class _ForkServer:
         try:
             # -P: the current directory is not put on sys.path (nothing there can shadow a module).
             self.process = subprocess.Popen(
-                [python, "-P", "-m", "sponge.engine.sql_worker", str(theirs.fileno())],
+                [python, "-P", "-m", "sponge.store.sql_worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             )
         except BaseException:
@@ -367,8 +367,8 @@ def serve(control_fd: int) -> None:
     import pyarrow as pa
     import pyarrow.ipc
 
-    import sponge.engine.datasets  # pyarrow.dataset, for stores whose views read Arrow datasets
-    import sponge.engine.sql  # noqa: F401
+    import sponge.store.datasets  # pyarrow.dataset, for stores whose views read Arrow datasets
+    import sponge.store.sql  # noqa: F401
 
     pa.array([0]).to_pylist()   # initialise Arrow's memory pool before forking, not in every child
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is for the caller; we exit on its EOF
@@ -427,7 +427,7 @@ def _fork_spare(control: socket.socket) -> tuple[int, socket.socket] | None:
 
 def _spare(channel: socket.socket) -> int:
     """A warm child: build the DuckDB instance ahead of time, then serve the query socket it gets."""
-    from sponge.engine.sql import check_read_only, new_connection
+    from sponge.store.sql import check_read_only, new_connection
 
     # Everything a query does first in a fresh process (the catalog, the parser's JSON
     # serialiser, the Arrow export) happens here, while nobody waits, not in the query's time.
@@ -446,7 +446,7 @@ def _spare(channel: socket.socket) -> int:
 
 def _query_child(sock: socket.socket, conn: Any) -> int:
     """Run the one job that arrives on `sock` on `conn` and answer it; returns the exit code."""
-    from sponge.engine.sql import run_read_only
+    from sponge.store.sql import run_read_only
 
     try:
         job = json.loads(_recv_frame(sock, None, MAX_HEADER_BYTES))

@@ -20,7 +20,7 @@ HELP = "look after a rollout store: stats, migrate an older format, lower a rete
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from sponge.engine.store import DEFAULT_STORE_PATH
+    from sponge.store import DEFAULT_STORE_PATH
 
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("action", choices=("stats", "migrate", "retention"),
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.engine.delta_store import migrate_to_delta
-    from sponge.engine.store import RolloutStore, StoreError
+    from sponge.store.delta import migrate_to_delta
+    from sponge.store import RolloutStore, StoreError
 
     try:
         if args.action == "migrate":

@@ -6,7 +6,7 @@ reach an object store without another one. So every reader gets the store's tabl
 datasets (the files of one table snapshot, each with its partition values), registered on its
 DuckDB connection under a name the store's views select from. A `DatasetSpec` is that snapshot
 as plain data: the caller builds one from the table's log and hands it, as JSON, to the child
-process that runs user SQL (`sponge.engine.sql_worker`), which opens the same files (local or
+process that runs user SQL (`sponge.store.sql_worker`), which opens the same files (local or
 S3, with the same credentials) without reading the log again. pyarrow only: the SQL child never
 imports delta-rs (its runtime does not survive a fork).
 """

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " Views: rollouts, tombstones, dead_letters, replay_subset, segments."
     )
     parser.add_argument("query", help="one SELECT (or WITH ... SELECT) statement")
-    from sponge.engine.store import DEFAULT_STORE_PATH
+    from sponge.store import DEFAULT_STORE_PATH
 
     parser.add_argument("--store", default=os.environ.get("SPONGE_STORE_PATH", DEFAULT_STORE_PATH),
                         help="rollout store directory, as for `sponge serve` (env SPONGE_STORE_PATH)")
@@ -47,12 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.engine.sql import SqlError, SqlLimits
-    from sponge.engine.sql_worker import SqlWorkers
+    from sponge.store.sql import SqlError, SqlLimits
+    from sponge.store.sql_worker import SqlWorkers
 
     # Start the worker first: it imports duckdb while this process opens the store.
     with SqlWorkers(SqlLimits(max_concurrent=1)).start() as workers:
-        from sponge.engine.store import RolloutStore, StoreError
+        from sponge.store import RolloutStore, StoreError
 
         try:
             store = RolloutStore.open(args.store)
@@ -119,7 +119,7 @@ def _column_values(column: pa.ChunkedArray) -> list[Any]:
     try:
         return column.to_pylist()
     except (OverflowError, ValueError, pa.ArrowException):
-        from sponge.engine.sql_json import json_column
+        from sponge.store.sql_json import json_column
 
         return json_column(column)
 
@@ -145,15 +145,15 @@ def _cell(value: Any, max_cell: int) -> str:
 
 
 def write_json_lines(table: pa.Table, out: TextIO) -> None:
-    """One JSON object per row, every type encoded as `sponge.engine.sql_json` documents."""
-    from sponge.engine.sql_json import write_json_lines as write
+    """One JSON object per row, every type encoded as `sponge.store.sql_json` documents."""
+    from sponge.store.sql_json import write_json_lines as write
 
     write(table, out)
 
 
 def write_csv(table: pa.Table, out: TextIO) -> None:
     """CSV with a header; values as in JSON output (lists/structs/maps as JSON text, NaN empty)."""
-    from sponge.engine.sql_json import json_column
+    from sponge.store.sql_json import json_column
 
     writer = csv.writer(out)
     writer.writerow(table.column_names)

@@ -1,10 +1,5 @@
-"""The rollout store's shared definitions, and the format-2 store (Parquet segments) that
-`sponge store migrate` reads.
-
-`RolloutStore` is the Delta Lake store (`sponge.engine.delta_store.DeltaRolloutStore`, format 3);
-this module keeps what both formats share (errors, results, config, checks) and
-`ParquetRolloutStore`, the format-2 layout below, which nothing writes any more: a store of this
-format is turned into Delta tables by `sponge store migrate`.
+"""The format-2 rollout store (Parquet segments), which nothing writes any more: `sponge store
+migrate` reads a store of this format into Delta tables (`sponge.store.delta`, format 3).
 
 Format 2 (immutable Parquet segments, tombstones and DuckDB views over them):
 
@@ -56,7 +51,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -65,10 +59,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sponge.contract import REPLAY_COLUMNS
-from sponge.engine.idmap import RolloutIdSet, first_occurrence
-from sponge.engine.sql import QueryResult, SqlLimits
-from sponge.engine.sql_worker import SqlWorkers
-from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir
+from sponge.store.common import (
+    DEFAULT_RUN,
+    MANIFEST_NAME,
+    MAX_VERSION,
+    REPLAY_SCHEMA,
+    RUN_ID_RE,
+    TOMBSTONE_SCHEMA,
+    CompactionResult,
+    Removal,
+    SegmentWrite,
+    StoreConfig,
+    StoreError,
+    as_string_array,
+    check_run,
+    check_topic,
+    check_version,
+    mark_of_each_row,
+    quote_ident,
+    sql_str,
+)
+from sponge.store.idmap import RolloutIdSet, first_occurrence
+from sponge.store.sql import QueryResult, SqlLimits
+from sponge.store.sql_worker import SqlWorkers
+from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
 from sponge.record import (
     DEAD_LETTER_SCHEMA,
     DEFAULT_EMBEDDING_DIM,
@@ -76,29 +90,9 @@ from sponge.record import (
     stored_schema,
 )
 
-if TYPE_CHECKING:
-    from sponge.engine.delta_store import DeltaRolloutStore as RolloutStore  # noqa: F401
-
-
-def __getattr__(name: str):
-    """`RolloutStore` is the Delta store, imported on first use (delta_store imports this module)."""
-    if name == "RolloutStore":
-        from sponge.engine.delta_store import DeltaRolloutStore
-
-        return DeltaRolloutStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 #: 2: rollouts under run=R/policy_version=V and retention marks per run (1: no run level). The
 #: Parquet layout's own version; Delta stores are format 3 (delta_store.STORE_FORMAT_VERSION).
 STORE_FORMAT_VERSION = 2
-#: Where every command looks for the store unless told otherwise (flag or SPONGE_STORE_PATH).
-DEFAULT_STORE_PATH = "sponge-data"
-#: The run of a rollout that names none.
-DEFAULT_RUN = "default"
-#: Largest policy version (int64, what the record's column holds).
-MAX_VERSION = np.iinfo(np.int64).max
-MANIFEST_NAME = "_sponge_store.json"
 RETIRED_NAME = "_retired.json"
 ROLLOUTS_DIR = "rollouts"
 TOMBSTONES_DIR = "tombstones"
@@ -106,30 +100,8 @@ DEAD_LETTERS_DIR = "dead_letters"
 REPLAY_DIR = "replay"
 LOCKS_DIR = "_locks"
 
-TOMBSTONE_SCHEMA = pa.schema([
-    pa.field("rollout_id", pa.string(), nullable=False),
-    pa.field("reason", pa.string()),
-    pa.field("deleted_at", pa.timestamp("ms", tz="UTC")),
-])
-REPLAY_SCHEMA = pa.schema([
-    pa.field("rollout_id", pa.string(), nullable=False),
-    pa.field("run_id", pa.string()),
-    pa.field("selection_version", pa.int64()),
-    pa.field("objective_value", pa.float64()),
-    pa.field("selected_at", pa.timestamp("ms", tz="UTC")),
-])
-
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's legal topic names: no '/', no '+'
 _SEGMENT_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 _GLOB_CHARS = set("*?[]{}")
-#: A run id names a directory and a URL path segment: letters, digits and . _ : - only.
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-class StoreError(ValueError):
-    """A store operation was given something it cannot store; the message names what."""
-
-
 def _retry_if_a_segment_vanished(method):
     """Re-run a read whose segment file disappeared between listing and opening.
 
@@ -148,70 +120,6 @@ def _retry_if_a_segment_vanished(method):
                 time.sleep(0.05)
 
     return wrapper
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Knobs of the rollout store. The defaults suit 384-d embeddings and ~300-token rollouts."""
-
-    #: Parquet codec. zstd level 1 costs little CPU and shrinks text and token ids well.
-    compression: str = "zstd"
-    compression_level: int | None = 1
-    #: Columns written without compression: dense floats barely shrink (+22% bytes on disk) but
-    #: compressing them was 40% of segment-write time, which bounds ingest throughput.
-    uncompressed_columns: tuple[str, ...] = ("embedding", "behavior_logprobs")
-    #: Rows per Parquet row group: the unit a scan or a query reads at a time.
-    row_group_size: int = 16_384
-    #: Replay snapshots to keep on disk (older ones are removed after each new one).
-    replay_keep: int = 5
-    #: Tombstone files beyond this count are merged into one by compact().
-    max_tombstone_files: int = 16
-    #: Temporary files older than this are removed on open/compact even if their writer's
-    #: liveness cannot be checked (another host on shared storage).
-    stale_temp_age_s: float = 3600.0
-    #: Bounds for user SQL (store.sql / store.query / `sponge sql`).
-    sql_limits: SqlLimits = field(default_factory=SqlLimits)
-
-
-@dataclass(frozen=True)
-class SegmentWrite:
-    """What one write_segment call did."""
-
-    paths: list[Path]
-    rows_written: int
-    rows_skipped_duplicate: int
-    #: rollout_ids written by this call (string array), for the selector to insert.
-    new_ids: pa.Array
-    #: rows refused because their run's retention had retired their policy_version, per run.
-    retired: dict[str, int] = field(default_factory=dict)
-    #: rows skipped because the store already held (or had tombstoned) their rollout_id, per run.
-    duplicates: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def rows_skipped_retired(self) -> int:
-        return sum(self.retired.values())
-
-
-@dataclass(frozen=True)
-class Removal:
-    """What one delete() call did."""
-
-    #: distinct live rollouts tombstoned
-    removed: int
-    #: the ids asked for that the store does not hold (never stored, retired or already removed)
-    unknown: list[str]
-
-
-@dataclass(frozen=True)
-class CompactionResult:
-    """What one compact() call did."""
-
-    segments_rewritten: int
-    segments_removed: int
-    rows_removed: int
-    tombstone_files_merged: int
-    bytes_before: int
-    bytes_after: int
 
 
 class ParquetRolloutStore:
@@ -302,7 +210,7 @@ class ParquetRolloutStore:
         tombstoned, and repeats within `rows`, are skipped. One file per policy_version.
         """
         rows = self._conform_rows(rows)
-        _check_topic(topic)
+        check_topic(topic)
         partition, first_offset, last_offset = int(partition), int(first_offset), int(last_offset)
         if partition < 0 or first_offset < 0 or last_offset < first_offset:
             raise StoreError(
@@ -321,7 +229,7 @@ class ParquetRolloutStore:
             marks = self.retirement_marks()
             if marks and rows.num_rows:
                 current = pc.greater_equal(rows.column("policy_version"),
-                                           _mark_of_each_row(rows.column("run_id"), marks))
+                                           mark_of_each_row(rows.column("run_id"), marks))
                 if not pc.all(current).as_py():
                     gone = rows.filter(pc.invert(current)).column("run_id")
                     retired = {r["values"]: r["counts"] for r in pc.value_counts(gone).to_pylist()}
@@ -418,7 +326,7 @@ class ParquetRolloutStore:
         """
         if not isinstance(reason, str) or not reason:
             raise StoreError("delete needs a non-empty reason")
-        ids = _as_string_array(rollout_ids)
+        ids = as_string_array(rollout_ids)
         ids = pc.drop_null(ids)
         ids = pc.unique(ids.filter(pc.not_equal(ids, "")))
         if len(ids) == 0:
@@ -445,7 +353,7 @@ class ParquetRolloutStore:
         """Those of `rollout_ids` that are live rollouts in the store (distinct)."""
         conn = self.connect()
         try:
-            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
+            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
             return conn.sql("SELECT DISTINCT rollout_id FROM rollouts JOIN wanted USING (rollout_id)"
                             ).to_arrow_table().column(0).combine_chunks().cast(pa.string())
         finally:
@@ -473,8 +381,8 @@ class ParquetRolloutStore:
         """Retention: drop every rollout of `run` with policy_version < `version`, at once, from every
         view, and refuse such rows from now on; compact() then deletes their files. The mark only
         rises (a lower `version` does nothing). Returns how many live rollouts were retired."""
-        version = _check_version(version, "retention mark")
-        _check_run(run)
+        version = check_version(version, "retention mark")
+        check_run(run)
         with self._lock, self._partition_lock("_retired", 0):
             marks = self.retirement_marks()
             if run in marks and version <= marks[run]:
@@ -487,8 +395,8 @@ class ParquetRolloutStore:
         """Admin: lower a run's retention mark raised by mistake (0 clears it). Versions between the
         new and the old mark whose files compaction has not deleted yet come back; the others are
         gone for good. Returns how many rollouts came back into the views."""
-        version = _check_version(version, "retention mark")
-        _check_run(run)
+        version = check_version(version, "retention mark")
+        check_run(run)
         with self._lock, self._partition_lock("_retired", 0):
             marks = self.retirement_marks()
             old = marks.get(run)
@@ -607,7 +515,7 @@ class ParquetRolloutStore:
         try:
             counts = conn.execute(
                 f"SELECT s.filename, count(*) AS n, count(t.rollout_id) AS dead "
-                f"FROM read_parquet({_sql_str(self._segment_glob())}, filename=true) s "
+                f"FROM read_parquet({sql_str(self._segment_glob())}, filename=true) s "
                 "LEFT JOIN (SELECT DISTINCT rollout_id FROM tombstones) t USING (rollout_id) "
                 "GROUP BY s.filename HAVING count(t.rollout_id) > 0").fetchall()
         finally:
@@ -725,17 +633,17 @@ class ParquetRolloutStore:
         typed empty results; the file globs are re-read on every query, so new segments appear.
         """
         dim = self.embedding_dim
-        rollouts_glob = _sql_str(self._segment_glob())
+        rollouts_glob = sql_str(self._segment_glob())
         columns = []
         for f in self._stored_schema:
             if f.name == "embedding":
                 columns.append(f"CAST(embedding AS FLOAT[{dim}]) AS embedding")
             else:
-                columns.append(_quote_ident(f.name))
+                columns.append(quote_ident(f.name))
         # Retention, per run: a predicate on the hive columns alone, so DuckDB skips the retired
         # directories' files without opening them.
         marks = self.retirement_marks()
-        retired = " OR ".join(f"(run = {_sql_str(run)} AND policy_version < {int(mark)})"
+        retired = " OR ".join(f"(run = {sql_str(run)} AND policy_version < {int(mark)})"
                               for run, mark in sorted(marks.items()))
         rollouts_all = (
             f"SELECT {', '.join(columns)} FROM (SELECT *, NULL::VARCHAR AS run FROM "
@@ -746,13 +654,13 @@ class ParquetRolloutStore:
         )
 
         def flat(directory: str, pattern: str, schema: pa.Schema) -> str:
-            glob = _sql_str(str(self.root / directory / pattern))
-            cols = ", ".join(_quote_ident(n) for n in schema.names)
+            glob = sql_str(str(self.root / directory / pattern))
+            cols = ", ".join(quote_ident(n) for n in schema.names)
             return (f"SELECT {cols} FROM ({_typed_empty(schema, dim)} UNION ALL BY NAME "
                     f"SELECT * FROM read_parquet({glob}, allow_empty=true, hive_partitioning=false))")
 
-        replay_glob = _sql_str(str(self.root / REPLAY_DIR / "selection-*.parquet"))
-        replay_all = (f"SELECT {', '.join(_quote_ident(n) for n in REPLAY_SCHEMA.names)}, filename FROM "
+        replay_glob = sql_str(str(self.root / REPLAY_DIR / "selection-*.parquet"))
+        replay_all = (f"SELECT {', '.join(quote_ident(n) for n in REPLAY_SCHEMA.names)}, filename FROM "
                       f"(SELECT *, NULL::VARCHAR AS filename FROM {_typed_empty(REPLAY_SCHEMA, dim)} "
                       "UNION ALL BY NAME SELECT * FROM read_parquet("
                       f"{replay_glob}, allow_empty=true, hive_partitioning=false, union_by_name=true, "
@@ -783,7 +691,7 @@ class ParquetRolloutStore:
             "value, received_at, coalesce(letter_id, concat_ws('/', topic, partition, \"offset\", "
             "left(sha256(coalesce(value, ''::BLOB)), 32))) AS letter_id "
             f"FROM ({_typed_empty(DEAD_LETTER_SCHEMA, dim)} UNION ALL BY NAME SELECT * FROM read_parquet("
-            f"{_sql_str(str(self.root / DEAD_LETTERS_DIR / '*.parquet'))}, allow_empty=true, "
+            f"{sql_str(str(self.root / DEAD_LETTERS_DIR / '*.parquet'))}, allow_empty=true, "
             "hive_partitioning=false, union_by_name=true))) "
             "QUALIFY row_number() OVER (PARTITION BY letter_id ORDER BY received_at) = 1",
             f"CREATE OR REPLACE VIEW replay_subset AS {replay_subset}",
@@ -801,7 +709,7 @@ class ParquetRolloutStore:
               workers: SqlWorkers | None = None) -> QueryResult:
         """Run user SQL read-only within the configured bounds; returns the table and whether it was cut.
 
-        The query runs in a child process (`sponge.engine.sql_worker`) with an address-space
+        The query runs in a child process (`sponge.store.sql_worker`) with an address-space
         limit and a SIGKILL at the deadline; `workers` is the pool to use (default: this store's
         own, started on first use). A segment that vanishes under it is retried in the child.
         """
@@ -815,7 +723,7 @@ class ParquetRolloutStore:
         """Run user SQL read-only (single SELECT, store files only, bounded rows/time/memory).
 
         The result's schema metadata has `sponge.truncated` = b"true" when rows were cut off.
-        Raises sponge.engine.sql.SqlError with a one-line reason when refused or failed.
+        Raises sponge.store.sql.SqlError with a one-line reason when refused or failed.
         """
         return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
 
@@ -826,8 +734,8 @@ class ParquetRolloutStore:
         target = pa.schema([self._stored_schema.field(c) for c in names])
         conn = self.connect()
         try:
-            where = "" if run is None else f" WHERE run_id = {_sql_str(_check_run(run))}"
-            reader = conn.sql(f"SELECT {', '.join(_quote_ident(c) for c in names)} FROM rollouts{where}"
+            where = "" if run is None else f" WHERE run_id = {sql_str(check_run(run))}"
+            reader = conn.sql(f"SELECT {', '.join(quote_ident(c) for c in names)} FROM rollouts{where}"
                               ).to_arrow_reader(int(batch_size))
             for batch in reader:
                 if batch.num_rows:
@@ -848,8 +756,8 @@ class ParquetRolloutStore:
         names = self._check_columns(columns)
         conn = self.connect()
         try:
-            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
             return conn.sql(f"SELECT {cols} FROM rollouts r JOIN (SELECT DISTINCT rollout_id FROM wanted) "
                             "USING (rollout_id) ORDER BY r.rollout_id").to_arrow_table()
         finally:
@@ -863,14 +771,14 @@ class ParquetRolloutStore:
         names = self._check_columns(list(columns))
         conn = self.connect()
         try:
-            conn.register("wanted", pa.table({"rollout_id": _as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{_quote_ident(c)}" for c in names)
+            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
+            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
             return conn.sql(
                 f"WITH g AS (SELECT DISTINCT prompt_id, policy_version FROM rollouts JOIN wanted USING (rollout_id) "
                 "WHERE run_id = $1 AND policy_version >= $2 AND policy_version < $3) "
                 f"SELECT {cols} FROM rollouts r JOIN g USING (prompt_id, policy_version) WHERE r.run_id = $1 "
                 "ORDER BY r.policy_version, r.prompt_id, r.rollout_id",
-                params=[_check_run(run), int(low), int(high)]).to_arrow_table()
+                params=[check_run(run), int(low), int(high)]).to_arrow_table()
         finally:
             conn.close()
 
@@ -880,7 +788,7 @@ class ParquetRolloutStore:
         conn = self.connect()
         try:
             rows = conn.execute("SELECT policy_version, count(*) FROM rollouts WHERE run_id = $1 GROUP BY 1",
-                                [_check_run(run)]).fetchall()
+                                [check_run(run)]).fetchall()
         finally:
             conn.close()
         return {int(v): int(n) for v, n in rows}
@@ -948,7 +856,7 @@ class ParquetRolloutStore:
                 age = now - path.stat().st_mtime
             except FileNotFoundError:
                 continue
-            dead_writer = writer_host == host and writer_pid.isdigit() and not _pid_alive(int(writer_pid))
+            dead_writer = writer_host == host and writer_pid.isdigit() and not pid_alive(int(writer_pid))
             if dead_writer or age > self.config.stale_temp_age_s:
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -1061,30 +969,6 @@ def _subdirs(directory: Path, prefix: str) -> list[str]:
         return []
 
 
-def _mark_of_each_row(run_ids: pa.ChunkedArray | pa.Array, marks: dict[str, int]) -> pa.Array:
-    """Each row's run's retention mark (-1 for a run with none), vectorised."""
-    runs = list(marks)
-    at = pc.index_in(run_ids, value_set=pa.array(runs, pa.string()))
-    values = pa.array([marks[r] for r in runs] + [-1], pa.int64())
-    return pc.take(values, pc.fill_null(at, len(runs)))
-
-
-def _check_version(version, what: str) -> int:
-    """`version` as a policy version (an int64 >= 0), or a StoreError saying why not."""
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
-        raise StoreError(f"{what} must be an integer, got {version!r}")
-    if not 0 <= int(version) <= MAX_VERSION:
-        raise StoreError(f"{what} {version} is out of range: a policy version is an int64 >= 0")
-    return int(version)
-
-
-def _check_run(run: str) -> str:
-    if not isinstance(run, str) or not RUN_ID_RE.match(run):
-        raise StoreError(f"run id {run!r} is not legal: letters, digits and . _ : - (at most 128, not "
-                         "starting with a symbol)")
-    return run
-
-
 def _read_manifest(path: Path) -> tuple[int, int]:
     """(embedding_dim, format_version) of a store manifest, or a StoreError saying what is wrong."""
     try:
@@ -1110,7 +994,7 @@ def _read_marks(path: Path) -> dict[str, int]:
         marks = body["runs"]
         if not isinstance(marks, dict):
             raise TypeError("'runs' is not a mapping")
-        out = {_check_run(run): _check_version(mark, f"retention mark of run {run!r}") for run, mark in marks.items()}
+        out = {check_run(run): check_version(mark, f"retention mark of run {run!r}") for run, mark in marks.items()}
     except (ValueError, KeyError, TypeError, OSError, StoreError) as exc:
         raise StoreError(f"unreadable retention marks {path}: {exc}; fix or delete the file (deleting it "
                          "brings back retired rollouts compaction has not removed yet)") from None
@@ -1134,29 +1018,9 @@ def _split_by_run_and_version(table: pa.Table) -> Iterator[tuple[str, int, pa.Ta
                sorted_body.slice(int(start), int(end - start)))
 
 
-def _as_string_array(ids: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if isinstance(ids, pa.Array):
-        if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
-            raise StoreError(f"rollout ids must be strings, got {ids.type}")
-        return ids.cast(pa.string())
-    if isinstance(ids, (str, bytes)):
-        raise StoreError("pass a sequence of rollout ids, not a single string")
-    try:
-        return pa.array(list(ids), pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise StoreError(f"rollout ids must be strings: {exc}") from None
-
-
-def _check_topic(topic: str) -> None:
-    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
-        raise StoreError(f"topic {topic!r} is not a legal Kafka topic name ([A-Za-z0-9._-], 1-249 chars)")
-
-
 def _typed_empty(schema: pa.Schema, dim: int) -> str:
     """SELECT of typed NULL columns with no rows: the schema an empty view still reports."""
-    cols = ", ".join(f"NULL::{_duckdb_type(f.type, dim)} AS {_quote_ident(f.name)}" for f in schema)
+    cols = ", ".join(f"NULL::{_duckdb_type(f.type, dim)} AS {quote_ident(f.name)}" for f in schema)
     return f"(SELECT {cols} WHERE false)"
 
 
@@ -1181,23 +1045,6 @@ def _duckdb_type(t: pa.DataType, dim: int) -> str:
         return f"{_duckdb_type(t.value_type, dim)}[]"
     raise TypeError(f"no DuckDB type for {t}")
 
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def migrate(root: str | os.PathLike, progress: bool = False) -> int:
@@ -1225,7 +1072,7 @@ def migrate(root: str | os.PathLike, progress: bool = False) -> int:
         run_ids = pc.fill_null(table.column("run_id"), DEFAULT_RUN)
         table = table.set_column(table.schema.get_field_index("run_id"), "run_id", run_ids)
         for run in pc.unique(run_ids).to_pylist():
-            _check_run(run)
+            check_run(run)
             runs.add(run)
             target = root / ROLLOUTS_DIR / f"run={run}" / f"policy_version={version}" / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -1243,7 +1090,7 @@ def migrate(root: str | os.PathLike, progress: bool = False) -> int:
     if retired.is_file():
         below = json.loads(retired.read_text()).get("below")
         if below is not None:
-            marks = {run: _check_version(int(below), "retention mark") for run in runs}
+            marks = {run: check_version(int(below), "retention mark") for run in runs}
             atomic_write(retired, json.dumps({"format_version": STORE_FORMAT_VERSION, "runs": marks}).encode())
     atomic_write(manifest, json.dumps({**body, "format_version": STORE_FORMAT_VERSION}, indent=2).encode())
     return len(old)

@@ -1,1 +1,0 @@
-"""The rollout store (Parquet segments + DuckDB views) and the ingest service."""
