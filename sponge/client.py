@@ -14,6 +14,10 @@ embedder on the trainer's hot path. It counts the rollouts it sends per policy
 version and tells the service, so retention never retires a version whose rollouts are still on
 their way, and a candidates request waits until they have arrived (read-your-writes), at most
 `wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
+By default the wait covers every version of the window but the newest (unless it is the only one):
+that version's rollouts were sent a moment ago, so waiting for them would put the service's store-and-select latency on
+the trainer's step; they join the draw as far as they have landed, and the next draw waits for
+them (`wait_newest=True` waits for them too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
 version, go out on a background thread while the trainer generates its next batch (it asks for
 them after generating); an error of either is raised by the trainer's next call to this source.
@@ -149,12 +153,15 @@ class ServiceReplaySource:
         topic: the topic the service ingests.
         window: the run's replay and retention window in policy versions (None: the service's default).
         wait_s: how long `candidates` waits for the rollouts this source sent (read-your-writes).
+        wait_newest: whether that wait also covers the newest version of the window, sent during the
+            trainer's last step (True: every draw holds all it sent; False, the default: the trainer
+            waits for the rollouts it has just sent only when the window holds nothing older).
         token: the service's bearer token, if it has one.
     """
 
     def __init__(self, url: str, bootstrap_servers: str | None = None, topic: str = "rollouts", *,
-                 window: int | None = None, wait_s: float = 30.0, token: str | None = None,
-                 producer: Any = None, client: ServiceClient | None = None) -> None:
+                 window: int | None = None, wait_s: float = 30.0, wait_newest: bool = False,
+                 token: str | None = None, producer: Any = None, client: ServiceClient | None = None) -> None:
         self.client = client or ServiceClient(url, token=token)
         if producer is None:
             if bootstrap_servers is None:
@@ -163,7 +170,7 @@ class ServiceReplaySource:
 
             producer = RolloutProducer(bootstrap_servers, topic)
         self.producer = producer
-        self.window, self.wait_s = window, wait_s
+        self.window, self.wait_s, self.wait_newest = window, wait_s, wait_newest
         self.run_id: str | None = None
         self.embedding_dim = 0
         self.fingerprint = ""
@@ -261,10 +268,16 @@ class ServiceReplaySource:
         return table
 
     def _fetch(self, version: int, unit: Unit) -> tuple[pa.Table, dict]:
-        """Candidates at `version`, waiting (bounded) for every rollout this source sent in the window."""
+        """Candidates at `version`, waiting (bounded) for the rollouts this source sent in the window
+        (all of them with `wait_newest`; else all but the newest version's)."""
         self.producer.flush()
         low = max(version - self.window if self.window is not None else 0, self.since)
-        expect = {v: n for v, n in self.sent.items() if low <= v < version}
+        window = [v for v in self.sent if low <= v < version]
+        if not self.wait_newest and len(window) > 1:
+            # sent during the trainer's last step: it joins as it lands (the first draw waits for it:
+            # there is nothing older to draw instead)
+            window.remove(max(window))
+        expect = {v: self.sent[v] for v in window}
         return self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
 
     def clear(self) -> None:

@@ -217,6 +217,8 @@ def _section_title(cls: type, section: tuple[str, ...]) -> str:
     for name in section:
         typ = _hints(typ)[name]
     doc = (inspect.getdoc(typ) or "").split("\n")[0]
+    if doc.startswith(f"{typ.__name__}("):   # the signature @dataclass writes when a class has no docstring
+        doc = ""
     return f"{'.'.join(section)} ({doc.rstrip('.')})" if doc else ".".join(section)
 
 

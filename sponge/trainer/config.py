@@ -35,6 +35,8 @@ __all__ = ["CHOICES", "ReMixConfig"]
 
 @dataclass
 class ReMixConfig:
+    """Every knob of the ReMix trainer: batch shape, replay, off-policy correction, losses, schedule, guard."""
+
     # --- batch shape -------------------------------------------------------------------------
     #: Prompts per training batch (fresh + replayed-equivalent). With replay on, only
     #: round((1 − p)·prompts_per_step) prompts are generated fresh each iteration.
