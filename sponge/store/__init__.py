@@ -5,6 +5,7 @@ Where things live:
     common.py      what every store shares: errors, results (SegmentWrite, Removal), knobs, name checks
     delta.py       the store (`RolloutStore` = `DeltaRolloutStore`): writes, removal, retention, views
     parquet.py     the older format-2 layout, read only by `sponge store migrate`
+    reads.py       the reads both stores answer alike through their DuckDB views (scan, rows, groups, counts)
     idmap.py       the one rollout-id set (exactly-once) and the id → row map
     datasets.py    the Arrow datasets DuckDB reads the tables through
     sql.py         read-only SQL: the checks and limits; sql_worker.py runs each query in its own child
@@ -27,12 +28,23 @@ _EXPORTS = {
     "StoreError": "common", "DeltaRolloutStore": "delta", "DeltaStoreConfig": "delta",
     "ParquetRolloutStore": "parquet",
 }
-__all__ = sorted([*_EXPORTS, "RolloutStore"])
+__all__ = [
+    "DEFAULT_RUN", "DEFAULT_STORE_PATH", "MAX_VERSION", "RUN_ID_RE", "CompactionResult", "DeltaRolloutStore",
+    "DeltaStoreConfig", "ParquetRolloutStore", "Removal", "RolloutStore", "SegmentWrite", "StoreConfig",
+    "StoreError",
+]
 
 if TYPE_CHECKING:
     from sponge.store.common import (  # noqa: F401
-        DEFAULT_RUN, DEFAULT_STORE_PATH, MAX_VERSION, RUN_ID_RE, CompactionResult, Removal, SegmentWrite,
-        StoreConfig, StoreError,
+        DEFAULT_RUN,
+        DEFAULT_STORE_PATH,
+        MAX_VERSION,
+        RUN_ID_RE,
+        CompactionResult,
+        Removal,
+        SegmentWrite,
+        StoreConfig,
+        StoreError,
     )
     from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig  # noqa: F401
     from sponge.store.delta import DeltaRolloutStore as RolloutStore  # noqa: F401

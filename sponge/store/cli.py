@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sponge.store.delta import migrate_to_delta
     from sponge.store import RolloutStore, StoreError
+    from sponge.store.delta import migrate_to_delta
 
     try:
         if args.action == "migrate":

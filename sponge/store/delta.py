@@ -78,11 +78,13 @@ from deltalake import (
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
-from sponge.contract import REPLAY_COLUMNS
-from sponge.store.datasets import DatasetSpec, FileSystemSpec
-from sponge.store.idmap import RolloutIdSet, first_occurrence
-from sponge.store.sql import QueryResult
-from sponge.store.sql_worker import SqlWorkers
+from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
+from sponge.record import (
+    DEAD_LETTER_SCHEMA,
+    DEFAULT_EMBEDDING_DIM,
+    rollout_schema,
+    stored_schema,
+)
 from sponge.store.common import (
     DEFAULT_RUN,
     MANIFEST_NAME,
@@ -101,13 +103,11 @@ from sponge.store.common import (
     quote_ident,
     sql_str,
 )
-from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
-from sponge.record import (
-    DEAD_LETTER_SCHEMA,
-    DEFAULT_EMBEDDING_DIM,
-    rollout_schema,
-    stored_schema,
-)
+from sponge.store.datasets import DatasetSpec, FileSystemSpec
+from sponge.store.idmap import RolloutIdSet, first_occurrence
+from sponge.store.reads import ViewReads
+from sponge.store.sql import QueryResult
+from sponge.store.sql_worker import SqlWorkers
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, CommitFailedError)
 
 
-class DeltaRolloutStore:
+class DeltaRolloutStore(ViewReads):
     """Rollouts in Delta tables, queried through DuckDB views over Arrow datasets.
 
     Safe for many processes on many hosts writing one location (the ingest services of one
@@ -1305,100 +1305,6 @@ class DeltaRolloutStore:
         specs, views = self._snapshot()
         return workers.run(query, setup_sql=views, allowed_dir=self.root, limits=limits,
                            datasets={name: spec.to_json() for name, spec in specs.items()})
-
-    def sql(self, query: str, *, max_rows: int = 10_000, timeout_s: float = 10.0) -> pa.Table:
-        """Run user SQL read-only (single SELECT, store tables only, bounded rows/time/memory).
-
-        The result's schema metadata has `sponge.truncated` = b"true" when rows were cut off.
-        Raises sponge.store.sql.SqlError with a one-line reason when refused or failed.
-        """
-        return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
-
-    def scan(self, columns: list[str] | None = None, batch_size: int = 65_536,
-             run: str | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream the live rollouts (of one run, if given) in batches with the stored schema's types."""
-        names = self._check_columns(columns)
-        target = pa.schema([self._stored_schema.field(c) for c in names])
-        conn = self.connect()
-        try:
-            where = "" if run is None else f" WHERE run_id = {sql_str(check_run(run))}"
-            reader = conn.sql(f"SELECT {', '.join(quote_ident(c) for c in names)} FROM rollouts{where}"
-                              ).to_arrow_reader(int(batch_size))
-            for batch in reader:
-                if batch.num_rows:
-                    yield batch.cast(target)
-        finally:
-            conn.close()
-
-    def _check_columns(self, columns: list[str] | None) -> list[str]:
-        names = list(columns) if columns is not None else self._stored_schema.names
-        unknown = [c for c in names if c not in self._stored_schema.names]
-        if unknown:
-            raise StoreError(f"unknown column(s) {unknown}; the rollouts have {self._stored_schema.names}")
-        return names
-
-    def rows_by_id(self, rollout_ids: Sequence[str] | pa.Array, columns: list[str]) -> pa.Table:
-        """The live rows of `rollout_ids` (those the store holds), ordered by id."""
-        names = self._check_columns(columns)
-        conn = self.connect()
-        try:
-            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
-            return conn.sql(f"SELECT {cols} FROM rollouts r JOIN (SELECT DISTINCT rollout_id FROM wanted) "
-                            "USING (rollout_id) ORDER BY r.rollout_id").to_arrow_table()
-        finally:
-            conn.close()
-
-    def group_rows(self, run: str, rollout_ids: Sequence[str] | pa.Array, low: int, high: int,
-                   columns: Sequence[str] = REPLAY_COLUMNS) -> pa.Table:
-        """Every live row of the GRPO groups (run, prompt_id, policy_version) that `rollout_ids` belong
-        to, for versions in [low, high): whole groups, so advantages can be computed over them."""
-        names = self._check_columns(list(columns))
-        conn = self.connect()
-        try:
-            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
-            return conn.sql(
-                f"WITH g AS (SELECT DISTINCT prompt_id, policy_version FROM rollouts JOIN wanted USING (rollout_id) "
-                "WHERE run_id = $1 AND policy_version >= $2 AND policy_version < $3) "
-                f"SELECT {cols} FROM rollouts r JOIN g USING (prompt_id, policy_version) WHERE r.run_id = $1 "
-                "ORDER BY r.policy_version, r.prompt_id, r.rollout_id",
-                params=[check_run(run), int(low), int(high)]).to_arrow_table()
-        finally:
-            conn.close()
-
-    def version_counts(self, run: str) -> dict[int, int]:
-        """Live rollouts of `run` per policy version."""
-        conn = self.connect()
-        try:
-            rows = conn.execute("SELECT policy_version, count(*) FROM rollouts WHERE run_id = $1 GROUP BY 1",
-                                [check_run(run)]).fetchall()
-        finally:
-            conn.close()
-        return {int(v): int(n) for v, n in rows}
-
-    def _first_column(self, query: str) -> pa.Array:
-        conn = self.connect()
-        try:
-            return conn.sql(query).to_arrow_table().column(0).combine_chunks()
-        finally:
-            conn.close()
-
-    def run_ids(self) -> list[str]:
-        """The runs with live rollouts in the store."""
-        return sorted(self._first_column("SELECT DISTINCT run_id FROM rollouts").to_pylist())
-
-    def rollout_ids(self) -> pa.Array:
-        """The ids of all live (not tombstoned) rollouts."""
-        return self._first_column("SELECT rollout_id FROM rollouts").cast(pa.string())
-
-    def count(self) -> int:
-        """Number of live rollouts."""
-        conn = self.connect()
-        try:
-            return int(conn.execute("SELECT count(*) FROM rollouts").fetchone()[0])
-        finally:
-            conn.close()
 
     def stats(self) -> dict:
         """Files, live rows, stored rows, tombstones, dead letters, bytes, table versions."""

@@ -49,7 +49,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -58,11 +57,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sponge.contract import REPLAY_COLUMNS
+from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
+from sponge.record import (
+    DEAD_LETTER_SCHEMA,
+    DEFAULT_EMBEDDING_DIM,
+    rollout_schema,
+    stored_schema,
+)
 from sponge.store.common import (
     DEFAULT_RUN,
     MANIFEST_NAME,
-    MAX_VERSION,
     REPLAY_SCHEMA,
     RUN_ID_RE,
     TOMBSTONE_SCHEMA,
@@ -80,15 +84,9 @@ from sponge.store.common import (
     sql_str,
 )
 from sponge.store.idmap import RolloutIdSet, first_occurrence
-from sponge.store.sql import QueryResult, SqlLimits
+from sponge.store.reads import ViewReads
+from sponge.store.sql import QueryResult
 from sponge.store.sql_worker import SqlWorkers
-from sponge.files import TEMP_SUFFIX, atomic_write, fsync_dir, pid_alive
-from sponge.record import (
-    DEAD_LETTER_SCHEMA,
-    DEFAULT_EMBEDDING_DIM,
-    rollout_schema,
-    stored_schema,
-)
 
 #: 2: rollouts under run=R/policy_version=V and retention marks per run (1: no run level). The
 #: Parquet layout's own version; Delta stores are format 3 (delta_store.STORE_FORMAT_VERSION).
@@ -122,7 +120,7 @@ def _retry_if_a_segment_vanished(method):
     return wrapper
 
 
-class ParquetRolloutStore:
+class ParquetRolloutStore(ViewReads):
     """Format 2: rollouts as Parquet segments with tombstones, queried through DuckDB views (read by
     `sponge store migrate`; new stores are Delta tables, see `RolloutStore`).
 
@@ -530,13 +528,10 @@ class ParquetRolloutStore:
             (whole if dead == n else partial).append(entry)
         return whole, partial
 
-    def _first_column(self, query: str) -> pa.Array:
-        """The first column of a query over the store's views, as one array."""
-        conn = self.connect()
-        try:
-            return conn.sql(query).to_arrow_table().column(0).combine_chunks()
-        finally:
-            conn.close()
+    @_retry_if_a_segment_vanished
+    def _read(self, fn):
+        """ViewReads' reads, repeated when compaction removed a segment the views had listed."""
+        return super()._read(fn)
 
     def _merge_tombstone_files(self) -> int:
         files = sorted(p for p in (self.root / TOMBSTONES_DIR).glob("*.parquet"))
@@ -718,99 +713,6 @@ class ParquetRolloutStore:
             # setdefault is atomic: two first queries at once share one pool (which starts lazily).
             workers = self.__dict__.setdefault("_sql_workers", SqlWorkers(self.config.sql_limits))
         return workers.run(query, setup_sql=self.view_sql(), allowed_dir=self.root, limits=limits)
-
-    def sql(self, query: str, *, max_rows: int = 10_000, timeout_s: float = 10.0) -> pa.Table:
-        """Run user SQL read-only (single SELECT, store files only, bounded rows/time/memory).
-
-        The result's schema metadata has `sponge.truncated` = b"true" when rows were cut off.
-        Raises sponge.store.sql.SqlError with a one-line reason when refused or failed.
-        """
-        return self.query(query, max_rows=max_rows, timeout_s=timeout_s).table
-
-    def scan(self, columns: list[str] | None = None, batch_size: int = 65_536,
-             run: str | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream the live rollouts (of one run, if given) in batches with the stored schema's types."""
-        names = self._check_columns(columns)
-        target = pa.schema([self._stored_schema.field(c) for c in names])
-        conn = self.connect()
-        try:
-            where = "" if run is None else f" WHERE run_id = {sql_str(check_run(run))}"
-            reader = conn.sql(f"SELECT {', '.join(quote_ident(c) for c in names)} FROM rollouts{where}"
-                              ).to_arrow_reader(int(batch_size))
-            for batch in reader:
-                if batch.num_rows:
-                    yield batch.cast(target)
-        finally:
-            conn.close()
-
-    def _check_columns(self, columns: list[str] | None) -> list[str]:
-        names = list(columns) if columns is not None else self._stored_schema.names
-        unknown = [c for c in names if c not in self._stored_schema.names]
-        if unknown:
-            raise StoreError(f"unknown column(s) {unknown}; the rollouts have {self._stored_schema.names}")
-        return names
-
-    @_retry_if_a_segment_vanished
-    def rows_by_id(self, rollout_ids: Sequence[str] | pa.Array, columns: list[str]) -> pa.Table:
-        """The live rows of `rollout_ids` (those the store holds), ordered by id."""
-        names = self._check_columns(columns)
-        conn = self.connect()
-        try:
-            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
-            return conn.sql(f"SELECT {cols} FROM rollouts r JOIN (SELECT DISTINCT rollout_id FROM wanted) "
-                            "USING (rollout_id) ORDER BY r.rollout_id").to_arrow_table()
-        finally:
-            conn.close()
-
-    @_retry_if_a_segment_vanished
-    def group_rows(self, run: str, rollout_ids: Sequence[str] | pa.Array, low: int, high: int,
-                   columns: Sequence[str] = REPLAY_COLUMNS) -> pa.Table:
-        """Every live row of the GRPO groups (run, prompt_id, policy_version) that `rollout_ids` belong
-        to, for versions in [low, high): whole groups, so advantages can be computed over them."""
-        names = self._check_columns(list(columns))
-        conn = self.connect()
-        try:
-            conn.register("wanted", pa.table({"rollout_id": as_string_array(rollout_ids)}))
-            cols = ", ".join(f"r.{quote_ident(c)}" for c in names)
-            return conn.sql(
-                f"WITH g AS (SELECT DISTINCT prompt_id, policy_version FROM rollouts JOIN wanted USING (rollout_id) "
-                "WHERE run_id = $1 AND policy_version >= $2 AND policy_version < $3) "
-                f"SELECT {cols} FROM rollouts r JOIN g USING (prompt_id, policy_version) WHERE r.run_id = $1 "
-                "ORDER BY r.policy_version, r.prompt_id, r.rollout_id",
-                params=[check_run(run), int(low), int(high)]).to_arrow_table()
-        finally:
-            conn.close()
-
-    @_retry_if_a_segment_vanished
-    def version_counts(self, run: str) -> dict[int, int]:
-        """Live rollouts of `run` per policy version."""
-        conn = self.connect()
-        try:
-            rows = conn.execute("SELECT policy_version, count(*) FROM rollouts WHERE run_id = $1 GROUP BY 1",
-                                [check_run(run)]).fetchall()
-        finally:
-            conn.close()
-        return {int(v): int(n) for v, n in rows}
-
-    @_retry_if_a_segment_vanished
-    def run_ids(self) -> list[str]:
-        """The runs with live rollouts in the store."""
-        return sorted(self._first_column("SELECT DISTINCT run_id FROM rollouts").to_pylist())
-
-    @_retry_if_a_segment_vanished
-    def rollout_ids(self) -> pa.Array:
-        """The ids of all live (not tombstoned) rollouts."""
-        return self._first_column("SELECT rollout_id FROM rollouts").cast(pa.string())
-
-    @_retry_if_a_segment_vanished
-    def count(self) -> int:
-        """Number of live rollouts."""
-        conn = self.connect()
-        try:
-            return int(conn.execute("SELECT count(*) FROM rollouts").fetchone()[0])
-        finally:
-            conn.close()
 
     @_retry_if_a_segment_vanished
     def stats(self) -> dict:
