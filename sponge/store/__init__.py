@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sponge.store.common import (  # noqa: F401
+    from sponge.store.common import (
         DEFAULT_RUN,
         DEFAULT_STORE_PATH,
         MAX_VERSION,
@@ -46,9 +46,9 @@ if TYPE_CHECKING:
         StoreConfig,
         StoreError,
     )
-    from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig  # noqa: F401
-    from sponge.store.delta import DeltaRolloutStore as RolloutStore  # noqa: F401
-    from sponge.store.parquet import ParquetRolloutStore  # noqa: F401
+    from sponge.store.delta import DeltaRolloutStore, DeltaStoreConfig
+    from sponge.store.delta import DeltaRolloutStore as RolloutStore
+    from sponge.store.parquet import ParquetRolloutStore
 
 
 def __getattr__(name: str):

@@ -8,6 +8,7 @@ The store itself is `sponge.store.delta.DeltaRolloutStore` (Delta Lake tables, f
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,45 @@ def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def conform_rows(rows: pa.Table, expected: pa.Schema) -> pa.Table:
+    """`rows` checked against the rollout schema `expected` and cast to it, with a missing run_id set to
+    the default run; a StoreError naming the first problem otherwise."""
+    if not isinstance(rows, pa.Table):
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        else:
+            raise StoreError(f"rows must be a pyarrow Table, got {type(rows).__name__}")
+    if rows.schema.names != expected.names:
+        missing = [n for n in expected.names if n not in rows.schema.names]
+        extra = [n for n in rows.schema.names if n not in expected.names]
+        raise StoreError(f"rows do not have the rollout schema: missing {missing}, unexpected {extra}"
+                         + ("" if missing or extra else ", columns out of order"))
+    for got, want in zip(rows.schema, expected):
+        if got.type != want.type:
+            raise StoreError(f"column '{got.name}' has type {got.type}, the rollout schema says {want.type}")
+    for name in ("rollout_id", "policy_version"):
+        if rows.column(name).null_count:
+            raise StoreError(f"column '{name}' has nulls: pass rows through sponge.record.validate first")
+    rows = rows.cast(expected)
+    run_id = rows.column("run_id")
+    if run_id.null_count:   # a rollout that names no run belongs to the default one
+        rows = rows.set_column(rows.schema.get_field_index("run_id"), expected.field("run_id"),
+                               pc.fill_null(run_id, DEFAULT_RUN))
+    bad = pc.invert(pc.match_substring_regex(rows.column("run_id"), RUN_ID_RE.pattern))
+    if pc.any(bad).as_py():
+        example = rows.column("run_id").filter(bad)[0].as_py()
+        raise StoreError(f"run_id {example!r} is not a legal run id ({RUN_ID_RE.pattern}): "
+                         "pass rows through sponge.record.validate first")
+    return rows
+
+
+def with_store_columns(rows: pa.Table, stored_schema: pa.Schema, topic: str, partition: int,
+                       offsets: np.ndarray) -> pa.Table:
+    """`rows` with the columns the store adds (topic, partition, offset, ingested_at), in `stored_schema`."""
+    n = rows.num_rows
+    now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+    extra = {"topic": pa.repeat(pa.scalar(topic, pa.string()), n),
+             "partition": pa.repeat(pa.scalar(partition, pa.int32()), n),
+             "offset": pa.array(offsets), "ingested_at": pa.repeat(now, n)}
+    columns = [rows.column(f.name) if f.name in rows.schema.names else extra[f.name] for f in stored_schema]
+    return pa.Table.from_arrays(columns, schema=stored_schema)

@@ -99,9 +99,11 @@ from sponge.store.common import (
     check_run,
     check_topic,
     check_version,
+    conform_rows,
     mark_of_each_row,
     quote_ident,
     sql_str,
+    with_store_columns,
 )
 from sponge.store.datasets import DatasetSpec, FileSystemSpec
 from sponge.store.idmap import RolloutIdSet, first_occurrence
@@ -497,45 +499,10 @@ class DeltaRolloutStore(ViewReads):
             return reader.transaction_version(f"{OFFSET_APP_PREFIX}{topic}:{int(partition)}")
 
     def _conform_rows(self, rows: pa.Table) -> pa.Table:
-        if not isinstance(rows, pa.Table):
-            if isinstance(rows, pa.RecordBatch):
-                rows = pa.Table.from_batches([rows])
-            else:
-                raise StoreError(f"rows must be a pyarrow Table, got {type(rows).__name__}")
-        expected = self._rollout_schema
-        if rows.schema.names != expected.names:
-            missing = [n for n in expected.names if n not in rows.schema.names]
-            extra = [n for n in rows.schema.names if n not in expected.names]
-            raise StoreError(f"rows do not have the rollout schema: missing {missing}, unexpected {extra}"
-                             + ("" if missing or extra else ", columns out of order"))
-        for got, want in zip(rows.schema, expected):
-            if got.type != want.type:
-                raise StoreError(f"column '{got.name}' has type {got.type}, the rollout schema says {want.type}")
-        for name in ("rollout_id", "policy_version"):
-            if rows.column(name).null_count:
-                raise StoreError(f"column '{name}' has nulls: pass rows through sponge.record.validate first")
-        rows = rows.cast(expected)
-        run_id = rows.column("run_id")
-        if run_id.null_count:   # a rollout that names no run belongs to the default one
-            rows = rows.set_column(rows.schema.get_field_index("run_id"), expected.field("run_id"),
-                                   pc.fill_null(run_id, DEFAULT_RUN))
-        from sponge.store.common import RUN_ID_RE
-
-        bad = pc.invert(pc.match_substring_regex(rows.column("run_id"), RUN_ID_RE.pattern))
-        if pc.any(bad).as_py():
-            example = rows.column("run_id").filter(bad)[0].as_py()
-            raise StoreError(f"run_id {example!r} is not a legal run id ({RUN_ID_RE.pattern}): "
-                             "pass rows through sponge.record.validate first")
-        return rows
+        return conform_rows(rows, self._rollout_schema)
 
     def _with_store_columns(self, rows: pa.Table, topic: str, partition: int, offsets: np.ndarray) -> pa.Table:
-        n = rows.num_rows
-        now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
-        extra = {"topic": pa.repeat(pa.scalar(topic, pa.string()), n),
-                 "partition": pa.repeat(pa.scalar(partition, pa.int32()), n),
-                 "offset": pa.array(offsets), "ingested_at": pa.repeat(now, n)}
-        columns = [rows.column(f.name) if f.name in rows.schema.names else extra[f.name] for f in self._stored_schema]
-        return pa.Table.from_arrays(columns, schema=self._stored_schema)
+        return with_store_columns(rows, self._stored_schema, topic, partition, offsets)
 
     def _write_rollout_files(self, table: pa.Table, name: str) -> list[tuple[AddAction, str, int, np.ndarray]]:
         """Parquet files for the rows of `table`, not yet committed: per (run, policy_version), split
