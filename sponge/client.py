@@ -19,8 +19,8 @@ that version's rollouts were sent a moment ago, so waiting for them would put th
 the trainer's step; they join the draw as far as they have landed, and the next draw waits for
 them (`wait_newest=True` waits for them too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
-version, go out on a background thread while the trainer generates its next batch (it asks for
-them after generating); an error of either is raised by the trainer's next call to this source.
+version, go out on background threads while the trainer generates its next batch (it asks for them
+after generating); an error of either is raised by the trainer's next call to this source.
 
 `ServiceClient` is the plain HTTP API (runs, candidates, legacy samples, SQL, removal).
 """
@@ -28,6 +28,7 @@ them after generating); an error of either is raised by the trainer's next call 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -110,7 +111,8 @@ class ServiceClient:
         missing = response.headers.get("x-sponge-missing", "")
         info = {"complete": response.headers.get("x-sponge-complete") == "true",
                 "missing": {int(v): int(n) for v, n in (p.split(":") for p in missing.split(",") if p)},
-                "waited_s": float(response.headers.get("x-sponge-waited-s", "0"))}
+                "waited_s": float(response.headers.get("x-sponge-waited-s", "0")),
+                "compute_s": float(response.headers.get("x-sponge-compute-s", "0"))}
         return _read_arrow(response.content), info
 
     # -- the rest of the API ------------------------------------------------------------------------
@@ -184,7 +186,8 @@ class ServiceReplaySource:
         self._unit: Unit = "group"                # the unit the trainer last asked for
         self._asked = False                       # the trainer asked for candidates since the last report
         self._executor: ThreadPoolExecutor | None = None
-        self._report: Future | None = None        # the last version report sent in the background
+        self._background: list[Future] = []       # pushes and version reports in flight
+        self._producer_lock = threading.Lock()    # the producer is shared with the background thread
         self._pending: tuple[tuple, Future] | None = None   # ((version, unit), candidates being fetched)
 
     # -- the contract --------------------------------------------------------------------------------
@@ -199,24 +202,43 @@ class ServiceReplaySource:
 
     def send(self, rollouts: pa.Table) -> None:
         self._registered()
-        self._settle()   # the producer is not shared with a background flush
+        self._reap()
         run_ids = rollouts.column("run_id")
         if run_ids.null_count or not pc.all(pc.equal(run_ids, self.run_id)).as_py():
             raise ValueError(f"rollouts sent through this source must carry run_id {self.run_id!r}")
-        self.producer.send(with_embeddings(rollouts, self.embedding_dim))
+        with self._producer_lock:
+            self.producer.send(with_embeddings(rollouts, self.embedding_dim))
         versions, counts = np.unique(rollouts.column("policy_version").to_numpy(), return_counts=True)
         self.sent.update(dict(zip(versions.tolist(), counts.tolist())))
         if self.background:   # on their way now, and ingested while the trainer updates
-            self._report = self._pool().submit(self._push)
+            self._submit(self._push)
 
     def _push(self) -> None:
-        self.producer.flush()
+        self._flush_producer()
         self.client.flush(self.run_id)
+
+    def _flush_producer(self) -> None:
+        with self._producer_lock:
+            self.producer.flush()
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sponge-source")
+            # two threads: a push of fresh rollouts never queues behind a version report
+            self._executor = ThreadPoolExecutor(2, thread_name_prefix="sponge-source")
         return self._executor
+
+    def _submit(self, fn, *args) -> Future:
+        self._reap()
+        future = self._pool().submit(fn, *args)
+        self._background.append(future)
+        return future
+
+    def _reap(self) -> None:
+        """Forget finished background work, raising the first error it ended with."""
+        done = [f for f in self._background if f.done()]
+        self._background = [f for f in self._background if not f.done()]
+        for future in done:
+            future.result()
 
     def report_version(self, version: int) -> None:
         self._registered()
@@ -229,20 +251,22 @@ class ServiceReplaySource:
         if not self.background:
             self._send_report(version, sent)
             return
-        self._report = self._pool().submit(self._send_report, version, sent)
+        report = self._submit(self._send_report, version, sent)
         if self._asked:   # the trainer will ask for these after its next generation
-            self._pending = ((version, self._unit), self._pool().submit(self._fetch, version, self._unit))
+            # after the report: its retention moves the run's selection onto the new window first
+            self._pending = ((version, self._unit),
+                             self._pool().submit(self._fetch_after, report, version, self._unit, dict(self.sent)))
         self._asked = False
 
     def _send_report(self, version: int, sent: dict[int, int]) -> None:
-        self.producer.flush()   # what it says it sent must be on its way, not in a local buffer
+        self._flush_producer()   # what it says it sent must be on its way, not in a local buffer
         self.client.report_version(self.run_id, version, sent)
 
     def _settle(self) -> None:
-        """Wait for the background report (raising its error) and any candidates fetch in flight."""
-        report, self._report = self._report, None
-        if report is not None:
-            report.result()
+        """Wait for the background pushes and reports (raising an error) and any candidates fetch in flight."""
+        background, self._background = self._background, []
+        for future in background:
+            future.result()
         if self._pending is not None and not self._pending[1].done():
             self._pending[1].exception()   # waits; its result stays for `candidates`
 
@@ -250,13 +274,12 @@ class ServiceReplaySource:
         self._registered()
         self._unit, self._asked = unit, True
         pending, self._pending = self._pending, None
-        report, self._report = self._report, None
-        if report is not None:
-            report.result()
+        if pending is None or pending[0] != (version, unit):
+            self._settle()   # a fresh fetch: the report before it must have landed
         if pending is not None and pending[0] == (version, unit):
             table, info = pending[1].result()
         else:
-            table, info = self._fetch(version, unit)
+            table, info = self._fetch(version, unit, dict(self.sent))
         self.last_draw = info
         if self.since and table.num_rows:
             table = table.filter(pc.greater_equal(table.column("policy_version"), self.since))
@@ -267,17 +290,21 @@ class ServiceReplaySource:
                         self.run_id, version, info["waited_s"], sum(info["missing"].values()), info["missing"])
         return table
 
-    def _fetch(self, version: int, unit: Unit) -> tuple[pa.Table, dict]:
+    def _fetch_after(self, report: Future, version: int, unit: Unit, sent: dict[int, int]) -> tuple[pa.Table, dict]:
+        report.result()
+        return self._fetch(version, unit, sent)
+
+    def _fetch(self, version: int, unit: Unit, sent: dict[int, int]) -> tuple[pa.Table, dict]:
         """Candidates at `version`, waiting (bounded) for the rollouts this source sent in the window
         (all of them with `wait_newest`; else all but the newest version's)."""
-        self.producer.flush()
+        self._flush_producer()
         low = max(version - self.window if self.window is not None else 0, self.since)
-        window = [v for v in self.sent if low <= v < version]
+        window = [v for v in sent if low <= v < version]
         if not self.wait_newest and len(window) > 1:
             # sent during the trainer's last step: it joins as it lands (the first draw waits for it:
             # there is nothing older to draw instead)
             window.remove(max(window))
-        expect = {v: self.sent[v] for v in window}
+        expect = {v: sent[v] for v in window}
         return self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
 
     def clear(self) -> None:
@@ -311,8 +338,9 @@ class ServiceReplaySource:
                 self._pending[1].cancel()     # candidates nobody will ask for; the last report still goes out
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._report is not None:
-                self._report.result()
+            background, self._background = self._background, []
+            for future in background:
+                future.result()
             self.producer.close()
         finally:
             self.client.close()

@@ -208,7 +208,7 @@ def create_app(store: RolloutStore, curator: Curator | None, config: ApiConfig,
         return Response(content=encode_arrow(found.table), media_type=ARROW_CONTENT_TYPE, headers={
             "x-sponge-complete": "true" if found.complete else "false",
             "x-sponge-missing": ",".join(f"{v}:{n}" for v, n in sorted(found.missing.items())),
-            "x-sponge-waited-s": f"{found.waited_s:.3f}"})
+            "x-sponge-waited-s": f"{found.waited_s:.3f}", "x-sponge-compute-s": f"{found.compute_s:.3f}"})
 
     # -- the subset (legacy routes: the only live run unless ?run= says which) ---------------------
     @app.get("/replay/sample")

@@ -149,9 +149,10 @@ class DeltaStoreConfig(StoreConfig):
     local_dir: str | None = None
     #: Segment commits retried after losing a race to another writer (each retry refreshes).
     commit_attempts: int = 50
-    #: When a removal deletes its rows from the table (rewrites the files holding them): "background"
-    #: (a thread of the store, right after delete() returns), "now" (inside delete()), or
-    #: "compaction". The rows are hidden from sponge's views and refused at once in every case.
+    #: When a removal deletes its rows from the table (rewrites the files holding them), and a
+    #: retention mark its versions' files: "background" (a thread of the store, right after delete()
+    #: or retire_below() returns), "now" (inside the call), or "compaction". The rows are hidden from
+    #: sponge's views and refused at once in every case.
     removal_rewrite: str = "background"
     #: VACUUM keeps files that snapshots of the last this many hours still need (readers with
     #: an older snapshot, writers whose file is written but not yet committed). 0 only in tests.
@@ -302,6 +303,7 @@ class DeltaRolloutStore(ViewReads):
         self._datasets: dict[str, tuple[tuple, object]] = {}   # name -> (its files, the opened dataset)
         self._removal_cv = threading.Condition()
         self._removals: list[pa.Table] = []     # removals whose rows are not yet deleted from the table
+        self._retirements: dict[str, int] = {}  # per run, the retention mark whose delete has not run yet
         self._removals_taken = 0
         self._removal_thread: threading.Thread | None = None
         with self._lock:
@@ -717,12 +719,15 @@ class DeltaRolloutStore(ViewReads):
         elif self.config.removal_rewrite == "background":
             with self._removal_cv:
                 self._removals.append(live)
-                if self._removal_thread is None:
-                    self._removal_thread = threading.Thread(target=self._removal_loop, name="sponge-removals",
-                                                            daemon=True)
-                    self._removal_thread.start()
-                self._removal_cv.notify_all()
+                self._start_removal_thread()
         return Removal(len(live_ids), unknown)
+
+    def _start_removal_thread(self) -> None:
+        """(under _removal_cv) Have the background thread pick up what was just queued."""
+        if self._removal_thread is None:
+            self._removal_thread = threading.Thread(target=self._removal_loop, name="sponge-removals", daemon=True)
+            self._removal_thread.start()
+        self._removal_cv.notify_all()
 
     def _purge_logged(self, rows: pa.Table) -> None:
         try:
@@ -732,24 +737,33 @@ class DeltaRolloutStore(ViewReads):
                         exc)
 
     def _removal_loop(self) -> None:
-        """The background rewrites: everything queued since the last one, in one commit."""
+        """The background deletes: the retention deletes queued (the newest mark of each run), then
+        every removal queued since the last rewrite, in one commit."""
         while True:
             with self._removal_cv:
-                if not self._removals:
+                if not self._removals and not self._retirements:
                     self._removal_thread = None
                     self._removal_cv.notify_all()
                     return
-                batch = pa.concat_tables(self._removals)
+                retirements = dict(self._retirements)
+                batch = pa.concat_tables(self._removals) if self._removals else None
                 self._removals_taken = len(self._removals)
-            self._purge_logged(batch)
+            for run, version in retirements.items():
+                self._delete_retired(run, version)
+            if batch is not None:
+                self._purge_logged(batch)
             with self._removal_cv:
                 del self._removals[:self._removals_taken]
+                for run, version in retirements.items():
+                    if self._retirements.get(run) == version:
+                        del self._retirements[run]
                 self._removal_cv.notify_all()
 
     def wait_for_removals(self, timeout_s: float | None = None) -> bool:
-        """Wait until every removal so far is deleted from the table (True) or `timeout_s` passes."""
+        """Wait until every removal and retention so far is deleted from the table (True) or
+        `timeout_s` passes."""
         with self._removal_cv:
-            return self._removal_cv.wait_for(lambda: not self._removals, timeout_s)
+            return self._removal_cv.wait_for(lambda: not self._removals and not self._retirements, timeout_s)
 
     def _live_rows(self, ids: pa.Array) -> pa.Table:
         conn = self.connect()
@@ -855,7 +869,14 @@ class DeltaRolloutStore(ViewReads):
             retired = self._count_run_below(run, version)
             self._set_properties(self._writer, {MARK_PREFIX + run: str(version)})
             self._refresh_index()
-        self._delete_retired(run, version)
+        # The mark hides and refuses the rows already; deleting their files can wait for a store thread
+        # (a trainer reports a version every step and should not wait for a second commit each time).
+        if self.config.removal_rewrite == "background":
+            with self._removal_cv:
+                self._retirements[run] = max(version, self._retirements.get(run, 0))
+                self._start_removal_thread()
+        elif self.config.removal_rewrite == "now":
+            self._delete_retired(run, version)
         return retired
 
     def _delete_retired(self, run: str, version: int, guard: AbstractContextManager | None = None) -> tuple[int, int]:
