@@ -13,13 +13,9 @@ One loop, read top to bottom in `IngestService.poll_once`:
    written to the store, each partition's rows become one atomic segment, and only then
    are the offsets committed.
 
-A crash anywhere replays from the last commit, or from what the table holds: the store
-records each partition's highest stored offset in the segment's own commit, and a member that
-is assigned a partition begins at max(committed offset, table offset + 1), so a crash between
-the table commit and the Kafka commit re-reads nothing (only offsets read from the topic's
-current log count: see `_table_starts`). The store drops rollout_ids it already has, so each
-rollout is stored exactly once (dead letters are at-least-once, each with a stable
-`letter_id`, and the store's view shows each once). On SIGTERM (or `stop_event`) the
+A crash anywhere replays from the last commit; the store drops rollout_ids it already
+has, so each rollout is stored exactly once (dead letters are at-least-once, each with a
+stable `letter_id`, and the store's view shows each once). On SIGTERM (or `stop_event`) the
 service flushes, commits and closes. When the group rebalances, buffered partitions are
 flushed and committed before they move.
 
@@ -301,9 +297,6 @@ class IngestService:
         self._dlq_backoff = 0.0
         self._poll_backoff = 0.0
         self._log_ids: dict[str, str] = {}             # topic -> the topic id the broker check last saw
-        self._topic_partitions = 0                     # partitions of the topic, as the broker check saw it
-        self._log_mark: dict | None = None             # the store's mark of the topic's log (see _mark_log)
-        self._mark_error = ""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, stop_event: threading.Event | None = None) -> "IngestService":
@@ -346,7 +339,7 @@ class IngestService:
         if self._consumer is None:
             return self   # stopped while waiting
         self._waiting_since, self._state, self._broker_error = None, "running", ""
-        self._check_broker()   # learn the topic's id (and mark its log in the store) before the first record is read
+        self._check_broker()   # learn the topic's id before the first record is read
         log_event(logging.INFO, "started", topic=cfg.topic, group=cfg.group_id, store=str(cfg.store_path),
                   bootstrap=cfg.bootstrap_servers, waited_s=round(time.monotonic() - began, 3))
         return self
@@ -585,12 +578,8 @@ class IngestService:
                 missing = []
             self._missing_topics = missing
             info = described.get(cfg.topic)
-            self._topic_partitions = info.partitions if info is not None else self._topic_partitions
             replaced = self._note_topic_id(info.topic_id if info is not None else None)
             self._check_broker_reset(replaced)
-            current = self._log_ids.get(cfg.topic)
-            if current is not None and (self._log_mark or {}).get("topic_id") != current:
-                self._mark_log(current)   # first sight of the topic (a replaced one was marked just above)
         except Exception as exc:  # noqa: BLE001 - sorted below; a failing check must never stop ingest
             if _is_transient(exc):
                 self._broker_trouble("broker check", exc)
@@ -647,9 +636,6 @@ class IngestService:
             # Ask the broker itself: a consumer may answer from its cache.
             stored = self._admin.group_offsets(self.config.group_id)
             forgotten += [tp for tp in assigned if tp not in stored]
-        if topic_replaced:
-            self.flush()   # every write of the old log lands before the new log is marked
-            self._mark_log(self._log_ids.get(self.config.topic))
         if forgotten:
             log_event(logging.WARNING, "broker lost this group's offsets (restarted empty?); re-reading from the start",
                       partitions=[f"{tp.topic}/{tp.partition}" for tp in forgotten], topic_replaced=topic_replaced)
@@ -922,12 +908,12 @@ class IngestService:
         if not commits:
             return {}
         try:
-            self._consumer.commit(commits, timeout_ms=10_000)
+            self._consumer.commit(commits, timeout_s=10.0)
         except (KafkaClientError, RuntimeError) as exc:
             # The group moved on (rebalance) or the broker is away (or this runs on kafka-python's
             # IO thread, where it cannot block): the rows are durable, so nothing is lost. Retry once
-            # we own the partitions again; a new owner meanwhile replays from the last commit (or from
-            # what the table holds) and the store drops the duplicates.
+            # we own the partitions again; a new owner meanwhile replays from the last commit and the
+            # store drops the duplicates.
             for tp, offset in commits.items():
                 before = self._failed_commits.get(tp, (0, None))[0]
                 self._failed_commits[tp] = (max(offset, before), offsets[tp][1])
@@ -959,79 +945,10 @@ class IngestService:
         this member again) re-reads from the last commit, the store dropping the duplicates."""
         log_event(logging.INFO, "partitions lost", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
 
-    def _on_assign(self, partitions: list) -> dict:
-        """Log, tell the `on_assign` hook, and say where to begin: past what the table holds."""
+    def _on_assign(self, partitions: list) -> None:
         log_event(logging.INFO, "partitions assigned", partitions=[f"{tp.topic}/{tp.partition}" for tp in partitions])
-        starts = self._table_starts(partitions)
         if self.on_assign is not None:
             self.on_assign({tp.partition for tp in partitions if tp.topic == self.config.topic})
-        return starts
-
-    # -- starting from what the table holds ----------------------------------------------------------
-    # The store records, in the same commit as each segment, the highest offset of its partition it
-    # holds (`table_offset`). A partition assigned to this member begins at max(committed offset,
-    # table offset + 1): a crash between the table commit and the Kafka commit re-reads nothing (the
-    # Kafka Connect S3-sink promise, kept by the table). The table's offsets carry no topic id, and a
-    # broker that lost its state (the in-memory dev broker after a restart; a topic deleted and
-    # created again) starts the topic's log again at 0 while the table still holds the old log's
-    # offsets: seeking past them would skip new records. So the store also keeps a mark of the log
-    # (a shared object): the topic id and the table offsets when this log was first seen. Only table
-    # offsets above the mark's, under the same topic id, were read from the current log.
-
-    def _log_mark_key(self) -> str:
-        return f"ingest/logs/{self.config.topic}"
-
-    def _mark_log(self, topic_id: str | None) -> None:
-        """Make the store's mark name the topic's current log (kept if it does already). Never raises."""
-        store, topic = self.store, self.config.topic
-        self._log_mark = None
-        if topic_id is None or not all(hasattr(store, m) for m in ("table_offset", "get_shared", "put_shared")):
-            return   # a broker without topic ids, or a store that keeps no offsets: start from the commits
-        try:
-            saved = store.get_shared(self._log_mark_key())
-            mark = json.loads(saved) if saved else None
-            if mark is None or mark.get("topic_id") != topic_id:
-                held = {str(p): store.table_offset(topic, p) for p in range(self._topic_partitions)}
-                mark = {"topic_id": topic_id, "table_offsets": {p: -1 if o is None else o for p, o in held.items()},
-                        "marked_at": _iso(time.time())}
-                store.put_shared(self._log_mark_key(), json.dumps(mark).encode())
-                log_event(logging.INFO, "new log of the topic: the table's offsets so far are not from it",
-                          topic=topic, topic_id=topic_id, table_offsets=mark["table_offsets"])
-            self._log_mark = mark
-        except Exception as exc:  # noqa: BLE001 - without a mark, partitions start from their commits
-            if _short(exc) != self._mark_error:   # retried at every broker check: logged once per cause
-                self._mark_error = _short(exc)
-                log_event(logging.WARNING, "could not mark the topic's log in the store; starting partitions "
-                          "from their committed offsets", error=self._mark_error)
-
-    def _table_starts(self, partitions: list) -> dict:
-        """{partition: table offset + 1} where the table holds more of the current log than was committed."""
-        cfg, mark = self.config, self._log_mark
-        ours = [tp for tp in partitions if tp.topic == cfg.topic]
-        if mark is None or not ours:
-            return {}
-        try:
-            # Asked afresh: a broker that restarted empty may not have been noticed yet.
-            now = self._topic_ids_now({cfg.topic}).get(cfg.topic)
-            if now is None or now != mark["topic_id"] or now != self._log_ids.get(cfg.topic):
-                return {}
-            committed = self._consumer.committed(ours, timeout_s=10.0)
-            starts, why = {}, {}
-            for tp in ours:
-                held = self.store.table_offset(tp.topic, tp.partition)
-                floor = mark["table_offsets"].get(str(tp.partition))
-                if held is None or floor is None or held <= floor:
-                    continue   # nothing of this log in the table beyond what the mark already held
-                if committed.get(tp) is None or committed[tp] <= held:
-                    starts[tp] = held + 1
-                    why[f"{tp.topic}/{tp.partition}"] = {"committed": committed.get(tp), "start": held + 1}
-        except Exception as exc:  # noqa: BLE001 - fall back to the commits: a re-read is deduplicated
-            log_event(logging.WARNING, "could not read where the table ends; starting from the committed offsets",
-                      error=_short(exc))
-            return {}
-        if starts:
-            log_event(logging.INFO, "starting past what the table holds", partitions=why)
-        return starts
 
 
 def exit_status(exc: BaseException) -> int:
