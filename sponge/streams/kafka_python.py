@@ -10,6 +10,7 @@ paused in the listener and started, at the offsets `on_assign` returns, by the n
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterable, Sequence
 
@@ -115,6 +116,9 @@ class Consumer(kafka.Consumer):
         self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost
         self._new: set = set()    # assigned; on_assign not run yet (kafka TopicPartitions)
         self._held: set = set()   # paused by this wrapper until on_assign has run
+        # _new and _held change on the IO thread (listener) and the polling thread (poll): a partition
+        # lost between the two would stay paused for good.
+        self._lock = threading.Lock()
         self._callback_error: BaseException | None = None
         self._closing = False
         self._c = _make(KafkaConsumer, bootstrap_servers=bootstrap, group_id=group_id, **config)
@@ -125,16 +129,18 @@ class Consumer(kafka.Consumer):
         if self._closing:
             return
         assigned = set(assigned)
-        self._new |= assigned
-        self._held |= assigned
-        self._c.pause(*assigned)   # local: nothing is fetched before on_assign chose where to start
+        with self._lock:
+            self._new |= assigned
+            self._held |= assigned
+            self._c.pause(*assigned)   # local: nothing is fetched before on_assign chose where to start
 
     def _revoked(self, partitions, lost: bool) -> None:
         partitions = set(partitions)
-        self._new -= partitions
-        if self._held & partitions:
-            self._c.resume(*(self._held & partitions))
-            self._held -= partitions
+        with self._lock:
+            self._new -= partitions
+            if self._held & partitions:
+                self._c.resume(*(self._held & partitions))
+                self._held -= partitions
         callback = (self._on_lost or self._on_revoke) if lost else self._on_revoke
         if callback is None or self._closing:
             return
@@ -160,7 +166,8 @@ class Consumer(kafka.Consumer):
 
     def _start_new(self, records: list[Record]) -> list[Record]:
         """Run on_assign for the partitions assigned since the last poll, seek, and resume them."""
-        new, self._new = self._new, set()
+        with self._lock:
+            new, self._new = self._new, set()
         new &= set(self._c.assignment())
         starts = {}
         if self._on_assign is not None and new:
@@ -182,10 +189,11 @@ class Consumer(kafka.Consumer):
             start = starts.get(_tp(tp), first.get(tp))
             if start is not None:
                 self._c.seek(tp, int(start))
-        held = self._held & new
-        self._held -= held
-        if held:
-            self._c.resume(*held)
+        with self._lock:
+            held = self._held & new
+            self._held -= held
+            if held:
+                self._c.resume(*held)
         return kept
 
     def commit(self, next_offsets: dict[TopicPartition, int], timeout_s: float | None = None) -> None:
@@ -220,12 +228,14 @@ class Consumer(kafka.Consumer):
 
     @_translated
     def resume(self, partitions: Iterable[TopicPartition]) -> None:
-        partitions = [_k(tp) for tp in partitions if _k(tp) not in self._held]
-        if partitions:
-            self._c.resume(*partitions)
+        with self._lock:
+            partitions = [_k(tp) for tp in partitions if _k(tp) not in self._held]
+            if partitions:
+                self._c.resume(*partitions)
 
     def paused(self) -> set[TopicPartition]:
-        return {_tp(tp) for tp in self._c.paused() if tp not in self._held}
+        with self._lock:
+            return {_tp(tp) for tp in self._c.paused() if tp not in self._held}
 
     @_translated
     def seek(self, partition: TopicPartition, offset: int) -> None:
