@@ -196,6 +196,33 @@ def test_settings_are_translated_for_each_client():
         kafka.check_client("kafka-go")
 
 
+
+@pytest.mark.parametrize("spelling", ["kafka-python", "librdkafka"])
+def test_sasl_and_tls_settings_reach_the_client(kafka_client, spelling):
+    """SASL settings in either spelling are taken by either client (no broker here: confluent-kafka makes
+    its clients without one, kafka-python gets as far as bootstrapping); a misspelled one is refused;
+    a CA file that is not there is refused by librdkafka when the client is made, so the path got through."""
+    dead = f"127.0.0.1:{free_port()}"
+    sasl = (dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_plain_username="u",
+                 sasl_plain_password="p") if spelling == "kafka-python" else
+            {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN", "sasl.username": "u",
+             "sasl.password": "p"})
+    for make in (lambda **kw: kafka.producer(dead, client=kafka_client, bootstrap_timeout_ms=1000, **kw),
+                 lambda **kw: kafka.consumer(dead, ["t"], "g", client=kafka_client, bootstrap_timeout_ms=1000, **kw)):
+        try:
+            make(**sasl).close()
+        except kafka.KafkaConfigError:
+            raise
+        except kafka.KafkaUnavailable:
+            assert kafka_client == "kafka-python"   # it bootstraps in its constructor
+        with pytest.raises(kafka.KafkaConfigError):
+            make(**sasl, sasl_plain_usernme="u")
+    if kafka_client == "confluent":
+        tls = {"security_protocol": "SSL", "ssl_cafile": "/no/such/ca.pem"} if spelling == "kafka-python" else \
+            {"security.protocol": "SSL", "ssl.ca.location": "/no/such/ca.pem"}
+        with pytest.raises(kafka.KafkaConfigError, match="ca.pem|ssl.ca.location|CA"):
+            kafka.producer(dead, client=kafka_client, **tls)
+
 def test_dead_letters_keep_bytes_and_say_why(broker, topic, kafka_client):
     letter = DeadLetter(topic, 2, 41, b"\x00raw bytes", b"key", [("content-type", b"application/json")],
                         [Violation("reward", "non-finite", "reward must be finite", 3)], {3: "r-3"})
