@@ -1,5 +1,9 @@
 """Shared fixtures: one real embedded Kafka broker per test session, a fresh topic per test,
-and the opt-in flags: --soak enables tests marked `soak`, --chaos those marked `chaos`."""
+the Kafka client, and the opt-in flags: --soak enables tests marked `soak`, --chaos those marked `chaos`.
+
+The Kafka client every test uses unless it names one is confluent-kafka; run the suite with
+SPONGE_TEST_KAFKA_CLIENT=kafka-python (or SPONGE_KAFKA_CLIENT) for kafka-python. Tests of the
+client interface itself run against both (the `kafka_client` fixture)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "chaos: kills and restarts under load; runs only with --chaos")
+    chosen = os.environ.get("SPONGE_TEST_KAFKA_CLIENT")
+    if chosen:
+        # The default of every client made without naming one, here and in `sponge serve` children.
+        os.environ["SPONGE_KAFKA_CLIENT"] = chosen
+
+
+def pytest_report_header(config):
+    from sponge.streams.kafka import default_client
+
+    return f"kafka client: {default_client()} (SPONGE_TEST_KAFKA_CLIENT to change)"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,6 +63,12 @@ def broker(tmp_path_factory):
 
 
 _counter = itertools.count()
+
+
+@pytest.fixture(params=["confluent", "kafka-python"])
+def kafka_client(request) -> str:
+    """Each Kafka client in turn, for tests of the client interface itself."""
+    return request.param
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ stable `letter_id`, and the store's view shows each once). On SIGTERM (or `stop_
 service flushes, commits and closes. When the group rebalances, buffered partitions are
 flushed and committed before they move.
 
-Broker faults never leave the loop. At start the service waits up to `broker_wait_s` for
+Kafka is reached through `sponge.streams.kafka` (confluent-kafka by default, kafka-python with
+`kafka_client`). Broker faults never leave the loop. At start the service waits up to `broker_wait_s` for
 Kafka (one log line per attempt), then raises `BrokerUnavailable`. Later, every client
 reconnects with backoff: the consumer by itself, the dead-letter producer is replaced when
 it fails (after a broker restart its producer id means nothing to the broker), the admin
@@ -41,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -65,6 +67,16 @@ log = logging.getLogger("sponge.ingest")
 
 
 # ---- configuration ----------------------------------------------------------------------
+
+def _default_kafka_client() -> str:
+    """$SPONGE_KAFKA_CLIENT if it names a client, else confluent: so an IngestConfig made in Python
+    follows the same variable as `sponge serve` (a bad value is refused by the config loader, which
+    reads the variable again)."""
+    from sponge.streams.kafka import CLIENT_ENV, CLIENTS
+
+    name = os.environ.get(CLIENT_ENV, "")
+    return name if name in CLIENTS else "confluent"
+
 
 @dataclass
 class IngestConfig:
@@ -123,7 +135,11 @@ class IngestConfig:
     #: one attempt to have dead letters acknowledged waits this long; then retried with backoff while
     #: their offsets stay uncommitted and consumption pauses
     dlq_timeout_s: float = 5.0
-    #: extra kafka-python settings for consumer and producer (SASL/TLS etc.), e.g. {"security_protocol": "SSL"}
+    #: Kafka client library: confluent (librdkafka through confluent-kafka) or kafka-python (pure Python)
+    kafka_client: Literal["confluent", "kafka-python"] = field(default_factory=_default_kafka_client)
+    #: extra Kafka settings for every client (SASL/TLS etc.), in librdkafka's names, e.g. {"security.protocol":
+    #: "SASL_SSL", "sasl.mechanism": "PLAIN", "sasl.username": "u", "sasl.password": "p"}, or kafka-python's
+    #: (security_protocol, sasl_plain_username, ssl_cafile, ...): either is translated for the client in use
     kafka: dict = field(default_factory=dict)
 
     @property
@@ -229,13 +245,10 @@ def _iso(wall: float) -> str:
 
 def _is_transient(exc: BaseException) -> bool:
     """A fault of the broker or the network (retry), as opposed to a refused configuration (give up)."""
-    from kafka.errors import IncompatibleBrokerVersion, KafkaConfigurationError, KafkaError
-
     from sponge.streams.broker import BrokerError
+    from sponge.streams.kafka import is_transient
 
-    if isinstance(exc, (KafkaConfigurationError, IncompatibleBrokerVersion)):
-        return False
-    return isinstance(exc, (KafkaError, OSError, BrokerError))
+    return isinstance(exc, BrokerError) or is_transient(exc)
 
 
 class IngestService:
@@ -332,10 +345,12 @@ class IngestService:
         return self
 
     def _client_config(self, timeout_s: float | None = None, auto_create: bool | None = None) -> dict:
-        """Settings every Kafka client of the service gets (the `kafka` knob wins over them)."""
+        """Settings every Kafka client of the service gets (the `kafka` knob wins over them).
+
+        Names in kafka-python's spelling; `sponge.streams.kafka` translates them for the client in use."""
         cfg = self.config
         bootstrap_ms = int(1000 * max(0.5, min(5.0, timeout_s if timeout_s is not None else 5.0)))
-        out = dict(bootstrap_servers=cfg.bootstrap_servers, bootstrap_timeout_ms=bootstrap_ms,
+        out = dict(bootstrap_timeout_ms=bootstrap_ms,
                    reconnect_backoff_max_ms=max(50, int(1000 * cfg.reconnect_backoff_max_s)))
         if auto_create is not None:
             # Topics are created by this service with their configured partitions (create_topics),
@@ -346,45 +361,41 @@ class IngestService:
 
     def _connect(self, deadline: float | None) -> None:
         """One attempt to reach the broker and make the clients (raises on any failure)."""
-        from sponge.streams.broker import create_topic
-        from sponge.streams.consumer import RolloutConsumer
+        from sponge.streams import kafka
 
         cfg = self.config
         # One attempt window: a few seconds for the clients to bootstrap, less if the bound is nearer.
         left = 3.0 if deadline is None else min(3.0, deadline - time.monotonic())
         self._admin = self._make_admin(left)     # the cheapest proof that a broker answers
         if cfg.create_topics:
-            client = self._client_config(left)
-            client.pop("bootstrap_servers")
-            create_topic(cfg.bootstrap_servers, cfg.topic, partitions=cfg.partitions, **client)
-            create_topic(cfg.bootstrap_servers, cfg.dead_letter_topic, partitions=1, **client)
+            self._admin.create_topic(cfg.topic, cfg.partitions)
+            self._admin.create_topic(cfg.dead_letter_topic, 1)
         self._dlq = DeadLetterPublisher(self._make_dlq_producer, cfg.dead_letter_topic)
-        client = self._client_config(left, auto_create=False)
-        self._consumer = RolloutConsumer(
-            client.pop("bootstrap_servers"), [cfg.topic], cfg.group_id,
+        self._consumer = kafka.consumer(
+            cfg.bootstrap_servers, [cfg.topic], cfg.group_id, client=cfg.kafka_client,
             on_revoke=self._on_revoke, on_assign=self._on_assign, on_lost=self._on_lost,
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, fetch_max_bytes=cfg.fetch_max_bytes,
-            max_poll_records=cfg.max_poll_records, **client)
+            max_poll_records=cfg.max_poll_records, **self._client_config(left, auto_create=False))
 
     def _make_admin(self, timeout_s: float | None = None):
-        from kafka import KafkaAdminClient
+        from sponge.streams import kafka
 
-        settings = dict(request_timeout_ms=5000)
-        settings.update(self._client_config(timeout_s))
-        return KafkaAdminClient(**settings)
+        return kafka.admin(self.config.bootstrap_servers, client=self.config.kafka_client,
+                           timeout_s=max(0.5, timeout_s if timeout_s is not None else 5.0),
+                           request_timeout_ms=5000, **self._client_config(timeout_s))
 
     def _make_dlq_producer(self):
         """A new producer for dead letters (a failed one is replaced, see DeadLetterPublisher)."""
-        from kafka import KafkaProducer
+        from sponge.streams import kafka
 
         cfg = self.config
         # Short blocking and delivery bounds: a letter the broker cannot take fails within
-        # ~30 s and is re-sent by a new producer instead of waiting out kafka-python's 2 minutes.
+        # ~30 s and is re-sent by a new producer instead of waiting out a client's minutes.
         settings = dict(acks="all", linger_ms=5, max_request_size=max(32 << 20, 2 * cfg.max_message_bytes),
                         max_block_ms=5000, request_timeout_ms=10_000, delivery_timeout_ms=30_000)
         settings.update(self._client_config(auto_create=False))
-        return KafkaProducer(**settings)
+        return kafka.producer(cfg.bootstrap_servers, client=cfg.kafka_client, **settings)
 
     def _close_clients(self) -> None:
         for close in (lambda: self._consumer.close(), lambda: self._dlq.close(timeout_s=0), self._close_admin):
@@ -466,10 +477,10 @@ class IngestService:
 
     def _broker_trouble(self, during: str, exc: BaseException) -> None:
         """Note that the broker cannot be reached (logged once per outage, then once a minute)."""
-        from kafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+        from sponge.streams.kafka import KafkaUnavailable
 
-        if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, OSError)):
-            # kafka-python's own words here ("No node_id provided") do not say what is wrong.
+        if isinstance(exc, (KafkaUnavailable, OSError)):
+            # A client's own words here ("No node_id provided") may not say what is wrong.
             self._broker_error = f"no connection to {self.config.bootstrap_servers}: {_short(exc)}"
         else:
             self._broker_error = _short(exc)
@@ -499,7 +510,7 @@ class IngestService:
 
         Broker faults never raise here: they show in `health()` and are retried with backoff.
         """
-        from kafka.errors import KafkaError
+        from sponge.streams.kafka import KafkaClientError
 
         self.start()
         if self._consumer is None:
@@ -513,7 +524,7 @@ class IngestService:
                     else cfg.poll_timeout_ms
             records = self._consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_poll_records)
             self._poll_backoff = 0.0
-        except KafkaError as exc:
+        except KafkaClientError as exc:
             self._broker_trouble("poll", exc)
             self._poll_backoff = min(max(0.1, 2 * self._poll_backoff), cfg.reconnect_backoff_max_s)
             self._sleep(self._poll_backoff)
@@ -538,40 +549,36 @@ class IngestService:
 
         Polling goes on meanwhile, so the group keeps this member.
         """
-        kafka = self._consumer.kafka
+        consumer = self._consumer
         try:
             if hold:
-                owned = kafka.assignment()
-                if owned - kafka.paused():
-                    kafka.pause(*owned)
-            elif kafka.paused():
-                kafka.resume(*kafka.paused())
+                owned = consumer.assignment()
+                if owned - consumer.paused():
+                    consumer.pause(owned)
+            elif paused := consumer.paused():
+                consumer.resume(paused)
         except Exception as exc:  # noqa: BLE001 - e.g. partitions moved meanwhile; next poll tries again
             log_event(logging.DEBUG, "pause/resume failed", error=_short(exc))
 
     def _check_broker(self) -> None:
         """Probe the broker: readiness, missing topics (re-created if `create_topics`), a broker that
         restarted empty. Never raises; a failure marks the broker unreachable until a probe succeeds."""
-        from sponge.streams.broker import create_topic
-
         cfg = self.config
         topics = [cfg.topic, cfg.dead_letter_topic]
         try:
             if self._admin is None:
                 self._admin = self._make_admin()
-            described = {t["name"]: t for t in self._admin.describe_topics(topics)}
-            missing = [n for n in topics if described.get(n, {}).get("error_code", 3) != 0]
+            described = self._admin.describe_topics(topics)
+            missing = [n for n in topics if described.get(n) is None]
             if missing and cfg.create_topics:
-                client = self._client_config()
-                client.pop("bootstrap_servers")
                 for name in missing:
-                    create_topic(cfg.bootstrap_servers, name, partitions=cfg.partitions if name == cfg.topic else 1,
-                                 **client)
+                    self._admin.create_topic(name, cfg.partitions if name == cfg.topic else 1)
                 log_event(logging.WARNING, "topics missing on the broker (restarted empty?); created them",
                           topics=missing)
                 missing = []
             self._missing_topics = missing
-            replaced = self._note_topic_id(described.get(cfg.topic, {}).get("topic_id"))
+            info = described.get(cfg.topic)
+            replaced = self._note_topic_id(info.topic_id if info is not None else None)
             self._check_broker_reset(replaced)
         except Exception as exc:  # noqa: BLE001 - sorted below; a failing check must never stop ingest
             if _is_transient(exc):
@@ -599,8 +606,7 @@ class IngestService:
         if self._admin is None:
             self._admin = self._make_admin()
         described = self._admin.describe_topics(sorted(topics))
-        return {t["name"]: (str(t["topic_id"]) if t.get("error_code") == 0 and t.get("topic_id") else None)
-                for t in described}
+        return {name: (info.topic_id if info is not None else None) for name, info in described.items()}
 
     def _check_broker_reset(self, topic_replaced: bool = False) -> None:
         """Notice a broker that came back without its state and re-read its partitions from the start.
@@ -616,21 +622,20 @@ class IngestService:
         # is retried, and must not re-commit old-log offsets into a new log).
         ours = {tp for tp, off in self._last_commits.items() if off > 0}
         ours |= {tp for tp, (off, _) in self._failed_commits.items() if off > 0}
-        kafka = self._consumer.kafka
-        owned = self._consumer.assignment()
+        consumer = self._consumer
+        owned = consumer.assignment()
         forgotten = [tp for tp in owned if tp.topic == self.config.topic] if topic_replaced else []
         for tp in owned:
             if tp in forgotten:
                 continue
-            high = kafka.highwater(tp)
-            if high is not None and high < kafka.position(tp, timeout_ms=1000):
+            high, position = consumer.highwater(tp), consumer.position(tp)
+            if high is not None and position is not None and high < position:
                 forgotten.append(tp)   # the log end moved backwards: the broker's log was reset
         assigned = [tp for tp in owned if tp in ours and tp not in forgotten]
         if assigned:
-            # Ask the broker itself: the consumer's own committed() answers from its cache.
-            group = self.config.group_id
-            stored = self._admin.list_group_offsets(group).get(group, {})
-            forgotten += [tp for tp in assigned if tp not in stored or stored[tp].offset < 0]
+            # Ask the broker itself: a consumer may answer from its cache.
+            stored = self._admin.group_offsets(self.config.group_id)
+            forgotten += [tp for tp in assigned if tp not in stored]
         if forgotten:
             log_event(logging.WARNING, "broker lost this group's offsets (restarted empty?); re-reading from the start",
                       partitions=[f"{tp.topic}/{tp.partition}" for tp in forgotten], topic_replaced=topic_replaced)
@@ -638,7 +643,7 @@ class IngestService:
                 self._last_commits.pop(tp, None)
                 self._failed_commits.pop(tp, None)
             self.flush()
-            kafka.seek_to_beginning(*forgotten)
+            consumer.seek_to_beginning(forgotten)
 
     def _ingest(self, records: list) -> None:
         cfg = self.config
@@ -828,7 +833,7 @@ class IngestService:
 
     def _finish(self, future: Future, buffers: dict, started: float) -> None:
         """Wait for one batch's write (re-raising its error), commit its offsets, report it."""
-        from kafka import TopicPartition
+        from sponge.streams.kafka import TopicPartition
 
         writes = future.result()
         offsets: dict = {}   # TopicPartition -> (next offset, id of the topic it was read from)
@@ -870,7 +875,7 @@ class IngestService:
         (restarted empty): they would point into the new log, so they are dropped. While the
         topic is unknown (not re-created yet) they wait with the failed commits.
         """
-        from kafka.errors import CommitFailedError, KafkaError
+        from sponge.streams.kafka import KafkaClientError
 
         now: dict[str, str | None] = {}
         if any(log_id is not None for _, log_id in offsets.values()):
@@ -903,11 +908,12 @@ class IngestService:
         if not commits:
             return {}
         try:
-            self._consumer.commit(commits, timeout_ms=10_000)
-        except (CommitFailedError, KafkaError, RuntimeError) as exc:
+            self._consumer.commit(commits, timeout_s=10.0)
+        except (KafkaClientError, RuntimeError) as exc:
             # The group moved on (rebalance) or the broker is away (or this runs on kafka-python's
-            # IO thread, where it cannot block: RuntimeError): the rows are durable, so nothing is lost. Retry once we own the partitions again; a new owner meanwhile
-            # replays from the last commit and the store drops the duplicates.
+            # IO thread, where it cannot block): the rows are durable, so nothing is lost. Retry once
+            # we own the partitions again; a new owner meanwhile replays from the last commit and the
+            # store drops the duplicates.
             for tp, offset in commits.items():
                 before = self._failed_commits.get(tp, (0, None))[0]
                 self._failed_commits[tp] = (max(offset, before), offsets[tp][1])

@@ -5,7 +5,8 @@ connections and can create topics, and stops it on exit. Its data lives in memor
 is gone when it stops: it is for development, tests and benchmarks. `sponge broker`
 runs one in the foreground until Ctrl-C or SIGTERM.
 
-`create_topic` (explicit partition count, idempotent) works against any Kafka cluster.
+`create_topic` (explicit partition count, idempotent) works against any Kafka cluster, with
+either client of `sponge.streams.kafka`.
 """
 
 from __future__ import annotations
@@ -137,35 +138,12 @@ class EmbeddedBroker:
 
 
 def create_topic(bootstrap: str, name: str, partitions: int = 4, replication: int = 1,
-                 timeout_s: float = 30.0, **client_config) -> None:
+                 timeout_s: float = 30.0, client: str | None = None, **client_config) -> None:
     """Create `name` with `partitions` partitions unless it already exists."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    from sponge.streams import kafka
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
-                             **client_config)
-    try:
-        if name in admin.list_topics():
-            return
-        try:
-            response = admin.create_topics([NewTopic(name, partitions, replication)])
-        except TopicAlreadyExistsError:
-            return
-        # kafka-python 3.x returns the response as a dict and raises on most errors;
-        # check the per-topic code in case this one did not.
-        for topic in _response_topics(response):
-            code = topic.get("error_code", 0)
-            if code not in (0, 36):  # 36 = TOPIC_ALREADY_EXISTS
-                raise BrokerError(f"creating topic {name!r} failed: error {code} {topic.get('error_message')}")
-    finally:
-        admin.close()
-
-
-def _response_topics(response) -> list[dict]:
-    if isinstance(response, dict):
-        return list(response.get("topics", []))
-    return []
+    with kafka.admin(bootstrap, client=client, timeout_s=timeout_s, **client_config) as admin:
+        admin.create_topic(name, partitions, replication)
 
 
 # ---- `sponge broker` --------------------------------------------------------------------

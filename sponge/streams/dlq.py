@@ -123,7 +123,7 @@ class DeadLettersUnacknowledged(RuntimeError):
 class DeadLetterPublisher:
     """Sends dead letters to `<topic>.dlq` and keeps each one until the broker has acknowledged it.
 
-    `make_producer()` returns a new `kafka.KafkaProducer`. A producer that fails a letter is
+    `make_producer()` returns a new `sponge.streams.kafka.Producer`. A producer that fails a letter is
     closed and replaced, and every letter it had not had acknowledged is sent again by the new
     one: after a broker restart the old producer's id and sequence numbers mean nothing to the
     broker (unknown producer id, out-of-order sequence, fenced epoch), and only a new producer
@@ -136,7 +136,7 @@ class DeadLetterPublisher:
         self.dlq_topic = dlq_topic
         self._producer = None
         self._letters: list[DeadLetter] = []   # not yet acknowledged, in publish order
-        self._futures: list = []               # per letter: its send future with the current producer, or None
+        self._futures: list = []               # per letter: its Delivery with the current producer, or None
         self._broken = False                   # the current producer failed: replace it before sending again
         #: the last error seen (str), for logs and readiness
         self.last_error = ""
@@ -173,9 +173,9 @@ class DeadLetterPublisher:
                     if future is None and not self._broken:
                         self._send(i)
                 try:
-                    self._producer.flush(timeout=max(0.0, deadline - time.monotonic()))
-                except Exception as exc:  # noqa: BLE001 - KafkaTimeoutError: some letters still in flight
-                    self.last_error = repr(exc)
+                    self._producer.flush(timeout_s=max(0.0, deadline - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001 - some letters still in flight, or failed: see _collect
+                    self.last_error = str(exc)
                 self._collect()
             if not self._letters:
                 break
@@ -189,7 +189,7 @@ class DeadLetterPublisher:
         """Close the producer; letters not acknowledged by then are dropped (their offsets stay uncommitted)."""
         if self._producer is not None:
             try:
-                self._producer.close(timeout=timeout_s)
+                self._producer.close(timeout_s=timeout_s)
             except Exception:  # noqa: BLE001 - closing a producer of a dead broker
                 pass
         self._producer = None
@@ -197,20 +197,20 @@ class DeadLetterPublisher:
     def _send(self, i: int) -> None:
         letter = self._letters[i]
         try:
-            self._futures[i] = self._producer.send(self.dlq_topic, value=letter.value, key=letter.key,
+            self._futures[i] = self._producer.send(self.dlq_topic, letter.value, key=letter.key,
                                                    headers=letter.kafka_headers())
         except Exception as exc:  # noqa: BLE001 - the producer is in an error state or has no metadata
-            self.last_error = repr(exc)
+            self.last_error = str(exc)
             self._broken = True
 
     def _collect(self) -> None:
         """Forget acknowledged letters; a failed one marks the producer for replacement."""
         letters, futures = [], []
         for letter, future in zip(self._letters, self._futures):
-            if future is not None and future.is_done:
-                if future.exception is None:
+            if future is not None and future.done:
+                if future.error is None:
                     continue
-                self.last_error = repr(future.exception)
+                self.last_error = str(future.error)
                 self._broken = True
                 future = None
             letters.append(letter)
@@ -224,43 +224,24 @@ class DeadLetterPublisher:
         self._broken = False
         if producer is not None:
             try:
-                producer.close(timeout=0)
+                producer.close(timeout_s=0)
             except Exception:  # noqa: BLE001 - it failed already; only its resources matter now
                 pass
 
 
 def read_dead_letters(bootstrap_servers: str, dlq_topic: str, *, expected: int | None = None,
-                      timeout_s: float = 20.0, **kafka_config) -> list[dict]:
+                      timeout_s: float = 20.0, client: str | None = None, **kafka_config) -> list[dict]:
     """Read every dead letter currently in `dlq_topic` (no group, no commits): for tests and inspection.
 
     Returns dicts with key, value, headers (str → bytes) and the decoded reason list.
     Stops when `expected` letters were read, or when the topic is drained.
     """
-    import time
+    from sponge.streams.kafka import read_topic
 
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                             auto_offset_reset="earliest", max_partition_fetch_bytes=64 << 20,
-                             fetch_max_bytes=64 << 20, **kafka_config)
-    try:
-        partitions = consumer.partitions_for_topic(dlq_topic) or set()
-        consumer.assign([TopicPartition(dlq_topic, p) for p in sorted(partitions)])
-        letters: list[dict] = []
-        deadline = time.monotonic() + timeout_s
-        idle_polls = 0
-        while time.monotonic() < deadline:
-            batch = consumer.poll(timeout_ms=500)
-            records = [r for rs in batch.values() for r in rs]
-            for r in records:
-                headers = dict(r.headers or [])
-                letters.append({"key": r.key, "value": r.value, "headers": headers,
-                                "reason": json.loads(headers.get(REASON_HEADER, b"[]"))})
-            if expected is not None and len(letters) >= expected:
-                break
-            idle_polls = 0 if records else idle_polls + 1
-            if expected is None and idle_polls >= 4:
-                break
-        return letters
-    finally:
-        consumer.close(autocommit=False)
+    letters = []
+    for r in read_topic(bootstrap_servers, dlq_topic, expected=expected, timeout_s=timeout_s, client=client,
+                        **kafka_config):
+        headers = dict(r.headers or [])
+        letters.append({"key": r.key, "value": r.value, "headers": headers,
+                        "reason": json.loads(headers.get(REASON_HEADER, b"[]"))})
+    return letters

@@ -4,7 +4,8 @@ Throughput comes from batching: one Kafka message carries about `rows_per_messag
 rollouts as one Arrow IPC stream. Rows go to the partition Kafka's default partitioner
 would choose for their prompt_id (murmur2 of the key), so every rollout of a prompt -
 its GRPO group - lands in one partition, and a group is never cut across messages.
-The message key is the prompt_id of the message's first row.
+The message key is the prompt_id of the message's first row. Messages go through
+`sponge.streams.kafka` (confluent-kafka by default, kafka-python with `client="kafka-python"`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sponge.streams import kafka
 from sponge.streams.codec import ARROW_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_arrow, encode_json, headers_for
 
 
 def kafka_partition(key: bytes, num_partitions: int) -> int:
-    """The partition kafka-python's (and the Java client's) default partitioner picks for `key`."""
+    """The partition the Java client's (and kafka-python's) default partitioner picks for `key`: every
+    message names its partition explicitly, so both clients put a prompt's rollouts in the same one."""
     from kafka.partitioner.default import murmur2
 
     return (murmur2(key) & 0x7FFFFFFF) % num_partitions
@@ -62,18 +65,17 @@ def plan_messages(prompt_ids: pa.ChunkedArray | pa.Array, num_partitions: int,
 
 
 class RolloutProducer:
-    """A kafka-python producer that sends rollout tables in batches.
+    """A producer that sends rollout tables in batches.
 
     `send(table)` returns the number of messages queued; `flush()` waits for the broker
-    to acknowledge them. Extra keyword arguments go to `kafka.KafkaProducer`
-    (e.g. SASL/TLS settings).
+    to acknowledge them and raises if any failed. `client` picks the Kafka client (default:
+    $SPONGE_KAFKA_CLIENT or confluent); extra keyword arguments are client settings in
+    either spelling (e.g. SASL/TLS: `security_protocol` or `security.protocol`).
     """
 
     def __init__(self, bootstrap_servers: str | Sequence[str], topic: str, *, rows_per_message: int = 64,
                  content_type: str = ARROW_CONTENT_TYPE, compression: str | None = None,
-                 **kafka_config):
-        from kafka import KafkaProducer
-
+                 client: str | None = None, **kafka_config):
         if content_type not in (ARROW_CONTENT_TYPE, JSON_CONTENT_TYPE):
             raise ValueError(f"content_type must be {ARROW_CONTENT_TYPE!r} or {JSON_CONTENT_TYPE!r}")
         self.topic = topic
@@ -82,14 +84,17 @@ class RolloutProducer:
         self.compression = compression
         config = dict(linger_ms=10, batch_size=1 << 20, max_request_size=32 << 20, acks=1)
         config.update(kafka_config)
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)
-        self._futures: list = []
+        self._producer = kafka.producer(bootstrap_servers, client=client, **config)
+
+    @property
+    def client(self) -> str:
+        return self._producer.client
 
     def num_partitions(self) -> int:
-        partitions = self._producer.partitions_for(self.topic)
+        partitions = self._producer.partitions(self.topic)
         if not partitions:
             raise RuntimeError(f"topic {self.topic!r} has no partitions (does it exist?)")
-        return len(partitions)
+        return partitions
 
     def send(self, table: pa.Table) -> int:
         """Queue `table`'s rollouts; returns the number of messages."""
@@ -109,31 +114,15 @@ class RolloutProducer:
         return len(starts)
 
     def send_raw(self, value: bytes | None, key: bytes | None = None,
-                 headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None):
+                 headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None
+                 ) -> kafka.Delivery:
         """Send one message as is (used for dead letters and for malformed test input)."""
-        future = self._producer.send(self.topic, value=value, key=key, headers=list(headers or []),
-                                     partition=partition)
-        self._futures.append(future)
-        if len(self._futures) > 10_000:
-            self._check_futures(block=False)
-        return future
+        return self._producer.send(self.topic, value, key=key, headers=headers, partition=partition)
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Block until every queued message is acknowledged; raise if any failed."""
-        self._producer.flush(timeout=timeout_s)
-        self._check_futures(block=True)
-
-    def _check_futures(self, block: bool) -> None:
-        pending = []
-        for future in self._futures:
-            if future.is_done:
-                if future.failed():
-                    raise future.exception
-            elif block:
-                future.get()
-            else:
-                pending.append(future)
-        self._futures = pending
+        """Block until every queued message is acknowledged; raise if any failed (or, after
+        `timeout_s`, if some are still unacknowledged)."""
+        self._producer.flush(timeout_s)
 
     def close(self) -> None:
         try:

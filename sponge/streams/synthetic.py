@@ -248,6 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="the consumer's size limit (oversized bad messages exceed it)")
     parser.add_argument("--chunk", type=int, default=20_000, help="rollouts generated per step (memory bound)")
+    parser.add_argument("--kafka-client", choices=["confluent", "kafka-python"], default=None,
+                        help="Kafka client library (default: $SPONGE_KAFKA_CLIENT, else confluent)")
 
 
 def produce(bootstrap_servers: str, topic: str, rollouts: int, *, seed: int = 0,
@@ -296,7 +298,7 @@ def produce(bootstrap_servers: str, topic: str, rollouts: int, *, seed: int = 0,
 def run(args: argparse.Namespace) -> int:
     from sponge.streams.broker import create_topic
 
-    create_topic(args.bootstrap_servers, args.topic, partitions=args.partitions)
+    create_topic(args.bootstrap_servers, args.topic, partitions=args.partitions, client=args.kafka_client)
     cfg = SyntheticConfig(embedding_dim=args.embedding_dim, group_size=args.group_size,
                           response_tokens=args.response_tokens, run_id=args.run_id,
                           policy_version=args.policy_version)
@@ -304,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
                      rows_per_message=args.rows_per_message,
                      content_type=ARROW_CONTENT_TYPE if args.format == "arrow" else JSON_CONTENT_TYPE,
                      bad_fraction=args.bad_fraction, max_message_bytes=args.max_message_bytes,
-                     chunk=args.chunk, progress=True)
+                     chunk=args.chunk, progress=True, client=args.kafka_client)
     kinds: dict[str, int] = {}
     for kind, _ in result["bad"]:
         kinds[kind] = kinds.get(kind, 0) + 1
