@@ -18,8 +18,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sponge demo
 
+# Two workers, each test file whole on one of them (each starts its own broker): the suite waits on
+# brokers, services and subprocesses more than it computes, so two at once halve its time.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/ingest.py

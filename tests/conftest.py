@@ -1,5 +1,5 @@
 """Shared fixtures: one real embedded Kafka broker per test session, a fresh topic per test,
-the Kafka client, and the opt-in flags: --soak enables tests marked `soak`, --chaos those marked `chaos`.
+the Kafka client, and the opt-in flags: --soak enables tests marked `soak`, --chaos those marked `chaos`, --long those marked `long`.
 
 The Kafka client every test uses unless it names one is confluent-kafka; run the suite with
 SPONGE_TEST_KAFKA_CLIENT=kafka-python (or SPONGE_KAFKA_CLIENT) for kafka-python. Tests of the
@@ -19,10 +19,14 @@ def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", default=False, help="run long soak tests (marked soak)")
     parser.addoption("--chaos", action="store_true", default=False,
                      help="run chaos tests (marked chaos): kill -9 the service and restart the broker under load")
+    parser.addoption("--long", action="store_true", default=False,
+                     help="run long end-to-end tests (marked long): a minute or more each on 2 cores, what the "
+                          "default suite covers in shorter form")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "chaos: kills and restarts under load; runs only with --chaos")
+    config.addinivalue_line("markers", "long: end-to-end runs of a minute or more; runs only with --long")
     chosen = os.environ.get("SPONGE_TEST_KAFKA_CLIENT")
     if chosen:
         # The default of every client made without naming one, here and in `sponge serve` children.
@@ -36,7 +40,7 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    for flag in ("soak", "chaos"):
+    for flag in ("soak", "chaos", "long"):
         if config.getoption(f"--{flag}"):
             continue
         skip = pytest.mark.skip(reason=f"{flag} test: run with --{flag}")

@@ -25,6 +25,7 @@ def test_the_readme_snippet_is_the_example():
     assert code_lines(readme[readme.index("## From a training script"):]) == code_lines(example)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_remix_with_service_trains_and_replays_against_a_default_service(broker, topic, tmp_path):
     proc, url = serve(broker, topic, tmp_path / "store", tmp_path / "serve.log")

@@ -73,6 +73,7 @@ def test_two_trainers_one_after_the_other_against_a_default_service_over_other_d
         stop(proc)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_checkpoint_kill_the_trainer_and_resume_goes_on_with_version_and_replay(broker, topic, tmp_path):
     """Checkpoint, kill -9 the trainer, resume: the run's version and replay go on."""

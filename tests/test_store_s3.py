@@ -177,7 +177,8 @@ def _assert_exactly(holder: dict, expected: set[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.chaos)])   # 2: with --chaos
+@pytest.mark.chaos   # kill -9 three times, each way: with --chaos (the local kill -9 test is in the default suite)
+@pytest.mark.parametrize("processes", [1, 2])
 def test_serve_on_s3_killed_three_times_loses_nothing_and_stores_nothing_twice(s3, broker, topic, tmp_path,
                                                                                processes):
     """kill -9 x3 during ingest, with one `sponge serve` or two in one group writing at once."""

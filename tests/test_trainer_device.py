@@ -98,6 +98,7 @@ def test_sponge_train_with_a_local_model_directory(tmp_path, capsys, arch):
     assert any(r.get("n_fresh", 0) > 0 for r in lines)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_gpu_check_dry_run_exercises_every_cpu_path(tmp_path):
     """bench/gpu_check.py --cpu-dry-run: every check runs or says why not, and the JSON holds the
