@@ -14,8 +14,8 @@ embedder on the trainer's hot path. It counts the rollouts it sends per policy
 version and tells the service, so retention never retires a version whose rollouts are still on
 their way, and a candidates request waits until they have arrived (read-your-writes), at most
 `wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
-By default the wait covers every version of the window but the newest (unless it is the only one):
-that version's rollouts were sent a moment ago, so waiting for them would put the service's store-and-select latency on
+By default the wait covers every version of the window but the newest (unless it is the only one, or
+the older ones leave nothing to draw): that version's rollouts were sent a moment ago, so waiting for them would put the service's store-and-select latency on
 the trainer's step; they join the draw as far as they have landed, and the next draw waits for
 them (`wait_newest=True` waits for them too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
@@ -157,7 +157,8 @@ class ServiceReplaySource:
         wait_s: how long `candidates` waits for the rollouts this source sent (read-your-writes).
         wait_newest: whether that wait also covers the newest version of the window, sent during the
             trainer's last step (True: every draw holds all it sent; False, the default: the trainer
-            waits for the rollouts it has just sent only when the window holds nothing older).
+            waits for the rollouts it has just sent only when the older versions of the window leave
+            nothing to draw).
         token: the service's bearer token, if it has one.
     """
 
@@ -300,12 +301,15 @@ class ServiceReplaySource:
         self._flush_producer()
         low = max(version - self.window if self.window is not None else 0, self.since)
         window = [v for v in sent if low <= v < version]
-        if not self.wait_newest and len(window) > 1:
-            # sent during the trainer's last step: it joins as it lands (the first draw waits for it:
-            # there is nothing older to draw instead)
-            window.remove(max(window))
-        expect = {v: sent[v] for v in window}
-        return self.client.candidates(self.run_id, version, unit, expect, self.wait_s if expect else 0.0)
+        expect_all = {v: sent[v] for v in window}
+        if self.wait_newest or len(window) < 2:
+            return self.client.candidates(self.run_id, version, unit, expect_all, self.wait_s if expect_all else 0.0)
+        # The newest version was sent during the trainer's last step: it joins as far as it has landed.
+        expect = {v: n for v, n in expect_all.items() if v != max(window)}
+        table, info = self.client.candidates(self.run_id, version, unit, expect, self.wait_s)
+        if table.num_rows == 0:   # nothing to draw from the older versions: wait for the newest after all
+            table, info = self.client.candidates(self.run_id, version, unit, expect_all, self.wait_s)
+        return table, info
 
     def clear(self) -> None:
         """Forget what was sent so far: candidates come only from rollouts of this version on (the

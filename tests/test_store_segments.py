@@ -198,7 +198,7 @@ def test_bad_offsets_and_topics_are_refused(Store, tmp_path):
     assert store.count() == 0
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(
     st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 40), st.integers(1, 25)),
     min_size=1, max_size=8,
