@@ -15,9 +15,10 @@ version and tells the service, so retention never retires a version whose rollou
 their way, and a candidates request waits until they have arrived (read-your-writes), at most
 `wait_s`; past that it goes on with what is there, logs a warning and counts `incomplete_draws`.
 By default the wait covers every version of the window but the newest (unless it is the only one, or
-the older ones leave nothing to draw): that version's rollouts were sent a moment ago, so waiting for them would put the service's store-and-select latency on
-the trainer's step; they join the draw as far as they have landed, and the next draw waits for
-them (`wait_newest=True` waits for them too: strict read-your-writes).
+the older ones leave nothing to draw): that version's rollouts were sent a moment ago, so waiting
+for them would put the service's store-and-select latency on the trainer's step; they join the draw
+as far as they have landed, and the next draw waits for them (`wait_newest=True` waits for them
+too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
 version, go out on background threads while the trainer generates its next batch (it asks for them
 after generating); an error of either is raised by the trainer's next call to this source.
@@ -275,11 +276,10 @@ class ServiceReplaySource:
         self._registered()
         self._unit, self._asked = unit, True
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] != (version, unit):
-            self._settle()   # a fresh fetch: the report before it must have landed
         if pending is not None and pending[0] == (version, unit):
             table, info = pending[1].result()
         else:
+            self._settle()   # a fresh fetch: the report before it must have landed
             table, info = self._fetch(version, unit, dict(self.sent))
         self.last_draw = info
         if self.since and table.num_rows:

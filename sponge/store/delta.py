@@ -736,6 +736,12 @@ class DeltaRolloutStore(ViewReads):
             log.warning("removed rollouts are tombstoned but their rewrite failed (compaction will finish it): %s",
                         exc)
 
+    def _delete_retired_logged(self, run: str, version: int) -> None:
+        try:
+            self._delete_retired(run, version)
+        except Exception as exc:  # noqa: BLE001 - hidden and refused already; compaction finishes the job
+            log.warning("retired versions of run %r stay in the table until compaction: %s", run, exc)
+
     def _removal_loop(self) -> None:
         """The background deletes: the retention deletes queued (the newest mark of each run), then
         every removal queued since the last rewrite, in one commit."""
@@ -749,7 +755,7 @@ class DeltaRolloutStore(ViewReads):
                 batch = pa.concat_tables(self._removals) if self._removals else None
                 self._removals_taken = len(self._removals)
             for run, version in retirements.items():
-                self._delete_retired(run, version)
+                self._delete_retired_logged(run, version)
             if batch is not None:
                 self._purge_logged(batch)
             with self._removal_cv:
