@@ -9,8 +9,9 @@
    the service refused (must be 0), draws that ended before the trainer's own rollouts were in,
    and the trainer's time spent in the source as a share of its wall time (target <= 5%).
    `--wait both` (the default) runs this twice on the same service: with the source's default wait
-   (every version of the window but the newest) and strict (`wait_newest=True`), so the price of
-   strict read-your-writes is printed beside it.
+   (every version of the window but the newest; a draw not computed yet for the trainer's version may
+   be one version behind) and strict (`wait_newest=True, max_lag=0`), so the price of strict
+   read-your-writes is printed beside it.
 3. Then, against the service as the run left it, draw latency over HTTP (p50/p99 of `--requests`
    calls, alternated with a bare /healthz round trip as the floor): 256 rollouts
    (/replay/sample?n=256) and the run's group candidates (about 32 groups with the defaults).
@@ -42,6 +43,7 @@ class TimedSource:
         self.seconds: dict[str, float] = {}
         self.first_replay_at: float | None = None
         self.draws: list[dict] = []   # per candidates call: seconds in the call, seconds the service waited
+        self.calls: list[tuple[float, float]] = []   # per call: (when it started, seconds in it)
         self.started = time.perf_counter()
 
     def __getattr__(self, name):
@@ -56,8 +58,11 @@ class TimedSource:
                 result = attr(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls.append((t0 - self.started, time.perf_counter() - t0))
             if name == "candidates":
-                self.draws.append({"in_call_s": time.perf_counter() - t0,
+                self.draws.append({"in_call_s": time.perf_counter() - t0, "lag": self.inner.last_draw.get("lag", 0),
+                                   "fetch_s": self.inner.last_draw.get("fetch_s", 0.0),
+                                   "report_wait_s": self.inner.last_draw.get("report_wait_s", 0.0),
                                    "service_waited_s": self.inner.last_draw.get("waited_s", 0.0),
                                    "service_compute_s": self.inner.last_draw.get("compute_s", 0.0)})
                 if self.first_replay_at is None and result.num_rows:
@@ -101,7 +106,7 @@ def latency(fn, healthz, requests: int) -> dict:
             "healthz_p99_ms": q(floor, 99)}
 
 
-def train_once(url: str, bootstrap: str, client, args, wait_newest: bool):
+def train_once(url: str, bootstrap: str, client, args, strict: bool):
     """One ReMix run against the service, every call to its replay source timed; (figures, trainer, source)."""
     from sponge.client import ServiceReplaySource
     from sponge.trainer import (
@@ -119,8 +124,10 @@ def train_once(url: str, bootstrap: str, client, args, wait_newest: bool):
     warm_start(model, tokenizer, task, steps=50, seed=0)
     config = ReMixConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                          max_iterations=args.iterations, eval_every=10**6, eval_size=0, progress=True,
-                         run_name=f"replay-loop-{'strict' if wait_newest else 'default'}")
-    inner = ServiceReplaySource(url, bootstrap, "rollouts", window=config.replay_window, wait_newest=wait_newest)
+                         run_name=f"replay-loop-{'strict' if strict else 'default'}")
+    # strict: every draw holds everything sent and is computed for the trainer's own version
+    inner = ServiceReplaySource(url, bootstrap, "rollouts", window=config.replay_window,
+                                **(dict(wait_newest=True, max_lag=0) if strict else {}))
     source = TimedSource(inner)
     trainer = ReMixTrainer(model, tokenizer, task, config, replay_source=source, eval_prompts=[])
     t_train = time.perf_counter()
@@ -132,8 +139,12 @@ def train_once(url: str, bootstrap: str, client, args, wait_newest: bool):
     replayed = [h for h in steps if h.get("n_replay", 0) > 0]
     staleness = [h["replay_mean_staleness"] for h in replayed if h.get("replay_mean_staleness") is not None]
     in_source = sum(source.seconds.values())
+    # After the first replay draw (which waits for the service to ingest and select the first
+    # version: once per run), the share a long run converges to.
+    settled = source.first_replay_at if source.first_replay_at is not None else train_wall
+    in_source_after = sum(dt for t, dt in source.calls if t >= settled)
     loop = {
-        "wait_newest": wait_newest,
+        "wait_newest": inner.wait_newest, "max_lag": inner.max_lag,
         "iterations": len(steps), "rollouts_generated": trainer.rollouts_generated,
         "trainer_wall_s": round(train_wall, 2),
         "time_to_first_replay_draw_s": None if source.first_replay_at is None else round(source.first_replay_at, 2),
@@ -143,9 +154,11 @@ def train_once(url: str, bootstrap: str, client, args, wait_newest: bool):
         "fresh_rollouts_refused": int(run["refused"].get("retired", 0)),
         "refused_by_reason": run["refused"],
         "incomplete_draws": inner.incomplete_draws,
+        "lagged_draws": inner.lagged_draws,
         "seconds_in_source": {k: round(v, 3) for k, v in source.seconds.items()},
         "share_of_wall_time_in_source": round(in_source / train_wall, 4),
         "share_waiting_for_candidates": round(source.seconds.get("candidates", 0.0) / train_wall, 4),
+        "share_in_source_after_first_replay": round(in_source_after / max(1e-9, train_wall - settled), 4),
         # of a draw's time in the trainer: the service's read-your-writes wait, the rest is HTTP and the
         # service computing candidates (a prefetched draw's wait overlaps generation, so it can exceed it)
         "draw_in_call_s_p50": round(float(np.median([d["in_call_s"] for d in source.draws])), 3) if source.draws else None,
@@ -154,6 +167,9 @@ def train_once(url: str, bootstrap: str, client, args, wait_newest: bool):
         "draw_service_compute_s_p50": round(float(np.median([d["service_compute_s"] for d in source.draws])), 3)
         if source.draws else None,
         "step_s_p50": round(float(np.median([h["step_s"] for h in steps if "step_s" in h])), 3),
+        # per draw: seconds in the call, versions behind, and how long its fetch took off the trainer's
+        # thread (waiting for the version report it follows, then the candidates round trip)
+        "draws": [{k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()} for d in source.draws],
     }
     return loop, trainer, inner
 
@@ -167,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="HTTP requests per latency figure")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the trainer")
     p.add_argument("--wait", choices=["both", "default", "strict"], default="both",
-                   help="default: draws wait for every version but the newest (ServiceReplaySource's default); "
-                        "strict: for the newest too (wait_newest=True); both: one run of each, one after the other")
+                   help="default: ServiceReplaySource's defaults (draws wait for every version but the newest, "
+                        "and a draw not yet computed for the trainer's version may be one version behind); "
+                        "strict: wait for the newest too and for the current version's draw "
+                        "(wait_newest=True, max_lag=0); both: one run of each, one after the other")
     p.add_argument("--out", type=Path, default=Path("bench/results/replay_loop.json"))
     args = p.parse_args(argv)
 
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loops = {}
             for mode in modes:   # the same service, one run per mode, one after the other
-                loop, trainer, inner = train_once(url, broker.bootstrap, client, args, wait_newest=(mode == "strict"))
+                loop, trainer, inner = train_once(url, broker.bootstrap, client, args, strict=(mode == "strict"))
                 loop["service_start_to_ready_s"] = round(service_start_s, 2)
                 loops[mode] = loop
                 print(f"{mode}:", json.dumps(loop, indent=2))
@@ -219,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     for mode, loop in loops.items():
         target = loop["share_of_wall_time_in_source"] <= 0.05 and loop["fresh_rollouts_refused"] == 0
-        print(f"{mode}: {loop['share_of_wall_time_in_source']:.1%} of the trainer's wall time in the source, "
-              f"{loop['fresh_rollouts_refused']} refused, {loop['incomplete_draws']} incomplete draws, replay in "
+        print(f"{mode}: {loop['share_of_wall_time_in_source']:.1%} of the trainer's wall time in the source "
+              f"({loop['share_in_source_after_first_replay']:.1%} after the first replay draw), "
+              f"{loop['fresh_rollouts_refused']} refused, {loop['incomplete_draws']} incomplete draws, "
+              f"{loop['lagged_draws']} draws a version behind, replay in "
               f"{loop['fraction_with_replay_after_first']:.0%} of iterations after the first, mean replay staleness "
               f"{loop['mean_replay_staleness']} versions; targets (<= 5%, 0 refused):", "met" if target else "NOT met")
     return 0

@@ -22,6 +22,11 @@ too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
 version, go out on background threads while the trainer generates its next batch (it asks for them
 after generating); an error of either is raised by the trainer's next call to this source.
+When the trainer asks before those candidates have come (the service computes a new version's draw
+in ~0.15 s, a tiny model steps in ~0.3 s on a loaded 2-core machine), it gets the newest draw that has
+come, if that was computed for a version at most `max_lag` behind; the draw being computed is kept
+for the next ask. The trainer then never waits on the service but for its first draw, at the price
+of replay up to `max_lag` versions staler than the window says (`max_lag=0`: always wait).
 
 `ServiceClient` is the plain HTTP API (runs, candidates, legacy samples, SQL, removal).
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -160,12 +166,16 @@ class ServiceReplaySource:
             trainer's last step (True: every draw holds all it sent; False, the default: the trainer
             waits for the rollouts it has just sent only when the older versions of the window leave
             nothing to draw).
+        max_lag: when the candidates for the trainer's version are still being computed, take the
+            newest that have come if computed for a version at most this many behind (their rows then
+            up to window + max_lag versions old); 0 always waits for the current version's.
         token: the service's bearer token, if it has one.
     """
 
     def __init__(self, url: str, bootstrap_servers: str | None = None, topic: str = "rollouts", *,
                  window: int | None = None, wait_s: float = 30.0, wait_newest: bool = False,
-                 token: str | None = None, producer: Any = None, client: ServiceClient | None = None) -> None:
+                 max_lag: int = 1, token: str | None = None, producer: Any = None,
+                 client: ServiceClient | None = None) -> None:
         self.client = client or ServiceClient(url, token=token)
         if producer is None:
             if bootstrap_servers is None:
@@ -174,7 +184,9 @@ class ServiceReplaySource:
 
             producer = RolloutProducer(bootstrap_servers, topic)
         self.producer = producer
-        self.window, self.wait_s, self.wait_newest = window, wait_s, wait_newest
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0:
+            raise ValueError(f"max_lag must be an integer >= 0 (policy versions), got {max_lag!r}")
+        self.window, self.wait_s, self.wait_newest, self.max_lag = window, wait_s, wait_newest, max_lag
         self.run_id: str | None = None
         self.embedding_dim = 0
         self.fingerprint = ""
@@ -182,6 +194,7 @@ class ServiceReplaySource:
         self.since = 0                       # clear(): candidates only from versions >= this
         self.sent: Counter = Counter()          # rollouts sent per policy version
         self.incomplete_draws = 0
+        self.lagged_draws = 0                # draws computed for an older version (max_lag)
         self.last_draw: dict = {}
         #: report versions and fetch the next candidates on a background thread (see the module docstring)
         self.background = True
@@ -190,7 +203,10 @@ class ServiceReplaySource:
         self._executor: ThreadPoolExecutor | None = None
         self._background: list[Future] = []       # pushes and version reports in flight
         self._producer_lock = threading.Lock()    # the producer is shared with the background thread
+        self._fetcher: ThreadPoolExecutor | None = None     # candidates fetches, one at a time
         self._pending: tuple[tuple, Future] | None = None   # ((version, unit), candidates being fetched)
+        self._latest: tuple[int, Unit, pa.Table, dict] | None = None   # the newest fetch that came
+        self._latest_lock = threading.Lock()
 
     # -- the contract --------------------------------------------------------------------------------
     def register(self, run_id: str, fingerprint: str) -> int:
@@ -208,14 +224,20 @@ class ServiceReplaySource:
         run_ids = rollouts.column("run_id")
         if run_ids.null_count or not pc.all(pc.equal(run_ids, self.run_id)).as_py():
             raise ValueError(f"rollouts sent through this source must carry run_id {self.run_id!r}")
-        with self._producer_lock:
-            self.producer.send(with_embeddings(rollouts, self.embedding_dim))
         versions, counts = np.unique(rollouts.column("policy_version").to_numpy(), return_counts=True)
         self.sent.update(dict(zip(versions.tolist(), counts.tolist())))
-        if self.background:   # on their way now, and ingested while the trainer updates
-            self._submit(self._push)
+        if self.background:   # embedded, encoded and on their way while the trainer updates
+            self._submit(self._push, rollouts)
+        else:
+            self._produce(rollouts)
 
-    def _push(self) -> None:
+    def _produce(self, rollouts: pa.Table) -> None:
+        table = with_embeddings(rollouts, self.embedding_dim)
+        with self._producer_lock:
+            self.producer.send(table)
+
+    def _push(self, rollouts: pa.Table) -> None:
+        self._produce(rollouts)
         self._flush_producer()
         self.client.flush(self.run_id)
 
@@ -255,9 +277,13 @@ class ServiceReplaySource:
             return
         report = self._submit(self._send_report, version, sent)
         if self._asked:   # the trainer will ask for these after its next generation
+            if self._pending is not None:
+                self._pending[1].cancel()   # an older version's, not started: nobody will ask for it
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="sponge-candidates")
             # after the report: its retention moves the run's selection onto the new window first
             self._pending = ((version, self._unit),
-                             self._pool().submit(self._fetch_after, report, version, self._unit, dict(self.sent)))
+                             self._fetcher.submit(self._fetch_after, report, version, self._unit, dict(self.sent)))
         self._asked = False
 
     def _send_report(self, version: int, sent: dict[int, int]) -> None:
@@ -265,18 +291,22 @@ class ServiceReplaySource:
         self.client.report_version(self.run_id, version, sent)
 
     def _settle(self) -> None:
-        """Wait for the background pushes and reports (raising an error) and any candidates fetch in flight."""
+        """Wait for the background pushes and reports, raising an error one ended with."""
         background, self._background = self._background, []
         for future in background:
             future.result()
-        if self._pending is not None and not self._pending[1].done():
-            self._pending[1].exception()   # waits; its result stays for `candidates`
 
     def candidates(self, version: int, unit: Unit = "group") -> pa.Table:
         self._registered()
         self._unit, self._asked = unit, True
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == (version, unit):
+        lagged = None
+        if pending is not None and pending[0] == (version, unit) and not pending[1].done() and self.max_lag:
+            lagged = self._lagged(version, unit)   # the pending fetch goes on: it is the next one's
+        if lagged is not None:
+            table, info = lagged
+            self.lagged_draws += 1
+        elif pending is not None and pending[0] == (version, unit):
             table, info = pending[1].result()
         else:
             self._settle()   # a fresh fetch: the report before it must have landed
@@ -291,24 +321,49 @@ class ServiceReplaySource:
                         self.run_id, version, info["waited_s"], sum(info["missing"].values()), info["missing"])
         return table
 
+    def _lagged(self, version: int, unit: Unit) -> tuple[pa.Table, dict] | None:
+        """The newest candidates that came, if computed for a version at most `max_lag` behind
+        (None when there are none, or none since `clear`)."""
+        with self._latest_lock:
+            latest = self._latest
+        if latest is None or latest[1] != unit or not version - self.max_lag <= latest[0] < version:
+            return None
+        table = latest[2]   # its own window: replay up to `max_lag` versions older than the window allows
+        if self.since and table.num_rows:
+            table = table.filter(pc.greater_equal(table.column("policy_version"), self.since))
+        if table.num_rows == 0:
+            return None
+        return table, dict(latest[3], lag=version - latest[0])
+
     def _fetch_after(self, report: Future, version: int, unit: Unit, sent: dict[int, int]) -> tuple[pa.Table, dict]:
+        t0 = time.perf_counter()
         report.result()
-        return self._fetch(version, unit, sent)
+        waited = time.perf_counter() - t0
+        table, info = self._fetch(version, unit, sent)
+        info["report_wait_s"] = waited
+        return table, info
 
     def _fetch(self, version: int, unit: Unit, sent: dict[int, int]) -> tuple[pa.Table, dict]:
         """Candidates at `version`, waiting (bounded) for the rollouts this source sent in the window
         (all of them with `wait_newest`; else all but the newest version's)."""
+        t0 = time.perf_counter()
         self._flush_producer()
         low = max(version - self.window if self.window is not None else 0, self.since)
         window = [v for v in sent if low <= v < version]
         expect_all = {v: sent[v] for v in window}
         if self.wait_newest or len(window) < 2:
-            return self.client.candidates(self.run_id, version, unit, expect_all, self.wait_s if expect_all else 0.0)
-        # The newest version was sent during the trainer's last step: it joins as far as it has landed.
-        expect = {v: n for v, n in expect_all.items() if v != max(window)}
-        table, info = self.client.candidates(self.run_id, version, unit, expect, self.wait_s)
-        if table.num_rows == 0:   # nothing to draw from the older versions: wait for the newest after all
-            table, info = self.client.candidates(self.run_id, version, unit, expect_all, self.wait_s)
+            table, info = self.client.candidates(self.run_id, version, unit, expect_all,
+                                                 self.wait_s if expect_all else 0.0)
+        else:
+            # The newest version was sent during the trainer's last step: it joins as far as it has landed.
+            expect = {v: n for v, n in expect_all.items() if v != max(window)}
+            table, info = self.client.candidates(self.run_id, version, unit, expect, self.wait_s)
+            if table.num_rows == 0:   # nothing to draw from the older versions: wait for the newest after all
+                table, info = self.client.candidates(self.run_id, version, unit, expect_all, self.wait_s)
+        info["fetch_s"] = time.perf_counter() - t0   # the HTTP round trips, the service's wait and work
+        with self._latest_lock:
+            if self._latest is None or version >= self._latest[0]:
+                self._latest = (version, unit, table, info)
         return table, info
 
     def clear(self) -> None:
@@ -321,7 +376,7 @@ class ServiceReplaySource:
                 "embedding_dim": self.embedding_dim,
                 "since": self.since, "version": self.version,
                 "sent": {str(v): n for v, n in self.sent.items()},
-                "incomplete_draws": self.incomplete_draws}
+                "incomplete_draws": self.incomplete_draws, "lagged_draws": self.lagged_draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id, self.fingerprint = state["run_id"], state["fingerprint"]
@@ -330,6 +385,7 @@ class ServiceReplaySource:
         self.version = int(state.get("version", self.version))
         self.sent = Counter({int(v): int(n) for v, n in state["sent"].items()})
         self.incomplete_draws = int(state.get("incomplete_draws", 0))
+        self.lagged_draws = int(state.get("lagged_draws", 0))
 
     # -- housekeeping --------------------------------------------------------------------------------
     def _registered(self) -> None:
@@ -338,8 +394,8 @@ class ServiceReplaySource:
 
     def close(self) -> None:
         try:
-            if self._pending is not None:
-                self._pending[1].cancel()     # candidates nobody will ask for; the last report still goes out
+            if self._fetcher is not None:     # candidates nobody will ask for; the last report still goes out
+                self._fetcher.shutdown(wait=False, cancel_futures=True)
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             background, self._background = self._background, []

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from sponge.contract import CANDIDATE_COLUMNS
+from sponge.groups import with_group_columns
 from sponge.service.curation import CurationConfig, Curator, embedding_matrix, group_has_signal
 from sponge.service.runs import RunError
 from sponge.service.shards import greedy_subset
@@ -255,3 +257,76 @@ def test_retention_waits_for_the_rollouts_the_trainer_sent(store):
     assert gap == {2: 40}                                              # bounded wait, says what is missing
     write(store, cur, tables[2], 80)
     assert cur.wait_for(RUN, {2: 40}, timeout_s=5) == {}
+
+
+def test_candidates_from_recent_rows_equal_a_store_read_through_retention_removal_and_restart(store):
+    """The rows held in memory for candidates (sponge.service.recent) answer exactly what the store
+    would: the same whole groups, after retention, after a removal, and after a restart (when the
+    versions stored before it are read from the store until the window has moved past them)."""
+    cfg = CurationConfig(k=16, n_references=32, retention_window=2)
+    cur = Curator(store, cfg)
+    cur.register_run(RUN, "a-tokenizer")   # as a trainer does before it sends
+    reads = []
+    real_group_rows = store.group_rows
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return real_group_rows(*args, **kwargs)
+
+    store.group_rows = counted   # count the store reads (the real read still answers)
+
+    def from_store(version: int, unit: str) -> pa.Table:
+        """What the candidates were before recent rows: the groups read from the store."""
+        ids = pa.array(cur.subset_ids(RUN), pa.string())
+        table = with_group_columns(real_group_rows(RUN, ids, version - 2, version), drop_no_signal=True)
+        if unit == "rollout":
+            table = table.filter(pc.is_in(table.column("rollout_id"), value_set=ids))
+        return table.select(list(CANDIDATE_COLUMNS)).to_pylist()   # values (schemas differ in nullability)
+
+    first = 0
+    tables = versions(64, 6)
+    for v, table in enumerate(tables[:4]):
+        write(store, cur, table, first)
+        first += table.num_rows
+        cur.report_version(RUN, v + 1)
+    assert cur.describe_run(RUN)["recent_from"] == 0 and cur.describe_run(RUN)["recent_rows"] == 2 * 64
+    for unit in ("group", "rollout"):
+        got = cur.candidates(RUN, 4, unit=unit).table
+        assert got.num_rows > 0 and got.to_pylist() == from_store(4, unit)
+    assert reads == []   # answered from memory
+    # A removal leaves memory as it leaves the store.
+    victim = cur.candidates(RUN, 4).table.column("rollout_id")[0].as_py()
+    cur.remove([victim])
+    got = cur.candidates(RUN, 4).table
+    assert victim not in got.column("rollout_id").to_pylist() and got.to_pylist() == from_store(4, "group")
+    assert reads == []
+
+    # Restart: a new curator over the same store holds nothing of versions 2 and 3 yet.
+    cur.close()
+    cur = Curator(store, cfg)
+    cur.rebuild()
+    assert cur.describe_run(RUN)["recent_from"] == 4
+    got = cur.candidates(RUN, 4).table
+    assert got.num_rows > 0 and got.to_pylist() == from_store(4, "group") and len(reads) == 1   # from the store
+    for v, table in enumerate(tables[4:], start=4):
+        write(store, cur, table, first)
+        first += table.num_rows
+        cur.report_version(RUN, v + 1)
+    got = cur.candidates(RUN, 6).table
+    assert got.num_rows > 0 and got.to_pylist() == from_store(6, "group") and len(reads) == 1   # from memory again
+    cur.close()
+
+
+def test_recent_rows_shed_the_oldest_versions_past_their_bound():
+    from sponge.service.recent import RecentRows
+
+    recent = RecentRows(max_rows=100)
+    recent.start(None)
+    for table in versions(40, 4):
+        recent.add(table)
+    # 160 rows offered, at most 100 held: versions 0 and 1 went, so a window from 2 is answered,
+    # one from 1 is not (the store answers it).
+    assert len(recent) == 80 and recent.complete_from == 2
+    ids = pa.concat_arrays([t.column("rollout_id").combine_chunks() for t in versions(40, 4)])
+    assert recent.groups_of(ids, 2, 4).num_rows == 80
+    assert recent.groups_of(ids, 1, 4) is None

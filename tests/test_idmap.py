@@ -69,6 +69,11 @@ def test_id_set_tags_let_retention_drop_a_runs_old_versions_only():
     index.add(["dead"], run=1)                               # tombstoned: FOREVER, never dropped
     assert index.drop_below(run=1, version=3) == 2
     assert index.contains(["a0", "a1", "a-late", "b-old", "dead"]).tolist() == [False, False, True, True, True]
+    # A stored id that is then tombstoned takes the FOREVER tag: retention counts and drops it no more.
+    index.add(["c0", "c1"], run=3, version=0)
+    index.add(["c1"], retag=True)
+    assert index.count_below(run=3, version=1) == 1
+    assert index.drop_below(run=3, version=1) == 1 and index.contains(["c0", "c1"]).tolist() == [False, True]
 
 
 def test_forgotten_ids_are_compacted_away_and_live_ones_keep_their_ints():

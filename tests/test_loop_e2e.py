@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -14,7 +16,7 @@ from sponge.service.curation import CurationConfig
 from sponge.service.server import ServerConfig, serve_in_thread
 from sponge.service.ingest import IngestConfig
 from sponge.streams.producer import RolloutProducer
-from sponge.streams.synthetic import synthetic_rollouts
+from sponge.streams.synthetic import SyntheticConfig, synthetic_rollouts
 
 
 @pytest.fixture
@@ -92,6 +94,33 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
 
     wait_for(compacted, 30, what="compaction to drop evicted rows from disk")
     client.close()
+
+
+def test_a_draw_not_ready_is_answered_at_once_with_the_last_one_a_version_behind(running_server, broker, topic):
+    """While the service still computes the candidates for the trainer's version, the trainer gets
+    the newest draw that has come (max_lag=1) instead of waiting; the one being computed is kept."""
+    source = ServiceReplaySource(running_server.http.url, broker, topic, window=2, wait_s=8)
+    source.register("lagged", "a-tokenizer")
+
+    def batch(version: int) -> pa.Table:
+        return synthetic_rollouts(64, seed=version, id_prefix=f"lagged-v{version}",
+                                  config=SyntheticConfig(run_id="lagged", policy_version=version, response_tokens=20))
+
+    try:
+        source.send(batch(0))
+        source.report_version(1)
+        first = source.candidates(1)        # nothing fetched before: waits for version 0, computed for 1
+        assert first.num_rows > 0 and "lag" not in source.last_draw
+        source.send(batch(1))
+        source.sent[0] += 4                 # claimed but never sent: the fetch for version 2 waits for them
+        source.report_version(2)
+        t0 = time.monotonic()
+        table = source.candidates(2)
+        assert time.monotonic() - t0 < 4, "the trainer waited for a draw still being computed"
+        assert source.last_draw["lag"] == 1 and source.lagged_draws == 1
+        assert table.to_pylist() == first.to_pylist()   # the draw made for version 1
+    finally:
+        source.close()
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")

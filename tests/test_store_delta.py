@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
@@ -148,6 +149,18 @@ def test_readers_opened_before_see_retention_and_removal_and_old_snapshots_stay_
     store.compact()
     assert old_conn.execute("SELECT count(*) FROM rollouts").fetchone()[0] == 60
     old_conn.close()
+
+
+def test_retention_counts_the_live_rows_it_retires_without_the_removed_ones(tmp_path):
+    store = store_at(tmp_path)
+    table = make_rollouts(60, dim=DIM, policy_versions=(0, 1, 2))
+    write(store, table, first=0)
+    old = table.filter(pc.less(table.column("policy_version"), 2)).column("rollout_id").to_pylist()
+    store.delete(old[:3], reason="bad")          # three of the rows about to be retired, removed first
+    live_below = store.sql("SELECT count(*) AS n FROM rollouts WHERE policy_version < 2").column("n")[0].as_py()
+    assert live_below == len(old) - 3
+    assert store.retire_below(2, run="run-a") == live_below
+    assert store.retire_below(2, run="run-a") == 0 and store.count() == 60 - len(old)
 
 
 def test_readers_see_only_committed_data(tmp_path, monkeypatch):

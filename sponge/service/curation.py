@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from sponge.contract import CANDIDATE_COLUMNS
 from sponge.store.idmap import RolloutIdSet
+from sponge.service.recent import RecentRows
 from sponge.service.runs import RunError, RunRecord, RunRegistry, check_run_id, check_version
 from sponge.service.selection import SELECTION_COLUMNS, RunSelection, embedding_matrix, group_has_signal
 from sponge.store import DEFAULT_RUN, Removal
@@ -102,6 +103,11 @@ class CurationConfig:
     retention_grace_s: float = 120.0
     #: Longest a candidates request may wait for the trainer's own rollouts to arrive.
     max_wait_s: float = 60.0
+    #: Most rows of a run's recent versions held in memory to answer candidates without a store
+    #: read (sponge.service.recent; ~1-4 KB each: tokens, log-probs and text); past it the oldest
+    #: versions are read from the store. 0 = always read the store. Shards always read the store
+    #: (a subset merged over shards names rows other processes stored).
+    recent_rows: int = 32_768
 
 
 @dataclass
@@ -134,6 +140,8 @@ class _Run:
     target_mark: int | None = None
     target_since: float = 0.0
     incomplete_draws: int = 0
+    #: the run's rows of recent versions, for candidates (sponge.service.recent)
+    recent: RecentRows = field(default_factory=lambda: RecentRows(0))
     candidate_cache: tuple | None = None
     subset_cache: tuple | None = None
 
@@ -219,11 +227,13 @@ class Curator:
                 raise RunError(f"no live run {run_id!r}", status=404)
             selection = RunSelection(run_id, self.store, self.config, self._host, self.partitions,
                                      self.config.shard)
-            run = _Run(record, selection)
-            self._runs[run_id] = run
+            run = _Run(record, selection, recent=RecentRows(0 if self.config.shard else self.config.recent_rows))
+            self._runs[run_id] = run   # from here on `remember` holds the run's new rows ...
             selection.rebuild()
+            counts = self.store.version_counts(run_id)   # ... so this read misses none of them
+            run.recent.start(max(counts, default=None))
             with self._arrivals:   # what is already stored has arrived (after a restart, say)
-                run.arrived.update(self.store.version_counts(run_id))
+                run.arrived.update(counts)
         return run
 
     def _run(self, run_id: str) -> _Run:
@@ -304,7 +314,19 @@ class Curator:
     def on_segment(self, write: SegmentWrite, rows: pa.Table) -> None:
         """`IngestService` hook (in-process use): count refusals, then curate the new rows."""
         self.count_refused(write)
+        self.remember(rows)
         self.add(rows)
+
+    def remember(self, rows: pa.Table) -> None:
+        """Hold the replay columns of rollouts just stored (all the rollout columns) for their runs'
+        candidates. Called on ingest's thread right after the segment write, without the curator's
+        lock: a run's recent rows have their own."""
+        run_ids = pc.fill_null(rows.column("run_id"), DEFAULT_RUN)
+        for run_id in pc.unique(run_ids).to_pylist():
+            run = self._runs.get(run_id)
+            if run is not None:
+                part = rows if pc.all(pc.equal(run_ids, run_id)).as_py() else rows.filter(pc.equal(run_ids, run_id))
+                run.recent.add(part)
 
     def add(self, rows: pa.Table) -> None:
         """Curate rollouts that are now durable in the store (SELECTION_COLUMNS at least)."""
@@ -334,6 +356,7 @@ class Curator:
                 floor = max(self._cutoff(run) or 0, self.store.retired_below(run_id) or 0)
                 if floor and (int(versions.min()) < floor or run.selection.ids.live_below(floor).size):
                     run.selection.evict_below(floor)
+                    run.recent.drop_below(floor)
 
     def _run_for_arrivals(self, run_id: str, n: int) -> _Run | None:
         record = self.registry.get(run_id)
@@ -404,6 +427,7 @@ class Curator:
             return 0
         retired = self.store.retire_below(mark, run=run.record.run_id)
         run.selection.evict_below(mark)
+        run.recent.drop_below(mark)
         with self._arrivals:
             for v in [v for v in run.expected if v < mark]:
                 del run.expected[v]
@@ -420,6 +444,7 @@ class Curator:
             restored = self.store.lower_retirement(version, run=run_id)
             run.target_mark = None
             run.selection.rebuild()
+            run.recent.reset(max(self.store.version_counts(run_id), default=None))
             run.candidate_cache = run.subset_cache = None
             return restored
 
@@ -432,6 +457,7 @@ class Curator:
             gone = asked.filter(pc.invert(pc.is_in(asked, value_set=pa.array(removal.unknown, pa.string()))))
             self._removed_ids.add(gone)
             for run in self._runs.values():
+                run.recent.drop_ids(gone)
                 if run.selection.forget(gone):
                     run.candidate_cache = run.subset_cache = None
             return removal
@@ -488,14 +514,17 @@ class Curator:
         if cached is not None and cached[0] == key:
             table = cached[1]
         else:
-            # A store read, outside the curator's lock: ingest's hand-overs and version reports go on.
-            table = self._candidate_rows(run_id, ids, low, version, unit)
+            # Outside the curator's lock: ingest's hand-overs and version reports go on.
+            table = self._candidate_rows(run, ids, low, version, unit)
             with self._lock:
                 run.candidate_cache = (key, table)
         return Candidates(table, not gap, gap, t1 - t0, time.monotonic() - t1)
 
-    def _candidate_rows(self, run_id: str, ids: list[str], low: int, high: int, unit: str) -> pa.Table:
-        groups = self.store.group_rows(run_id, pa.array(ids, pa.string()), low, high)
+    def _candidate_rows(self, run: _Run, ids: list[str], low: int, high: int, unit: str) -> pa.Table:
+        wanted = pa.array(ids, pa.string())
+        groups = run.recent.groups_of(wanted, low, high)
+        if groups is None:   # versions not held in memory (from before a restart, say): a store read
+            groups = self.store.group_rows(run.record.run_id, wanted, low, high)
         table = with_group_columns(groups, drop_no_signal=True)
         if unit == "rollout":
             table = table.filter(pc.is_in(table.column("rollout_id"), value_set=pa.array(ids, pa.string())))
@@ -599,6 +628,7 @@ class Curator:
                     "retired_below": self.store.retired_below(run_id),
                     "retention_deferred_to": run.target_mark, "arrived": arrived, "expected": expected,
                     "refused": dict(run.refused), "incomplete_draws": run.incomplete_draws,
+                    "recent_rows": len(run.recent), "recent_from": run.recent.complete_from,
                     "embedding_dim": self.store.embedding_dim,
                     "k": self.config.k, "objective_value": run.selection.value(),
                     "subset_size": len(run.selection.subset_ids()), **run.selection.stats()}

@@ -255,6 +255,7 @@ class CurationServer:
 
     def _on_segment(self, write, rows: pa.Table) -> None:
         self.curator.count_refused(write)
+        self.curator.remember(rows)      # the replay columns of recent versions, for candidates
         self.worker.submit(rows.select(SELECTION_COLUMNS))   # zero-copy; the queue holds no text
 
     def _hurry(self) -> None:

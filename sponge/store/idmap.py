@@ -167,14 +167,20 @@ class RolloutIdSet:
         """The hash pair of each id (for callers that test and then add the same batch)."""
         return _hash_pairs(self._hasher, _as_array(ids))
 
-    def add(self, ids, run: int = 0, version: int = FOREVER) -> None:
+    def add(self, ids, run: int = 0, version: int = FOREVER, retag: bool = False) -> None:
         ids = _as_array(ids)
         if len(ids):
-            self.add_hashed(*self.hash(ids), run=run, version=version)
+            self.add_hashed(*self.hash(ids), run=run, version=version, retag=retag)
 
-    def add_hashed(self, h1: np.ndarray, h2: np.ndarray, run: int = 0, version: int = FOREVER) -> None:
-        """Add ids given as hash pairs, all with the same tags; ids already present keep theirs."""
-        new = ~self.contains_hashed(h1, h2)
+    def add_hashed(self, h1: np.ndarray, h2: np.ndarray, run: int = 0, version: int = FOREVER,
+                   retag: bool = False) -> None:
+        """Add ids given as hash pairs, all with the same tags; ids already present keep theirs
+        unless `retag` (a tombstone: the id is then kept FOREVER, whatever it was stored as)."""
+        found = self._positions(h1, h2)
+        if retag and (found >= 0).any():
+            at = found[found >= 0]
+            self._run[at], self._version[at] = run, version
+        new = found < 0
         pairs = np.unique(np.stack([h1[new], h2[new]], axis=1), axis=0)   # sorted by h1; repeats once
         if len(pairs) == 0:
             return
@@ -192,15 +198,24 @@ class RolloutIdSet:
         return self.contains_hashed(*self.hash(ids))
 
     def contains_hashed(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        return self._positions(h1, h2) >= 0
+
+    def _positions(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """Where each hash pair is held (-1: not held)."""
+        found = np.full(len(h1), -1, np.int64)
         if len(self._h1) == 0:
-            return np.zeros(len(h1), bool)
+            return found
         # every entry with an equal h1 (a collision of the first hash alone must not hide an id)
         lo, hi = np.searchsorted(self._h1, h1, "left"), np.searchsorted(self._h1, h1, "right")
-        found = np.zeros(len(h1), bool)
         for shift in range(int((hi - lo).max(initial=0))):   # almost always 0 or 1 rounds
             at = np.minimum(lo + shift, len(self._h1) - 1)
-            found |= (lo + shift < hi) & (self._h2[at] == h2)
+            hit = (lo + shift < hi) & (self._h2[at] == h2)
+            found[hit] = at[hit]
         return found
+
+    def count_below(self, run: int, version: int) -> int:
+        """How many ids are tagged with `run` and a version below `version`."""
+        return int(((self._run == run) & (self._version < version)).sum())
 
     def drop_below(self, run: int, version: int) -> int:
         """Forget the ids tagged with `run` and a version below `version`; returns how many."""
