@@ -353,8 +353,12 @@ class ReMixTrainer:
         if not self.history:
             self._record(self._evaluated({"iteration": 0, "policy_version": self.version, "rollouts": 0,
                                           "wall_time": 0.0}))
-        bar = tqdm(total=cfg.rollout_budget, initial=min(self.rollouts_generated, cfg.rollout_budget),
-                   desc=cfg.run_name, unit="rollout", disable=not cfg.progress, leave=False)
+        # Counted in steps when a step limit is set (the run ends there, whatever the rollout budget).
+        by_step = bool(cfg.max_iterations)
+        bar = (tqdm(total=cfg.max_iterations, initial=min(self.version, cfg.max_iterations), unit="step",
+                    desc=cfg.run_name, disable=not cfg.progress, leave=False) if by_step else
+               tqdm(total=cfg.rollout_budget, initial=min(self.rollouts_generated, cfg.rollout_budget),
+                    desc=cfg.run_name, unit="rollout", disable=not cfg.progress, leave=False))
         self._stop = False
         while not self._done(started):
             before = self.rollouts_generated
@@ -364,7 +368,8 @@ class ReMixTrainer:
             if self.version % cfg.eval_every == 0 or self._done(started):
                 record = self._evaluated(record)
             self._record(record)
-            bar.update(min(self.rollouts_generated, cfg.rollout_budget) - min(before, cfg.rollout_budget))
+            bar.update(1 if by_step else
+                       min(self.rollouts_generated, cfg.rollout_budget) - min(before, cfg.rollout_budget))
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", len=f"{record['response_len']:.1f}",
                             ratio=f"{record['ratio_mean']:.2f}/{record['ratio_max']:.1f}",
                             eval=f"{self._last_eval():.2f}", v=self.version)
