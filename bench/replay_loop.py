@@ -60,7 +60,8 @@ class TimedSource:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
                 self.calls.append((t0 - self.started, time.perf_counter() - t0))
             if name == "candidates":
-                self.draws.append({"in_call_s": time.perf_counter() - t0, "lag": self.inner.last_draw.get("lag", 0),
+                self.draws.append({"in_call_s": time.perf_counter() - t0, "via": self.inner.last_draw.get("via"),
+                                   "lag": self.inner.last_draw.get("lag", 0),
                                    "fetch_s": self.inner.last_draw.get("fetch_s", 0.0),
                                    "report_wait_s": self.inner.last_draw.get("report_wait_s", 0.0),
                                    "service_waited_s": self.inner.last_draw.get("waited_s", 0.0),
@@ -126,8 +127,9 @@ def train_once(url: str, bootstrap: str, client, args, strict: bool):
                          max_iterations=args.iterations, eval_every=10**6, eval_size=0, progress=True,
                          run_name=f"replay-loop-{'strict' if strict else 'default'}")
     # strict: every draw holds everything sent and is computed for the trainer's own version
+    lag = {} if args.max_lag is None else {"max_lag": args.max_lag}
     inner = ServiceReplaySource(url, bootstrap, "rollouts", window=config.replay_window,
-                                **(dict(wait_newest=True, max_lag=0) if strict else {}))
+                                **(dict(wait_newest=True, max_lag=0) if strict else lag))
     source = TimedSource(inner)
     trainer = ReMixTrainer(model, tokenizer, task, config, replay_source=source, eval_prompts=[])
     t_train = time.perf_counter()
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and a draw not yet computed for the trainer's version may be one version behind); "
                         "strict: wait for the newest too and for the current version's draw "
                         "(wait_newest=True, max_lag=0); both: one run of each, one after the other")
+    p.add_argument("--max-lag", type=int, default=None,
+                   help="ServiceReplaySource's max_lag for the default mode (default: the client's own default)")
     p.add_argument("--out", type=Path, default=Path("bench/results/replay_loop.json"))
     args = p.parse_args(argv)
 

@@ -205,6 +205,7 @@ class ServiceReplaySource:
         self._producer_lock = threading.Lock()    # the producer is shared with the background thread
         self._fetcher: ThreadPoolExecutor | None = None     # candidates fetches, one at a time
         self._pending: tuple[tuple, Future] | None = None   # ((version, unit), candidates being fetched)
+        self._bypassed: tuple[tuple, Future] | None = None  # the last pending a lagged draw stood in for
         self._latest: tuple[int, Unit, pa.Table, dict] | None = None   # the newest fetch that came
         self._latest_lock = threading.Lock()
 
@@ -303,15 +304,23 @@ class ServiceReplaySource:
         lagged = None
         if pending is not None and pending[0] == (version, unit) and not pending[1].done() and self.max_lag:
             lagged = self._lagged(version, unit)   # the pending fetch goes on: it is the next one's
+            earlier, self._bypassed = self._bypassed, pending
+            if lagged is None and earlier is not None and not earlier[1].done():
+                # The fetch bypassed last time still runs, ahead of this one: it comes first.
+                earlier[1].exception()
+                lagged = self._lagged(version, unit)
         if lagged is not None:
             table, info = lagged
             self.lagged_draws += 1
+            via = "lagged"
         elif pending is not None and pending[0] == (version, unit):
             table, info = pending[1].result()
+            via = "prefetched"
         else:
             self._settle()   # a fresh fetch: the report before it must have landed
             table, info = self._fetch(version, unit, dict(self.sent))
-        self.last_draw = info
+            via = "fetched"
+        self.last_draw = dict(info, via=via)
         if self.since and table.num_rows:
             table = table.filter(pc.greater_equal(table.column("policy_version"), self.since))
         if not info["complete"]:
