@@ -44,6 +44,7 @@ class TimedSource:
         self.first_replay_at: float | None = None
         self.draws: list[dict] = []   # per candidates call: seconds in the call, seconds the service waited
         self.calls: list[tuple[float, float]] = []   # per call: (when it started, seconds in it)
+        self.cleared = False                         # reincarnation happened (the source was cleared)
         self.started = time.perf_counter()
 
     def __getattr__(self, name):
@@ -59,8 +60,10 @@ class TimedSource:
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
                 self.calls.append((t0 - self.started, time.perf_counter() - t0))
+            if name == "clear":
+                self.cleared = True
             if name == "candidates":
-                self.draws.append({"in_call_s": time.perf_counter() - t0, "via": self.inner.last_draw.get("via"),
+                self.draws.append({"after_clear": self.cleared,"in_call_s": time.perf_counter() - t0, "via": self.inner.last_draw.get("via"),
                                    "lag": self.inner.last_draw.get("lag", 0),
                                    "fetch_s": self.inner.last_draw.get("fetch_s", 0.0),
                                    "report_wait_s": self.inner.last_draw.get("report_wait_s", 0.0),
@@ -123,8 +126,12 @@ def train_once(url: str, bootstrap: str, client, args, strict: bool):
     tokenizer = CharTokenizer(task.alphabet)
     model = build_tiny_model(tokenizer, seed=0)
     warm_start(model, tokenizer, task, steps=50, seed=0)
+    # A rollout budget that the iterations spend (the default one would end the run first); the
+    # default reincarnation comes at half of it, as in any run.
+    budget = args.iterations * args.prompts_per_step * args.group_size
     config = ReMixConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                         max_iterations=args.iterations, eval_every=10**6, eval_size=0, progress=True,
+                         rollout_budget=budget, max_iterations=args.iterations, eval_every=10**6, eval_size=0,
+                         progress=True,
                          run_name=f"replay-loop-{'strict' if strict else 'default'}")
     # strict: every draw holds everything sent and is computed for the trainer's own version
     lag = {} if args.max_lag is None else {"max_lag": args.max_lag}
@@ -145,6 +152,11 @@ def train_once(url: str, bootstrap: str, client, args, strict: bool):
     # version: once per run), the share a long run converges to.
     settled = source.first_replay_at if source.first_replay_at is not None else train_wall
     in_source_after = sum(dt for t, dt in source.calls if t >= settled)
+    # Two draws in a run wait by design: the first (version 0 must be ingested and selected) and the
+    # first after reincarnation (replay restarts from the newest version). The rest is steady state.
+    restart = [d for d in source.draws if d.get("after_clear")]
+    by_design = source.draws[1:2] + restart[:1]
+    in_source_steady = in_source_after - sum(d["in_call_s"] for d in restart[:1])
     loop = {
         "wait_newest": inner.wait_newest, "max_lag": inner.max_lag,
         "iterations": len(steps), "rollouts_generated": trainer.rollouts_generated,
@@ -161,6 +173,9 @@ def train_once(url: str, bootstrap: str, client, args, strict: bool):
         "share_of_wall_time_in_source": round(in_source / train_wall, 4),
         "share_waiting_for_candidates": round(source.seconds.get("candidates", 0.0) / train_wall, 4),
         "share_in_source_after_first_replay": round(in_source_after / max(1e-9, train_wall - settled), 4),
+        "share_in_source_steady": round(in_source_steady / max(1e-9, train_wall - settled
+                                                              - sum(d["in_call_s"] for d in restart[:1])), 4),
+        "draws_waiting_by_design_s": [round(d["in_call_s"], 3) for d in by_design],
         # of a draw's time in the trainer: the service's read-your-writes wait, the rest is HTTP and the
         # service computing candidates (a prefetched draw's wait overlaps generation, so it can exceed it)
         "draw_in_call_s_p50": round(float(np.median([d["in_call_s"] for d in source.draws])), 3) if source.draws else None,
@@ -218,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                 if mode != modes[-1]:
                     inner.close()
 
+            # The service may still be selecting the last versions the trainer sent (on a loaded
+            # machine its curation runs behind a tiny model at full speed): wait until it holds a subset.
+            deadline = time.monotonic() + 120
+            while client.run(trainer.run_id)["subset_size"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
             healthz = lambda: client._http.get("/healthz")
             version = trainer.version
             groups, _ = client.candidates(trainer.run_id, version, "group")
@@ -242,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, loop in loops.items():
         target = loop["share_of_wall_time_in_source"] <= 0.05 and loop["fresh_rollouts_refused"] == 0
         print(f"{mode}: {loop['share_of_wall_time_in_source']:.1%} of the trainer's wall time in the source "
-              f"({loop['share_in_source_after_first_replay']:.1%} after the first replay draw), "
+              f"({loop['share_in_source_after_first_replay']:.1%} after the first replay draw, "
+              f"{loop['share_in_source_steady']:.1%} without the draw after reincarnation either), "
               f"{loop['fresh_rollouts_refused']} refused, {loop['incomplete_draws']} incomplete draws, "
               f"{loop['lagged_draws']} draws a version behind, replay in "
               f"{loop['fraction_with_replay_after_first']:.0%} of iterations after the first, mean replay staleness "
