@@ -129,6 +129,14 @@ def test_round_trip_every_field_byte_for_byte(broker, topic, tmp_path):
     hooked = pa.concat_tables([rows.select(["rollout_id", "embedding"]) for _, rows in segments])
     assert sorted(hooked.column("rollout_id").to_pylist()) == expected.column("rollout_id").to_pylist()
     assert sum(len(w.new_ids) for w, _ in segments) == expected.num_rows
+    # One commit per flush, whatever the partitions it spans, each partition's offset recorded in it.
+    from deltalake import DeltaTable
+
+    history = DeltaTable(str(tmp_path / "store" / "rollouts")).history()
+    assert sum(1 for h in history if h.get("sponge.operation") == "segment") == len(segments)
+    per_partition = got.group_by("partition").aggregate([("offset", "max")]).to_pydict()
+    for partition, last in zip(per_partition["partition"], per_partition["offset_max"]):
+        assert store.table_offset(topic, partition) >= last
 
 
 def test_bad_input_of_every_kind_goes_to_the_dlq_and_the_service_keeps_running(broker, topic, tmp_path):

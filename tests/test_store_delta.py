@@ -95,6 +95,30 @@ def test_a_segment_is_one_commit_with_its_partitions_offset(tmp_path):
     assert DeltaRolloutStore.open(tmp_path).table_offset("rollouts", 3) == 144
 
 
+def test_a_flush_of_several_partitions_is_one_commit_with_every_partitions_offset(tmp_path):
+    from sponge.store import Segment
+
+    store = store_at(tmp_path)
+    table = make_rollouts(60, dim=DIM, policy_versions=(0, 1))
+    a, b = table.slice(0, 30), table.slice(30, 30)
+    again = table.slice(25, 10)                  # five rows of partition 0's and five of partition 1's, resent
+    segments = [Segment(a, "rollouts", 0, np.arange(30), 0, 29),
+                Segment(b, "rollouts", 1, np.arange(30), 0, 29),
+                Segment(again, "rollouts", 2, np.arange(10) + 7, 7, 16)]
+    before = DeltaTable(str(tmp_path / "rollouts")).version()
+    result = store.write_segments(segments)
+    dt = DeltaTable(str(tmp_path / "rollouts"))
+    assert dt.version() == before + 1                              # one commit for the three partitions
+    assert result.rows_written == 60 and result.rows_skipped_duplicate == 10
+    assert len(result.paths) == 2                                  # a file per version, not per partition
+    assert [store.table_offset("rollouts", p) for p in (0, 1, 2)] == [29, 29, 16]
+    assert sorted(store.rollout_ids().to_pylist()) == sorted(table.column("rollout_id").to_pylist())
+    stored = store.sql("SELECT partition, count(*) AS n FROM rollouts GROUP BY 1 ORDER BY 1").to_pydict()
+    assert stored == {"partition": [0, 1], "n": [30, 30]}          # the first copy of each id is kept
+    # A replay of the same flush after a crash between the commit and Kafka's: nothing twice.
+    assert store.write_segments(segments).rows_written == 0 and store.count() == 60
+
+
 def test_a_failed_commit_leaves_nothing_visible_and_the_retry_stores_everything(tmp_path, monkeypatch):
     """Fault injection (the commit fails: the object store refused it, say) after the files were written."""
     store = store_at(tmp_path)

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 
 from sponge import record
 from sponge.service.metrics import IngestMetrics
-from sponge.store import DEFAULT_STORE_PATH
+from sponge.store import DEFAULT_STORE_PATH, Segment
 from sponge.record import RecordError, Violation
 from sponge.streams.codec import decode
 from sponge.streams.dlq import DeadLetter, DeadLetterPublisher, dead_letters_table, dlq_topic_for
@@ -812,22 +812,25 @@ class IngestService:
         return self._executor
 
     def _write(self, buffers: dict[BufferKey, _PartitionBuffer]) -> list:
-        """Make one batch durable (runs on the writer thread): dead letters, then one segment per partition."""
+        """Make one batch durable (runs on the writer thread): dead letters, then every partition's
+        segment in one commit."""
         t0 = time.perf_counter()
         letters = [letter for b in buffers.values() for letter in b.letters]
         if letters:
             self.store.write_dead_letters(dead_letters_table(letters))
-        writes = []
+        segments = []
         for (topic, partition, _), buf in sorted(buffers.items(), key=lambda kv: kv[0][:2]):
             if buf.rows == 0:
                 continue
             rows = pa.concat_tables(buf.tables)
-            offsets = np.concatenate(buf.offsets)
             if self.enrich is not None:
                 rows = self.enrich(rows)
-            write = self.store.write_segment(rows, topic=topic, partition=partition, offsets=offsets,
-                                             first_offset=buf.first_offset, last_offset=buf.last_offset)
-            writes.append((write, rows))
+            segments.append(Segment(rows, topic, partition, np.concatenate(buf.offsets), buf.first_offset,
+                                    buf.last_offset))
+        writes = []
+        if segments:   # every partition's range in one commit
+            write = self.store.write_segments(segments)
+            writes.append((write, pa.concat_tables([seg.rows for seg in segments], promote_options="default")))
         self.totals.write_seconds += time.perf_counter() - t0  # only this thread writes it
         return writes
 

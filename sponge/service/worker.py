@@ -66,7 +66,7 @@ class CurationWorker:
 
     def kick(self) -> None:
         """Hand what queues in the next `batch_wait_s` to the curator at once instead of at its batch
-        deadline (non-blocking): one flush submits a segment per partition, each should go straight in."""
+        deadline (non-blocking): what a trainer waits for should go straight in."""
         with self._cond:
             self._kicked_until = time.monotonic() + max(self.batch_wait_s, 0.1)
             self._cond.notify_all()

@@ -2,7 +2,7 @@
 
 Where things live:
 
-    common.py      what every store shares: errors, results (SegmentWrite, Removal), knobs, name checks
+    common.py      what every store shares: errors, segments and results (Segment, SegmentWrite, Removal), knobs, name checks
     delta.py       the store (`RolloutStore` = `DeltaRolloutStore`): writes, removal, retention, views
     parquet.py     the older format-2 layout, read only by `sponge store migrate`
     reads.py       the reads both stores answer alike through their DuckDB views (scan, rows, groups, counts)
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 # imports this package and must stay one small thread, without delta-rs, faiss or the Parquet store.
 _EXPORTS = {
     "DEFAULT_RUN": "common", "DEFAULT_STORE_PATH": "common", "MAX_VERSION": "common", "RUN_ID_RE": "common",
-    "CompactionResult": "common", "Removal": "common", "SegmentWrite": "common", "StoreConfig": "common",
+    "CompactionResult": "common", "Removal": "common", "Segment": "common", "SegmentWrite": "common", "StoreConfig": "common",
     "StoreError": "common", "DeltaRolloutStore": "delta", "DeltaStoreConfig": "delta",
     "ParquetRolloutStore": "parquet",
 }
 __all__ = [
     "DEFAULT_RUN", "DEFAULT_STORE_PATH", "MAX_VERSION", "RUN_ID_RE", "CompactionResult", "DeltaRolloutStore",
-    "DeltaStoreConfig", "ParquetRolloutStore", "Removal", "RolloutStore", "SegmentWrite", "StoreConfig",
+    "DeltaStoreConfig", "ParquetRolloutStore", "Removal", "RolloutStore", "Segment", "SegmentWrite", "StoreConfig",
     "StoreError",
 ]
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         RUN_ID_RE,
         CompactionResult,
         Removal,
+        Segment,
         SegmentWrite,
         StoreConfig,
         StoreError,

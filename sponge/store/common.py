@@ -74,7 +74,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class SegmentWrite:
-    """What one write_segment call did."""
+    """What one write_segment(s) call did."""
 
     paths: list[Path]
     rows_written: int
@@ -89,6 +89,50 @@ class SegmentWrite:
     @property
     def rows_skipped_retired(self) -> int:
         return sum(self.retired.values())
+
+    @classmethod
+    def merged(cls, writes: Sequence[SegmentWrite]) -> SegmentWrite:
+        """One result for several writes (a store that writes segments one at a time)."""
+        def add(dicts):
+            total: dict[str, int] = {}
+            for d in dicts:
+                for run, n in d.items():
+                    total[run] = total.get(run, 0) + n
+            return total
+        return cls([p for w in writes for p in w.paths], sum(w.rows_written for w in writes),
+                   sum(w.rows_skipped_duplicate for w in writes),
+                   pa.concat_arrays([w.new_ids.cast(pa.string()) for w in writes]) if writes
+                   else pa.array([], pa.string()),
+                   add(w.retired for w in writes), add(w.duplicates for w in writes))
+
+
+@dataclass
+class Segment:
+    """The rollouts of one consumed Kafka range: what `write_segments` takes, one per partition.
+
+    `rows` are validated rollouts (the rollout schema), `offsets` the Kafka offset each row came
+    from, `first_offset..last_offset` the consumed range including bad messages."""
+
+    rows: pa.Table
+    topic: str
+    partition: int
+    offsets: np.ndarray
+    first_offset: int
+    last_offset: int
+
+    def checked(self) -> Segment:
+        """The segment with its numbers as int64/int, or a StoreError saying what is wrong."""
+        check_topic(self.topic)
+        partition, first, last = int(self.partition), int(self.first_offset), int(self.last_offset)
+        if partition < 0 or first < 0 or last < first:
+            raise StoreError(f"bad segment range: partition={partition}, offsets {first}-{last} "
+                             "(need partition >= 0 and 0 <= first_offset <= last_offset)")
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        if offsets.shape != (self.rows.num_rows,):
+            raise StoreError(f"offsets has shape {offsets.shape}, expected ({self.rows.num_rows},): one per row")
+        if self.rows.num_rows and (offsets.min() < first or offsets.max() > last):
+            raise StoreError(f"row offsets fall outside the consumed range {first}-{last}")
+        return Segment(self.rows, self.topic, partition, offsets, first, last)
 
 
 @dataclass(frozen=True)

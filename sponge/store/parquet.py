@@ -71,6 +71,7 @@ from sponge.store.common import (
     TOMBSTONE_SCHEMA,
     CompactionResult,
     Removal,
+    Segment,
     SegmentWrite,
     StoreConfig,
     StoreError,
@@ -190,6 +191,12 @@ class ParquetRolloutStore(ViewReads):
         atomic_write(path, body.encode())
 
     # ------------------------------------------------------------------ writing rollouts
+
+    def write_segments(self, segments: Sequence[Segment]) -> SegmentWrite:
+        """The segments one after the other (this format commits one partition's range at a time)."""
+        return SegmentWrite.merged([self.write_segment(seg.rows, topic=seg.topic, partition=seg.partition,
+                                                       offsets=seg.offsets, first_offset=seg.first_offset,
+                                                       last_offset=seg.last_offset) for seg in segments])
 
     def write_segment(
         self,
