@@ -16,7 +16,7 @@
    calls, alternated with a bare /healthz round trip as the floor): 256 rollouts
    (/replay/sample?n=256) and the run's group candidates (about 32 groups with the defaults).
 
-    .venv/bin/python bench/replay_loop.py                  # ~3-5 minutes on 2 cores
+    .venv/bin/python bench/replay_loop.py                  # ~3 minutes on 2 cores
     .venv/bin/python bench/replay_loop.py --iterations 20 --requests 100
 """
 
@@ -194,7 +194,8 @@ def train_once(url: str, bootstrap: str, client, args, strict: bool):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--iterations", type=int, default=40, help="trainer steps")
+    p.add_argument("--iterations", type=int, default=120,
+                   help="trainer steps (the first draw waits for the service by design: a short run magnifies it)")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--requests", type=int, default=200, help="HTTP requests per latency figure")
