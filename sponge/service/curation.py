@@ -104,10 +104,11 @@ class CurationConfig:
     #: Longest a candidates request may wait for the trainer's own rollouts to arrive.
     max_wait_s: float = 60.0
     #: Most rows of a run's recent versions held in memory to answer candidates without a store
-    #: read (sponge.service.recent; ~1-4 KB each: tokens, log-probs and text); past it the oldest
-    #: versions are read from the store. 0 = always read the store. Shards always read the store
-    #: (a subset merged over shards names rows other processes stored).
-    recent_rows: int = 32_768
+    #: read (sponge.service.recent; ~5 KB each with 300-token responses: tokens, log-probs, text),
+    #: so at most ~80 MB per run; past it the oldest versions are read from the store. 0 = always
+    #: read the store. Shards always read the store (a subset merged over shards names rows other
+    #: processes stored).
+    recent_rows: int = 16_384
 
 
 @dataclass
