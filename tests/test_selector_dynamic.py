@@ -136,7 +136,7 @@ def test_guesses_far_above_the_certified_bound_sleep_and_cost_nothing():
 def test_uniform_choice_of_u1_and_u2():
     """u_i is uniform in R_i after any oblivious sequence. Disjoint single-item coverage: every element
     is pickable at every level, so u_1 is uniform over the live set and u_2 uniform over the rest."""
-    n, trials = 8, 1200
+    n, trials = 8, 600
     items = np.arange(n)[:, None]
     counts1, counts12 = np.zeros(n + 4), {}
     for trial in range(trials):

@@ -310,7 +310,9 @@ class Admin(kafka.Admin):
     client = "kafka-python"
 
     def __init__(self, bootstrap: str, *, timeout_s: float = 10.0, **settings):
-        config = dict(request_timeout_ms=int(timeout_s * 1000))
+        # Both bounds: without bootstrap_timeout_ms, a broker that is not there takes kafka-python's
+        # default 30 s to report, whatever timeout_s says.
+        config = {"request_timeout_ms": int(timeout_s * 1000), "bootstrap_timeout_ms": int(timeout_s * 1000)}
         config.update(kafka_python_settings(settings))
         config.pop("allow_auto_create_topics", None)   # a consumer/producer setting
         self._a = _make(KafkaAdminClient, bootstrap_servers=bootstrap, **config)   # bootstraps: proves a broker
