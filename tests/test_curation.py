@@ -324,9 +324,18 @@ def test_recent_rows_shed_the_oldest_versions_past_their_bound():
     recent.start(None)
     for table in versions(40, 4):
         recent.add(table)
-    # 160 rows offered, at most 100 held: versions 0 and 1 went, so a window from 2 is answered,
-    # one from 1 is not (the store answers it).
+    # 160 rows offered, at most 100 held (past it, shed to at most 75): versions 0 and 1 went when
+    # version 2 arrived, so a window from 2 is answered, one from 1 is not (the store answers it).
     assert len(recent) == 80 and recent.complete_from == 2
     ids = pa.concat_arrays([t.column("rollout_id").combine_chunks() for t in versions(40, 4)])
     assert recent.groups_of(ids, 2, 4).num_rows == 80
     assert recent.groups_of(ids, 1, 4) is None
+    # Retention and removal drop whole batches or filter the one that straddles them.
+    recent.drop_below(3)
+    assert len(recent) == 40 and recent.groups_of(ids, 3, 4).num_rows == 40
+    gone = versions(40, 4)[3].column("rollout_id").combine_chunks().slice(0, 5)
+    recent.drop_ids(gone)
+    assert len(recent) == 35 and not set(gone.to_pylist()) & set(recent.groups_of(ids, 3, 4)
+                                                                  .column("rollout_id").to_pylist())
+    recent.drop_below(9)
+    assert len(recent) == 0 and recent.groups_of(ids, 9, 10).num_rows == 0   # empty, answered from memory

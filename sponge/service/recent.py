@@ -29,14 +29,18 @@ __all__ = ["RecentRows"]
 
 
 class RecentRows:
-    """The replay columns of one run's rollouts of recent versions (see the module docstring)."""
+    """The replay columns of one run's rollouts of recent versions (see the module docstring).
+
+    Held as the batches they arrived in, each with its lowest and highest version, so retention
+    drops whole batches and copies at most the one or two that straddle its mark (a table of up to
+    `max_rows` rows is never rewritten per training step)."""
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
         self.complete_from: int | None = None   # None: not started, nothing can be answered
-        self._parts: list[pa.Table] = []
+        self._parts: list[tuple[pa.Table, int, int]] = []   # (rows, lowest version, highest version)
         self._rows = 0
-        self._joined: pa.Table | None = None    # the parts as one table, until the next change
+        self._schema: pa.Schema | None = None   # of the rows held, once any arrived
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -51,50 +55,70 @@ class RecentRows:
         """Rows of this run just stored (each id once: the store refuses repeats)."""
         if self.max_rows <= 0 or rows.num_rows == 0:
             return
+        part = rows.select(list(REPLAY_COLUMNS))
+        low, high = pc.min_max(part.column("policy_version")).values()
         with self._lock:
-            self._parts.append(rows.select(list(REPLAY_COLUMNS)))
-            self._rows += rows.num_rows
-            self._joined = None
+            self._schema = self._schema or part.schema
+            self._parts.append((part, low.as_py(), high.as_py()))
+            self._rows += part.num_rows
             if self._rows > self.max_rows:
                 self._shed()
 
     def _shed(self) -> None:
-        """Over `max_rows`: drop the oldest versions until under it (they are then read from the store)."""
-        table = self._table()
-        versions, counts = np.unique(table.column("policy_version").to_numpy(), return_counts=True)
+        """Over `max_rows`: drop the oldest versions until at most 3/4 of it is held (so the next
+        batches do not shed again at once); those versions are then read from the store."""
+        versions, counts = np.unique(np.concatenate([t.column("policy_version").to_numpy()
+                                                     for t, _, _ in self._parts]), return_counts=True)
         held_from_each = np.cumsum(counts[::-1])[::-1]          # rows held if kept from each version on
-        fits = np.flatnonzero(held_from_each <= self.max_rows)
+        fits = np.flatnonzero(held_from_each <= self.max_rows * 3 // 4)
         keep_from = int(versions[fits[0]]) if fits.size else int(versions[-1]) + 1
-        self._filter(pc.greater_equal(table.column("policy_version"), keep_from))
+        self._drop_below(keep_from)
         self.complete_from = max(self.complete_from or 0, keep_from)
 
     def reset(self, newest_stored: int | None) -> None:
         """Forget everything held and start again (after rows below the retention mark came back)."""
         with self._lock:
-            self._parts, self._rows, self._joined = [], 0, None
+            self._parts, self._rows = [], 0
         self.start(newest_stored)
 
     def drop_below(self, version: int) -> None:
         """Retention: versions below `version` are no longer live."""
         with self._lock:
-            if self._rows:
-                table = self._table()
-                self._filter(pc.greater_equal(table.column("policy_version"), version))
+            self._drop_below(version)
+
+    def _drop_below(self, version: int) -> None:
+        kept = []
+        for table, low, high in self._parts:
+            if high < version:
+                continue
+            if low < version:
+                table = table.filter(pc.greater_equal(table.column("policy_version"), version))
+                low = version
+            kept.append((table, low, high))
+        self._set(kept)
 
     def drop_ids(self, rollout_ids: pa.Array) -> None:
         """Removal: these rollouts are no longer live."""
+        if not len(rollout_ids):
+            return
         with self._lock:
-            if self._rows and len(rollout_ids):
-                table = self._table()
-                self._filter(pc.invert(pc.is_in(table.column("rollout_id"), value_set=rollout_ids)))
+            kept = []
+            for table, low, high in self._parts:
+                gone = pc.is_in(table.column("rollout_id"), value_set=rollout_ids)
+                if pc.any(gone).as_py():
+                    table = table.filter(pc.invert(gone))
+                kept.append((table, low, high))
+            self._set(kept)
 
     def groups_of(self, rollout_ids: pa.Array, low: int, high: int) -> pa.Table | None:
         """Every held row of the groups `rollout_ids` belong to, for versions in [low, high), ordered as
         the store orders them; None when versions from `low` on are not all held (read the store)."""
         with self._lock:
-            if self.complete_from is None or low < self.complete_from or not self._parts:
+            if self.complete_from is None or low < self.complete_from or self._schema is None:
                 return None   # (nothing ever held: the store says what an empty answer looks like)
-            table = self._table()
+            parts = [t for t, lo, hi in self._parts if hi >= low and lo < high]
+            schema = self._schema
+        table = pa.concat_tables(parts, promote_options="permissive") if parts else schema.empty_table()
         versions = table.column("policy_version")
         window = table.filter(pc.and_(pc.greater_equal(versions, low), pc.less(versions, high)))
         chosen = window.filter(pc.is_in(window.column("rollout_id"), value_set=rollout_ids))
@@ -102,12 +126,6 @@ class RecentRows:
         return groups.sort_by([("policy_version", "ascending"), ("prompt_id", "ascending"),
                                ("rollout_id", "ascending")])
 
-    def _table(self) -> pa.Table:
-        if self._joined is None:
-            self._joined = pa.concat_tables(self._parts, promote_options="permissive")
-            self._parts = [self._joined]
-        return self._joined
-
-    def _filter(self, keep: pa.ChunkedArray | pa.Array) -> None:
-        table = self._table().filter(keep)
-        self._parts, self._rows, self._joined = [table], table.num_rows, table
+    def _set(self, parts: list[tuple[pa.Table, int, int]]) -> None:
+        self._parts = [p for p in parts if p[0].num_rows]
+        self._rows = sum(p[0].num_rows for p in self._parts)
