@@ -22,11 +22,12 @@ too: strict read-your-writes).
 The wait overlaps the trainer's own work: a version report, and then the candidates for that
 version, go out on background threads while the trainer generates its next batch (it asks for them
 after generating); an error of either is raised by the trainer's next call to this source.
-When the trainer asks before those candidates have come (the service computes a new version's draw
-in ~0.15 s, a tiny model steps in ~0.3 s on a loaded 2-core machine), it gets the newest draw that has
-come, if that was computed for a version at most `max_lag` behind; the draw being computed is kept
-for the next ask. The trainer then never waits on the service but for its first draw, at the price
-of replay up to `max_lag` versions staler than the window says (`max_lag=0`: always wait).
+When the trainer asks before those candidates have come (a report and a fetch take ~0.1 s, a tiny
+model steps in ~0.3 s on a loaded 2-core machine), it gets the newest draw that has come, if that was
+computed for a version at most `max_lag` behind; the draw being computed is kept for the next ask.
+The trainer then waits on the service only for its first draw, the first after `clear`, and when the
+service falls more than `max_lag` versions behind; the price is replay up to `max_lag` versions
+staler than the window says (`max_lag=0`: always wait).
 
 `ServiceClient` is the plain HTTP API (runs, candidates, legacy samples, SQL, removal).
 """

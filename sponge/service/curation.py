@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -322,11 +323,9 @@ class Curator:
         """Hold the replay columns of rollouts just stored (all the rollout columns) for their runs'
         candidates. Called on ingest's thread right after the segment write, without the curator's
         lock: a run's recent rows have their own."""
-        run_ids = pc.fill_null(rows.column("run_id"), DEFAULT_RUN)
-        for run_id in pc.unique(run_ids).to_pylist():
+        for run_id, part in _by_run(rows):
             run = self._runs.get(run_id)
             if run is not None:
-                part = rows if pc.all(pc.equal(run_ids, run_id)).as_py() else rows.filter(pc.equal(run_ids, run_id))
                 run.recent.add(part)
 
     def add(self, rows: pa.Table) -> None:
@@ -337,9 +336,7 @@ class Curator:
                 rows = rows.filter(pa.array(~self._removed_ids.contains(rows.column("rollout_id"))))
             if rows.num_rows == 0:
                 return
-            run_ids = pc.fill_null(rows.column("run_id"), DEFAULT_RUN)
-            for run_id in pc.unique(run_ids).to_pylist():
-                part = rows if pc.all(pc.equal(run_ids, run_id)).as_py() else rows.filter(pc.equal(run_ids, run_id))
+            for run_id, part in _by_run(rows):
                 run = self._run_for_arrivals(run_id, part.num_rows)
                 if run is None:
                     continue
@@ -528,7 +525,7 @@ class Curator:
             groups = self.store.group_rows(run.record.run_id, wanted, low, high)
         table = with_group_columns(groups, drop_no_signal=True)
         if unit == "rollout":
-            table = table.filter(pc.is_in(table.column("rollout_id"), value_set=pa.array(ids, pa.string())))
+            table = table.filter(pc.is_in(table.column("rollout_id"), value_set=wanted))
         return table.select(list(CANDIDATE_COLUMNS))
 
     def subset_ids(self, run_id: str | None = None) -> list[str]:
@@ -648,3 +645,11 @@ class Curator:
                     "uncurated": dict(self.uncurated), "rebuild_seconds": self.rebuild_seconds,
                     "shard": self.config.shard,
                     "partitions": sorted(self.partitions) if self.partitions is not None else None}
+
+
+def _by_run(rows: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """(run_id, its rows) for each run in `rows`; rows without a run belong to DEFAULT_RUN."""
+    run_ids = pc.fill_null(rows.column("run_id"), DEFAULT_RUN)
+    for run_id in pc.unique(run_ids).to_pylist():
+        same = pc.equal(run_ids, run_id)
+        yield run_id, rows if pc.all(same).as_py() else rows.filter(same)

@@ -60,7 +60,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import unquote
 
 import duckdb
@@ -109,7 +108,7 @@ from sponge.store.common import (
 )
 from sponge.store.datasets import DatasetSpec, FileSystemSpec
 from sponge.store.idmap import RolloutIdSet, first_occurrence
-from sponge.store.reads import ViewReads
+from sponge.store.reads import T, ViewReads
 from sponge.store.sql import QueryResult
 from sponge.store.sql_worker import SqlWorkers
 
@@ -130,7 +129,6 @@ FORMAT_KEY = "sponge.format"
 MARK_PREFIX = "sponge.retired."
 #: Connections to the views kept for reuse by `_read` (one per thread reading at once, about).
 IDLE_CONNECTIONS = 4
-T = TypeVar("T")
 #: The app transaction every segment commit carries: two writers on one snapshot conflict on it.
 INGEST_APP_ID = "sponge.ingest"
 OFFSET_APP_PREFIX = "sponge.offset:"

@@ -77,7 +77,6 @@ from sponge.store.common import (
     StoreError,
     as_string_array,
     check_run,
-    check_topic,
     check_version,
     conform_rows,
     mark_of_each_row,
@@ -216,18 +215,8 @@ class ParquetRolloutStore(ViewReads):
         tombstoned, and repeats within `rows`, are skipped. One file per policy_version.
         """
         rows = self._conform_rows(rows)
-        check_topic(topic)
-        partition, first_offset, last_offset = int(partition), int(first_offset), int(last_offset)
-        if partition < 0 or first_offset < 0 or last_offset < first_offset:
-            raise StoreError(
-                f"bad segment range: partition={partition}, offsets {first_offset}-{last_offset} "
-                "(need partition >= 0 and 0 <= first_offset <= last_offset)"
-            )
-        offsets = np.asarray(offsets, dtype=np.int64)
-        if offsets.shape != (rows.num_rows,):
-            raise StoreError(f"offsets has shape {offsets.shape}, expected ({rows.num_rows},): one per row")
-        if rows.num_rows and (offsets.min() < first_offset or offsets.max() > last_offset):
-            raise StoreError(f"row offsets fall outside the consumed range {first_offset}-{last_offset}")
+        seg = Segment(rows, topic, partition, offsets, first_offset, last_offset).checked()
+        partition, offsets, first_offset, last_offset = seg.partition, seg.offsets, seg.first_offset, seg.last_offset
 
         with self._lock, self._partition_lock(topic, partition):
             self._refresh_index()
