@@ -350,6 +350,11 @@ class ReMixTrainer:
 
         cfg = self.config
         started = time.perf_counter()
+        if cfg.max_iterations is not None and self.version >= cfg.max_iterations:
+            # A run resumed from the replay service (same run_name and seed) that already got there.
+            print(f"sponge.trainer: run {self.run_id} is at policy version {self.version}, which max_iterations "
+                  f"({cfg.max_iterations}) already reaches: nothing to train (another run_name starts a new run)",
+                  file=sys.stderr)
         if not self.history:
             self._record(self._evaluated({"iteration": 0, "policy_version": self.version, "rollouts": 0,
                                           "wall_time": 0.0}))
