@@ -339,3 +339,29 @@ def test_recent_rows_shed_the_oldest_versions_past_their_bound():
                                                                   .column("rollout_id").to_pylist())
     recent.drop_below(9)
     assert len(recent) == 0 and recent.groups_of(ids, 9, 10).num_rows == 0   # empty, answered from memory
+
+
+def test_two_shards_merge_to_one_subset_when_their_rows_tie(store):
+    """Each shard lists its own solution first; with exact duplicate embeddings across the shards
+    (ties for greedy) both must still serve the same merged subset, and optimise one objective."""
+    rows = versions(120, 1)[0]
+    twin = rows.set_column(rows.schema.get_field_index("rollout_id"), "rollout_id",
+                           pc.binary_join_element_wise(rows.column("rollout_id"), "twin", "-"))
+    twin = twin.set_column(twin.schema.get_field_index("prompt_id"), "prompt_id",
+                           pc.binary_join_element_wise(twin.column("prompt_id"), "twin", "-"))
+    curators = []
+    for shard, partition, table in (("a", 0, rows), ("b", 1, twin)):
+        cur = Curator(store, CurationConfig(k=10, n_references=32, shard=shard, retention_window=None))
+        cur.set_partitions({partition})
+        offsets = np.arange(table.num_rows, dtype=np.int64)
+        w = store.write_segment(table, topic="rollouts", partition=partition, offsets=offsets,
+                                first_offset=0, last_offset=table.num_rows - 1)
+        curators.append((cur, w, table))
+    for cur, w, table in curators:
+        cur.on_segment(w, table)
+    for cur, _, _ in curators:   # the second shard's solution is published after the first merged
+        cur.subset_ids()
+    a, b = (sorted(cur.subset_ids()) for cur, _, _ in curators)
+    assert len(a) == 10 and a == b
+    objectives = [cur._runs[RUN].selection.selector.objective for cur, _, _ in curators]
+    assert np.array_equal(objectives[0].references, objectives[1].references)

@@ -345,11 +345,11 @@ def test_the_transaction_log_stays_bounded_under_a_long_stream(tmp_path, caplog)
     assert all("rewrite failed" not in r.getMessage() for r in caplog.records), report
 
 
-def _claimer(root: str, out) -> None:
-    out.put(DeltaRolloutStore.open(root).claim_shared("selector/run-a/objective"))
+def _claimer(root: str, out, data: bytes) -> None:
+    out.put((data, DeltaRolloutStore.open(root).put_shared_once("selector/run-a/objective", data)))
 
 
-def test_shared_objects_and_a_claim_only_one_process_wins(tmp_path):
+def test_shared_objects_and_a_put_once_only_one_process_wins(tmp_path):
     """What shard selectors on several hosts exchange through the store's location, not a local file."""
     store = store_at(tmp_path)
     assert store.get_shared("selector/run-a/shards/a.parquet") is None
@@ -364,10 +364,33 @@ def test_shared_objects_and_a_claim_only_one_process_wins(tmp_path):
             store.put_shared(bad, b"x")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(str(tmp_path), out)) for _ in range(3)]
+    procs = [ctx.Process(target=_claimer, args=(str(tmp_path), out, f"from-{i}".encode())) for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
-    assert sorted(out.get(timeout=5) for _ in procs) == [False, False, True]
-    assert store.claim_shared("selector/run-a/objective") is False
+    answers = [out.get(timeout=5) for _ in procs]
+    winners = {got for _, got in answers}
+    assert len(winners) == 1, answers                               # every caller got the same bytes
+    assert sum(mine == got for mine, got in answers) == 1, answers  # exactly one caller's
+    assert store.put_shared_once("selector/run-a/objective", b"late") == winners.pop()
+
+
+def test_a_run_claimed_by_a_process_that_died_before_writing_its_record_still_registers(tmp_path):
+    """The claim carries the first record: no 503 and no hand edit when its winner died."""
+    from sponge.service.runs import PREFIX, RunRecord, RunRegistry
+
+    store = store_at(tmp_path)
+    record = RunRecord("run-x", "fp-1", 4, 0, 1.0)
+    store.put_shared_once(f"{PREFIX}-claims/run-x", json.dumps(record.__dict__).encode())   # won, then died
+    known, created = RunRegistry(store).register("run-x", "fp-1", 4, max_runs=10)
+    assert (created, known.run_id, known.fingerprint, known.window) == (False, "run-x", "fp-1", 4)
+    with pytest.raises(Exception, match="fingerprint"):
+        RunRegistry(store).register("run-x", "fp-2", 4, max_runs=10)
+
+
+def test_a_claim_from_before_claims_carried_data_reads_as_taken(tmp_path):
+    store = store_at(tmp_path)
+    DeltaTable.create(str(tmp_path / "_shared" / "claims" / "selector" / "run-b" / "objective"),
+                      schema=pa.schema([("claimed_at", pa.int64())]))
+    assert store.put_shared_once("selector/run-b/objective", b"mine") == b""

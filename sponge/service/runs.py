@@ -57,7 +57,7 @@ class RunRegistry:
     """The runs of one store: register, look up, advance versions, delete (thread- and process-safe)."""
 
     def __init__(self, store: Any) -> None:
-        self.store = store                      # put_shared / get_shared / list_shared / claim_shared
+        self.store = store                      # put_shared / get_shared / list_shared / put_shared_once
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int | None, RunRecord]] = {}   # run -> (object's mtime, record)
         self._listed_at = float("-inf")
@@ -104,11 +104,15 @@ class RunRegistry:
             if live >= max_runs:
                 raise RunError(f"too many live runs ({live}, the cap is {max_runs}): delete one you are done "
                                "with (DELETE /runs/{id}) or raise --max-runs", status=409)
-            if self.store.claim_shared(f"{PREFIX}-claims/{run_id}"):
-                record = RunRecord(run_id, fingerprint, window, 0, time.time())
+            # The claim carries the first record: if another process won a moment ago, its record
+            # comes back with the claim even if that process died before writing it.
+            mine = json.dumps(dataclasses.asdict(RunRecord(run_id, fingerprint, window, 0, time.time()))).encode()
+            first = self.store.put_shared_once(f"{PREFIX}-claims/{run_id}", mine)
+            if first == mine:
+                record = self._parse(run_id, mine)
                 self._write(record)
                 return record, True
-            known = self._wait_for(run_id)   # another process created it a moment ago
+            known = self._read(run_id) or (self._parse(run_id, first) if first else self._wait_for(run_id))
         if known.deleted:
             raise RunError(f"run {run_id!r} was deleted; its id cannot be used again: start a new run id",
                            status=410)
@@ -152,8 +156,10 @@ class RunRegistry:
 
     def _read(self, run_id: str) -> RunRecord | None:
         blob = self.store.get_shared(f"{PREFIX}/{run_id}")
-        if blob is None:
-            return None
+        return None if blob is None else self._parse(run_id, blob)
+
+    @staticmethod
+    def _parse(run_id: str, blob: bytes) -> RunRecord:
         try:
             fields = {f.name for f in dataclasses.fields(RunRecord)}
             return RunRecord(**{k: v for k, v in json.loads(blob).items() if k in fields})
@@ -161,6 +167,7 @@ class RunRegistry:
             raise StoreError(f"unreadable run record {PREFIX}/{run_id} in the store: {exc}") from None
 
     def _wait_for(self, run_id: str, timeout_s: float = 30.0) -> RunRecord:
+        # Only for a claim made before claims carried the record (a store from an older version).
         deadline = time.monotonic() + timeout_s
         while (record := self._read(run_id)) is None:
             if time.monotonic() > deadline:

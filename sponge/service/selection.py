@@ -17,7 +17,6 @@ not a local file, so hosts that share nothing but the store merge the same subse
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -116,18 +115,20 @@ class RunSelection:
         self.changed()
 
     def _fix_objective(self, objective: Objective, params: dict) -> Objective:
-        """Save f's parameters as a shared object of the store; in shard mode the first shard to
-        get here, on any host, fixes f for all (a claim only one process wins) and the others load it."""
+        """Save f's parameters as a shared object of the store. In shard mode the first shard to get
+        here, on any host, fixes f for all: its parameters are the one put-once object every shard
+        reads back (the winner's bytes come with the claim, so no shard waits on a winner that may
+        have died, or optimises an f of its own)."""
         key = f"{self.key}/objective"
-        if self.shard is not None and not self.store.claim_shared(key):
-            deadline = time.monotonic() + 30.0   # the claimant writes it right after claiming
-            while (saved := self.store.get_shared(key)) is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if saved is not None:
-                objective = selector_from_bytes(saved).objective
+        mine = params_bytes(METHODS[self.config.method](objective, **params))
+        if self.shard is not None:
+            # b"": claimed by a version whose claims carried no data; its winner saved f beside it.
+            fixed = self.store.put_shared_once(key, mine) or self.store.get_shared(key) or mine
+            if fixed != mine:
+                objective = selector_from_bytes(fixed).objective
                 self.references = list(objective.references)
-                return objective
-        self.store.put_shared(key, params_bytes(METHODS[self.config.method](objective, **params)))
+            mine = fixed
+        self.store.put_shared(key, mine)   # what a rebuild reads (the same bytes from every shard)
         return objective
 
     # -- updates ----------------------------------------------------------------------------------
@@ -260,7 +261,14 @@ class RunSelection:
             blob = self.store.get_shared(shared)
             if blob is not None:
                 tables.append(pq.read_table(pa.BufferReader(blob)))
-        union = pa.concat_tables(tables)
+        # One order on every shard: greedy breaks ties by position, and each shard lists its own
+        # solution first, so unsorted unions of equal sets could merge to different subsets. A row
+        # in two lists (a stale file during a rebalance) is kept once.
+        union = pa.concat_tables(tables).sort_by("rollout_id")
+        ids = union.column("rollout_id").combine_chunks()
+        if len(ids) > 1:   # sorted: a repeat sits right after its first
+            repeat = pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+            union = union.filter(pa.array(np.concatenate([[True], ~repeat])))
         names = union.column("rollout_id").to_pylist()
         chosen, value = merge_shard_solutions(self.selector.objective,
                                               [(np.arange(len(names)), embedding_matrix(union))], self.config.k)

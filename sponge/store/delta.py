@@ -74,6 +74,7 @@ from deltalake import (
     PostCommitHookProperties,
     Transaction,
     WriterProperties,
+    write_deltalake,
 )
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
@@ -1157,19 +1158,25 @@ class DeltaRolloutStore(ViewReads):
         return {f"{prefix}/{info.path[len(base) + 1:]}": int(info.mtime_ns or 0) for info in infos
                 if info.type == pafs.FileType.File and not info.base_name.startswith(".")}
 
-    def claim_shared(self, key: str) -> bool:
-        """True for exactly one caller per key across every process and host of the store: the
-        claim is the creation of a small Delta table, whose first log entry is a put-if-absent."""
+    def put_shared_once(self, key: str, data: bytes) -> bytes:
+        """Put `data` under `key` unless another caller, in any process on any host, did first;
+        return what is there: one caller's bytes, the same for every caller. The object is the
+        only commit of a small Delta table, whose first log entry is a put-if-absent, so a caller
+        that wins and then dies leaves its bytes behind, never a claim with nothing in it (which
+        the others could only wait on and then guess)."""
         self._shared_path(key)   # checks the key
         uri = self._loc.table_uri(f"{SHARED}/claims/{key}")
         try:
-            DeltaTable.create(uri, schema=pa.schema([("claimed_at", pa.int64())]), mode="error",
-                              storage_options=self._loc.storage_options)
-            return True
+            write_deltalake(uri, pa.table({"data": pa.array([bytes(data)], pa.binary())}), mode="error",
+                            storage_options=self._loc.storage_options)
+            return bytes(data)
         except Exception as exc:  # noqa: BLE001 - delta-rs says "already exists" in several error types
-            if DeltaTable.is_deltatable(uri, storage_options=self._loc.storage_options):
-                return False
-            raise StoreError(f"could not claim {key!r}: {exc}") from None
+            if not DeltaTable.is_deltatable(uri, storage_options=self._loc.storage_options):
+                raise StoreError(f"could not put {key!r}: {exc}") from None
+        table = DeltaTable(uri, storage_options=self._loc.storage_options).to_pyarrow_table()
+        if "data" not in table.column_names or table.num_rows == 0:
+            return b""   # a claim made before claims carried data: taken, contents unknown
+        return table.column("data")[0].as_py()
 
     def remove_stale_temp_files(self) -> int:
         """Remove temporary replay-snapshot files left by crashed writers (a local store's only temp
