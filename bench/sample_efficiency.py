@@ -10,7 +10,9 @@ Setups (task, tiny model, supervised warm start), the same start for every metho
 Methods (every one with ReMixConfig's defaults, only the named knobs changed; one learning rate):
 
     grpo            on-policy GRPO as TRL runs it (ReMixConfig.grpo(): p = 0, m = 1, no KL)
-    remix_window    ReMix, replay = every signal group of the last N versions (FIFO window)
+    remix_paper     ReMix with the paper's mix (p = 0.4, N = 2, m = 2; ReMixConfig's defaults before
+                    this bench chose others), constant learning rate, FIFO window
+    remix_window    ReMix with its defaults, replay = every signal group of the last N versions (FIFO)
     remix_curated   ReMix, replay = pool_capacity groups curated by the dynamic selector (learning
                     signal + diversity, staleness-decayed draw weight)
     remix_random    ReMix, replay = a random subset of pool_capacity groups of the same window
@@ -50,7 +52,10 @@ SETUPS = {
     "reverse_mixed": ("reverse_mixed", "llama", 150, 9, 0.1),
 }
 
-METHODS = ("grpo", "remix_window", "remix_curated", "remix_random", "trl_grpo")
+#: The ReMix paper's mix, at a constant learning rate (ReMixConfig's defaults until they were measured).
+PAPER = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "step_kl_target": None}
+
+METHODS = ("grpo", "remix_paper", "remix_window", "remix_curated", "remix_random", "trl_grpo")
 
 
 def method_config(method: str, args, setup: str, seed: int, **overrides):
@@ -61,14 +66,17 @@ def method_config(method: str, args, setup: str, seed: int, **overrides):
               "max_new_tokens": max_new, "progress": False, "seed": seed, "run_name": method}
     if args.lr is not None:
         common["learning_rate"] = args.lr
+    window = {} if args.curated_window is None else {"replay_window": args.curated_window}
     if method in ("grpo", "trl_grpo"):
         cfg = ReMixConfig.grpo(**common)
+    elif method == "remix_paper":
+        cfg = ReMixConfig(replay_pool="fifo", **PAPER, **common)
     elif method == "remix_window":
         cfg = ReMixConfig(replay_pool="fifo", **common)
     elif method == "remix_curated":
-        cfg = ReMixConfig(replay_pool="curated", replay_window=args.curated_window, **common)
+        cfg = ReMixConfig(replay_pool="curated", **window, **common)
     elif method == "remix_random":
-        cfg = ReMixConfig(replay_pool="random", replay_window=args.curated_window, **common)
+        cfg = ReMixConfig(replay_pool="random", **window, **common)
     else:
         raise ValueError(f"unknown method {method!r}")
     return cfg.replace(**overrides) if overrides else cfg
@@ -78,7 +86,7 @@ KEEP = ("rollouts", "wall_time", "step_s", "eval_success", "eval_response_len", 
         "n_replay", "replay_reward_mean", "replay_abs_adv", "replay_mean_staleness", "replay_is_ess",
         "replay_is_ess_raw", "replay_is_clipped_mass", "replay_is_masked_tokens", "replay_is_abs_log_ratio",
         "replay_candidate_groups", "ds_zero_var_groups", "ds_filled_rows", "rollouts_saved_total", "collapse",
-        "updates", "n_fresh", "replay_on")
+        "updates", "n_fresh", "replay_on", "approx_kl", "step_kl", "clip_frac", "entropy", "learning_rate")
 
 
 def run_one(job: dict) -> dict:
@@ -119,19 +127,26 @@ def run_one(job: dict) -> dict:
         trainer = ReMixTrainer(model, tok, task, cfg, eval_prompts=eval_prompts)
         history = trainer.train()
         collapses = trainer.collapses
-    compact = [{k: r[k] for k in KEEP if k in r} for r in history]
+    compact = [{k: _short(r[k]) for k in KEEP if k in r} for r in history]
     return {**{k: job[k] for k in ("setup", "method", "seed", "label")}, "history": compact,
             "wall_s": time.perf_counter() - t0, "collapses": collapses}
 
 
+def _short(x):
+    """Floats to 6 significant digits: the raw-runs file stays a few MB."""
+    return float(f"{x:.6g}") if isinstance(x, float) else x
+
+
 # ------------------------------------------------------------------------------------------ statistics
 
-def rollouts_to_target(history: list[dict], gain: float, absolute: float | None = None) -> float:
-    """Rollouts at the first evaluation whose success is at least start + `gain` (or `absolute`)."""
+def rollouts_to_target(history: list[dict], gain: float, absolute: float | None = None,
+                       field: str = "rollouts") -> float:
+    """Rollouts (or another `field`, e.g. training seconds "wall_time") at the first evaluation whose
+    success is at least start + `gain` (or `absolute`)."""
     target = absolute if absolute is not None else history[0]["eval_success"] + gain
     for r in history:
         if r.get("eval_success") is not None and r["eval_success"] >= target - 1e-9:
-            return float(r["rollouts"])
+            return float(r.get(field, math.nan))
     return math.inf
 
 
@@ -241,8 +256,11 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
         for method, runs in by_method.items():   # per seed: the level the baseline reached from the same start
             reach = np.array([rollouts_to_target(r["history"], 0, final[r["seed"]]) for r in runs
                               if r["seed"] in final])
+            seconds = [rollouts_to_target(r["history"], 0, final[r["seed"]], "wall_time") for r in runs
+                       if r["seed"] in final]
             out[method][f"to_{base}_level"] = {"level": float(np.mean(list(final.values()))),
                                                "median": float(np.median(reach)),
+                                               "seconds_median": float(np.median(seconds)),
                                                "reached": int(np.isfinite(reach).sum()),
                                                "vs_base": bootstrap_ratio_ci(base_reach, reach, rng)}
     return {"target": target, "methods": out}
@@ -253,7 +271,7 @@ def table(summary: dict, setup: str, budget: int) -> str:
     target = summary["target"]
     lines = [f"**{setup}** (target: held-out success +{target} over the warm start, budget {budget} rollouts)", "",
              ("| method | rollouts to target: median [95% CI] (seeds reaching) | × fewer than GRPO [CI] "
-             "| × fewer than window [CI] | success @25% / 50% / 100% budget | s/step | ms/rollout | collapses |"),
+             "| × fewer than the window [CI] | success @25% / 50% / 100% budget | s/step | ms/rollout | collapses |"),
              "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         if method not in s:
@@ -277,13 +295,15 @@ def table(summary: dict, setup: str, budget: int) -> str:
         level = s[base][key]["level"]
         lines += ["", (f"To the success {name} reaches at {budget} rollouts from the same warm start "
                        f"(per seed; mean {level:.3f}):"), "",
-                  f"| method | rollouts: median (seeds reaching) | × fewer than {base} [CI] |", "|---|---|---|"]
+                  (f"| method | rollouts: median (seeds reaching) | × fewer than {base} [CI] "
+                   "| training seconds: median |"), "|---|---|---|---|"]
         base_median = s[base][key]["median"]
         for method in METHODS:
             if method in s and key in s[method]:
                 t = s[method][key]
                 lines.append(f"| {method} | {fmt(t['median'])} ({t['reached']}/{s[method]['seeds']}) | "
-                             f"{fmt_ratio(*t['vs_base'], budget, base_median, t['median'])} |")
+                             f"{fmt_ratio(*t['vs_base'], budget, base_median, t['median'])} "
+                             f"| {fmt(t.get('seconds_median', math.nan), 1)} |")
     lines += ["", "What replay served (means over replay draws):", "",
               ("| method | reward of replayed rows | mean abs advantage | staleness | mean abs log ratio π_k/π_b "
               "| token ESS | clipped mass | candidate groups | rollouts saved by dynamic sampling |"),
@@ -339,9 +359,11 @@ def plot_curves(results: list[dict], setups: list[str], budget: int, path: Path)
 # ------------------------------------------------------------------------------------------ ablations
 
 #: Ablations on reverse_mixed: which of ReMix's parts cost it against GRPO there (label → overrides
-#: of the remix_window method; "grpo_ds" is GRPO with dynamic sampling's drop of no-signal groups).
+#: of the remix_window method; "grpo_*" of the grpo method: "grpo_ds" is GRPO with dynamic
+#: sampling's drop of no-signal groups, "grpo_lr1e-4" GRPO at a third of the learning rate).
 WHY = {"why_no_ds": {"dynamic_sampling": False}, "why_m1": {"updates_per_batch": 1},
-       "why_p0.2": {"replay_fraction": 0.2}, "grpo_ds": {"dynamic_sampling": True}}
+       "why_p0.2": {"replay_fraction": 0.2}, "why_const_lr": {"step_kl_target": None},
+       "grpo_ds": {"dynamic_sampling": True}, "grpo_lr1e-4": {"learning_rate": 1e-4}}
 
 
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
@@ -377,7 +399,7 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     def runs(label):
         return [r for r in results if r["label"] == label]
 
-    lines = ["**Whipping effect** (reverse_mixed, ReMix window, no reincarnation): response length against p", "",
+    lines = ["**Whipping effect** (reverse_mixed, the window (p varied), no reincarnation): response length against p", "",
              "| p | train response length, last quarter | held-out response length, end | held-out success, end |",
              "|---|---|---|---|"]
     whip = []
@@ -395,11 +417,12 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     why = [label for label in ("remix_window", *WHY) if runs(label)]
     if any(label in WHY for label in why):
         gain = SETUPS["reverse_mixed"][4]
-        lines += ["", "**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; seeds matched to the main runs)", "",
+        lines += ["", "**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to the main runs)", "",
                   "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
                   "|---|---|---|---|"]
-        for label in ("grpo", "grpo_ds", "remix_window", *[w for w in WHY if w != "grpo_ds"]):
-            seeds = {r["seed"] for r in runs(next(iter(w for w in WHY if w != "grpo_ds")))} or {0}
+        for label in ("grpo", *[w for w in WHY if w.startswith("grpo")], "remix_paper", "remix_window",
+                      *[w for w in WHY if not w.startswith("grpo")]):
+            seeds = {r["seed"] for r in runs(next(iter(WHY)))} or {0}
             rs = [r for r in runs(label) if r["setup"] == "reverse_mixed" and r["seed"] in seeds]
             if not rs:
                 continue
@@ -408,7 +431,7 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
             lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
                          f"| {np.mean([success_at(r['history'], b / 2) for r in rs]):.3f} / "
                          f"{np.mean([success_at(r['history'], b) for r in rs]):.3f} | {sorted(seeds)} |")
-    lines += ["", "**Reincarnation** (reverse, ReMix window)", "",
+    lines += ["", "**Reincarnation** (reverse, the window)", "",
               "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
               "|---|---|---|---|"]
     gain = SETUPS["reverse"][4]
@@ -421,7 +444,7 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
         lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
                      f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
                      f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {on:.2f} |")
-    lines += ["", "**Correction cap** (reverse, ReMix window N = 4, token TIS at cap C): ESS against clipped mass", "",
+    lines += ["", "**Correction cap** (reverse, the window, token TIS at cap C): ESS against clipped mass", "",
               "| C | token ESS (raw → truncated) | clipped mass | held-out success, end |", "|---|---|---|---|"]
     caps = []
     for cap in (1.1, 1.5, 2.0, 5.0, 20.0):
@@ -470,11 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=4, help="iterations between held-out evaluations")
     p.add_argument("--eval-size", type=int, default=256, help="held-out prompts")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: ReMixConfig's)")
-    p.add_argument("--curated-window", type=int, default=4,
-                   help="N for the curated and random-subset pools (they choose from a longer window)")
+    p.add_argument("--curated-window", type=int, default=None,
+                   help="N for the curated and random-subset pools (default: ReMixConfig's, as the window's)")
     p.add_argument("--ablations", action="store_true", help="also run the whipping, reincarnation and cap ablations")
     p.add_argument("--ablation-seeds", type=int, default=2)
-    p.add_argument("--ablation-groups", default="whip,reinc,cap",
+    p.add_argument("--ablation-groups", default="whip,reinc,cap,why",
                    help="of whip (response length against p), reinc (reincarnation), cap (correction cap), "
                         "why (ReMix's parts against GRPO on reverse_mixed)")
     p.add_argument("--skip-main", action="store_true", help="run only the ablations")

@@ -79,10 +79,11 @@ def test_reincarnation_resets_reference_and_turns_replay_off(warm_model):
     trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg, on_policy_version=versions.append)
     base_before = copy.deepcopy(trainer.base.state_dict())
     r1 = trainer.step()
-    assert r1["n_replay"] == 0 and r1["n_fresh"] == round(0.6 * 4) * 4   # nothing to replay yet
+    p = cfg.replay_fraction
+    assert r1["n_replay"] == 0 and r1["n_fresh"] == round((1 - p) * 4) * 4   # nothing to replay yet
     r2 = trainer.step()
     if len(trainer.replay) or r2["n_replay"]:   # a first batch without any signal group leaves nothing to replay
-        assert r2["n_replay"] == round(0.4 / 0.6 * r2["n_fresh"]) and r2["replay_on"]
+        assert r2["n_replay"] == round(p / (1 - p) * r2["n_fresh"]) and r2["replay_on"]
     # version 2 = T: π_base ← current policy, replay off, λ's clock restarted
     assert trainer.reincarnated_at == 2 and not trainer.replay_on
     assert len(trainer.replay) == 0
@@ -134,7 +135,7 @@ def test_checkpoint_resume_is_bit_identical(warm_model, tmp_path):
 
 
 def test_short_remix_run_raises_held_out_success(tmp_path):
-    """A real seeded run: ReMix (p=0.4, N=2, m=2) from a warm-started tiny model."""
+    """A real seeded run: ReMix with its defaults from a warm-started tiny model."""
     task = make_task("reverse")
     tok = CharTokenizer(task.alphabet)
     model = build_tiny_model(tok, seed=0)
@@ -273,3 +274,22 @@ def test_train_help_documents_every_flag(capsys):
             assert "--" + f.name.replace("_", "-") in text
     assert "{none,tis,seq_tis,mis,icepop,geo_mask}" in text and "(default: tis; env SPONGE_CORRECTION)" in " ".join(text.split())
     assert "Per-token correction" in text
+
+
+def test_adaptive_learning_rate_steps_down_where_a_step_moves_the_policy_too_far(warm_model):
+    from sponge.trainer.remix import adapt_learning_rate
+
+    assert adapt_learning_rate(3e-4, 0.02, 0.005, 3e-4) == pytest.approx(2e-4)       # too far: down
+    assert adapt_learning_rate(1e-4, 0.001, 0.005, 3e-4) == pytest.approx(1.5e-4)    # too little: up
+    assert adapt_learning_rate(3e-4, 0.001, 0.005, 3e-4) == pytest.approx(3e-4)      # never above the rate set
+    assert adapt_learning_rate(1e-5, 0.5, 0.005, 3e-4) == pytest.approx(1e-5)        # nor below 1/30 of it
+    assert adapt_learning_rate(2e-4, 0.006, 0.005, 3e-4) == pytest.approx(2e-4)      # within 2×: kept
+    task, tok, model = warm_model
+    # A target no step can stay under: the rate falls each iteration the first update's KL is measured.
+    cfg = ReMixConfig(**small(step_kl_target=1e-9, learning_rate=1e-3, reincarnate_after=None))
+    trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg)
+    records = [trainer.step() for _ in range(3)]
+    rates = [r["learning_rate"] for r in records]
+    assert all(r["step_kl"] > 0 for r in records) and rates == pytest.approx([1e-3 / 1.5 ** i for i in (1, 2, 3)]), rates
+    with pytest.raises(ValueError, match="step_kl_target"):
+        ReMixConfig(step_kl_target=0.0)

@@ -1,7 +1,7 @@
 """ReMixConfig: every knob of the ReMix trainer, documented where it is declared.
 
-Defaults follow the ReMix paper where it publishes a value (p = 0.4, N = 2, m = 2, ε = 0.2) and are
-otherwise chosen to hold on a task they were not tuned on (see "Defaults" below).
+Defaults take ε = 0.2 from the ReMix paper; the rest are chosen from measurements (see "Defaults"
+below), including more reuse than the paper's mix (p = 0.4, N = 2, m = 2).
 `ReMixConfig.grpo()` gives the on-policy GRPO baseline as TRL runs it (p = 0, m = 1, no KL term, no
 reincarnation, no dynamic sampling), which the policy loss reduces to exactly.
 
@@ -17,6 +17,13 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
 - policy_loss "decoupled" with correction "tis" (token-level truncated IS, cap 2): the behaviour →
   proximal weight π_k/π_b is truncated instead of entering the ratio raw (ReMix's Mix-PPG puts it in
   the ratio untruncated; "mix_ppg" keeps that form).
+- replay_fraction 0.5, replay_window 4, updates_per_batch 4 (the paper: 0.4, 2, 2) with
+  step_kl_target 0.001: per generated rollout 8× on-policy GRPO's gradient steps (the paper's mix
+  3.2×). More reuse pays where learning is bound by steps (`reverse`: ~5× fewer rollouts than GRPO,
+  the paper's mix ~2.3×) and hurts where it is bound by noise (`reverse_mixed`, where even GRPO does
+  better at a third of the learning rate): there the adaptive rate takes the step down until one
+  gradient step moves the policy by ~0.001 (k3 KL), which brought the mix from well below GRPO to level
+  with it (4 seeds); on `reverse` the steps stay below that and the rate stays put.
 - reincarnation at half the rollout budget (`reincarnate_after=0.5`) rather than at a fixed version
   30: a fixed T switched replay off after the first 2% of a 64k-rollout run.
 """
@@ -49,12 +56,13 @@ class ReMixConfig:
     temperature: float = 1.0
 
     # --- Mix-PPG (off-policy mixing) ---------------------------------------------------------
-    #: p: fraction of each batch's responses drawn from replay (ReMix: 0.4). 0 = on-policy.
-    replay_fraction: float = 0.4
-    #: N: replay only rollouts from the last N policy versions (ReMix: 2).
-    replay_window: int = 2
-    #: m: gradient steps on each batch (update-to-data ratio; ReMix: 2, on-policy: 1).
-    updates_per_batch: int = 2
+    #: p: fraction of each batch's responses drawn from replay (ReMix paper: 0.4). 0 = on-policy.
+    replay_fraction: float = 0.5
+    #: N: replay only rollouts from the last N policy versions (ReMix paper: 2).
+    replay_window: int = 4
+    #: m: gradient steps on each batch (update-to-data ratio; ReMix paper: 2, on-policy: 1); the
+    #: steps after the first stop early once the policy leaves the trust region (target_kl).
+    updates_per_batch: int = 4
     #: ε: clip half-width of the policy ratio (below 1; and above unless clip_eps_high is set).
     clip_eps: float = 0.2
     #: Upper clip half-width ("clip-higher", DAPO); None = clip_eps.
@@ -151,6 +159,10 @@ class ReMixConfig:
     #: Skip the remaining updates on a batch once the mean k3 KL(π_k ‖ π_θ) on it exceeds this
     #: (None = always take all m). Guards against a second update outside the trust region.
     target_kl: float | None = 0.05
+    #: Adapt the learning rate so that one gradient step moves the policy by about this much (mean
+    #: k3 KL(π_k ‖ π_θ) after a batch's first update; needs m ≥ 2): above twice it the rate is
+    #: divided by 1.5, below half multiplied by 1.5, never above learning_rate. None = constant.
+    step_kl_target: float | None = 0.001
     #: "token_mean" or "seq_mean" loss aggregation.
     loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     #: Divide group-centred rewards by the group std (GRPO); False keeps only the mean baseline.
@@ -221,6 +233,7 @@ class ReMixConfig:
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.target_kl is None or self.target_kl > 0, "target_kl must be > 0 or None"),
+            (self.step_kl_target is None or self.step_kl_target > 0, "step_kl_target must be > 0 or None"),
             (self.reincarnate_after is None or 0 < self.reincarnate_after <= 1,
              "reincarnate_after must be in (0, 1] or None"),
             (self.max_wall_seconds is None or self.max_wall_seconds > 0, "max_wall_seconds must be > 0"),
@@ -237,7 +250,7 @@ class ReMixConfig:
     def grpo(cls, **overrides) -> ReMixConfig:
         """On-policy GRPO as TRL runs it: no replay, one update per batch, no KL term, no
         reincarnation, no dynamic sampling (zero-variance groups stay in the batch)."""
-        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "reincarnate_at": None,
+        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "reincarnate_at": None, "step_kl_target": None,
                 "reincarnate_after": None, "kl_coef": 0.0, "dynamic_sampling": False, "run_name": "grpo"}
         base.update(overrides)
         return cls(**base)

@@ -249,7 +249,7 @@ class ReMixTrainer:
             # 4. up to m gradient steps on the same batch.
             self.policy.train()
             totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
-            ratio_max, approx_kl = 1.0, 0.0
+            ratio_max, approx_kl, step_kl = 1.0, 0.0, None
             for j in range(m):
                 with self._autocast():
                     scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
@@ -260,6 +260,8 @@ class ReMixTrainer:
                     is_weights = corrections()
                 with torch.no_grad():
                     approx_kl = float(aggregate(kl_k3(logp.detach(), logp_prox, mask), mask))
+                if j == 1:
+                    step_kl = approx_kl   # how far one gradient step moved the policy
                 if j > 0 and cfg.target_kl is not None and approx_kl > cfg.target_kl:
                     break   # the policy already left the trust region on this batch
                 if cfg.policy_loss == "decoupled":
@@ -298,7 +300,11 @@ class ReMixTrainer:
                     ratio_max = max(ratio_max, rmax_v)
             self.policy.eval()
             stats.update({k: v / max(updates_done, 1) for k, v in totals.items()})
-            stats.update({"ratio_max": ratio_max, "approx_kl": approx_kl})
+            stats.update({"ratio_max": ratio_max, "approx_kl": approx_kl, "step_kl": step_kl})
+            if cfg.step_kl_target is not None and step_kl is not None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = adapt_learning_rate(group["lr"], step_kl, cfg.step_kl_target,
+                                                      cfg.learning_rate)
             if cfg.kl_coef > 0:
                 self.prev.load_state_dict(snapshot)
         t_update = time.perf_counter() - t_update
@@ -319,7 +325,8 @@ class ReMixTrainer:
             "reward_mean": float(rewards.mean()),
             "success_train": float(self.task.success(prompts, gen.responses).mean()),
             "response_len": float(np.mean([len(r) for r in gen.response_tokens])),
-            "lambda": lam, "updates": updates_done, "replay_on": replay_on, "wall_time": self.wall_time,
+            "lambda": lam, "updates": updates_done, "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "replay_on": replay_on, "wall_time": self.wall_time,
             "step_s": time.perf_counter() - t0, "generate_s": t_gen, "update_s": t_update,
             "ds_zero_var_groups": int((~signal).sum() // cfg.group_size), "ds_filled_rows": int(filled),
             "ds_rollouts_saved": float(saved), "rollouts_saved_total": float(self.rollouts_saved),
@@ -525,6 +532,19 @@ class ReMixTrainer:
             if "eval_success" in r:
                 return r["eval_success"]
         return float("nan")
+
+
+def adapt_learning_rate(lr: float, step_kl: float, target: float, lr_max: float, factor: float = 1.5,
+                        span: float = 30.0) -> float:
+    """The next learning rate from how far one gradient step moved the policy (the k3 KL after a
+    batch's first update): divided by `factor` above 2× `target`, multiplied below ½×, kept within
+    [lr_max / span, lr_max] (the adaptive PPO schedule of rl_games, with the configured rate as the
+    ceiling: it only takes the step down where the same rate moves a policy further)."""
+    if step_kl > 2.0 * target:
+        lr /= factor
+    elif step_kl < 0.5 * target:
+        lr *= factor
+    return float(min(max(lr, lr_max / span), lr_max))
 
 
 def _make_optimizer(optimizer: OptimizerArg, model, config: ReMixConfig) -> torch.optim.Optimizer:
