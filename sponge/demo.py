@@ -69,8 +69,9 @@ class DemoConfig:
     baseline: bool = True
     #: Supervised warm-start steps before RL (so rewards are not all zero).
     warm_start_steps: int = 50
-    #: Reincarnation step T of ReMix (replay off from here on).
-    reincarnate_at: int = 30
+    #: Reincarnation step T of ReMix (replay off from here on); None = ReMixConfig's default (once
+    #: half the rollout budget is spent).
+    reincarnate_at: int | None = None
 
 
 class Timeline:
@@ -308,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=d.k, help="replay subset size")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the GRPO baseline")
     parser.add_argument("--warm-start-steps", type=int, default=d.warm_start_steps, help="supervised warm start")
-    parser.add_argument("--reincarnate-at", type=int, default=d.reincarnate_at, help="ReMix reincarnation step T")
+    parser.add_argument("--reincarnate-at", type=int, default=d.reincarnate_at,
+                        help="ReMix reincarnation step T (default: once half the rollout budget is spent)")
 
 
 def run(args: argparse.Namespace) -> int:
