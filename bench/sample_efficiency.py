@@ -13,6 +13,8 @@ Methods (every one with ReMixConfig's defaults, only the named knobs changed; on
     remix_paper     ReMix with the paper's mix (p = 0.4, N = 2, m = 2; ReMixConfig's defaults before
                     this bench chose others), constant learning rate, FIFO window
     remix_window    ReMix with its defaults, replay = every signal group of the last N versions (FIFO)
+    remix_minibatch the window with 2 passes × 2 minibatches instead of 4 full-batch steps (MINIBATCH:
+                    the same number of gradient steps for about half the update compute)
     remix_curated   ReMix, replay = pool_capacity groups curated by the dynamic selector (learning
                     signal + diversity, staleness-decayed draw weight)
     remix_random    ReMix, replay = a random subset of pool_capacity groups of the same window
@@ -55,7 +57,10 @@ SETUPS = {
 #: The ReMix paper's mix, at a constant learning rate (ReMixConfig's defaults until they were measured).
 PAPER = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "step_kl_target": None}
 
-METHODS = ("grpo", "remix_paper", "remix_window", "remix_curated", "remix_random", "trl_grpo")
+#: Two passes of two minibatches: as many gradient steps as the defaults' four full-batch ones.
+MINIBATCH = {"updates_per_batch": 2, "minibatches": 2}
+
+METHODS = ("grpo", "remix_paper", "remix_window", "remix_minibatch", "remix_curated", "remix_random", "trl_grpo")
 
 
 def method_config(method: str, args, setup: str, seed: int, **overrides):
@@ -71,6 +76,8 @@ def method_config(method: str, args, setup: str, seed: int, **overrides):
         cfg = ReMixConfig.grpo(**common)
     elif method == "remix_paper":
         cfg = ReMixConfig(replay_pool="fifo", **PAPER, **common)
+    elif method == "remix_minibatch":
+        cfg = ReMixConfig(replay_pool="fifo", **MINIBATCH, **common)
     elif method == "remix_window":
         cfg = ReMixConfig(replay_pool="fifo", **common)
     elif method == "remix_curated":

@@ -293,3 +293,18 @@ def test_adaptive_learning_rate_steps_down_where_a_step_moves_the_policy_too_far
     assert all(r["step_kl"] > 0 for r in records) and rates == pytest.approx([1e-3 / 1.5 ** i for i in (1, 2, 3)]), rates
     with pytest.raises(ValueError, match="step_kl_target"):
         ReMixConfig(step_kl_target=0.0)
+
+
+def test_minibatches_take_a_step_each_over_a_partition_of_the_batch(warm_model):
+    task, tok, model = warm_model
+    cfg = ReMixConfig(**small(minibatches=2, updates_per_batch=2, target_kl=None, reincarnate_after=None))
+    trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg)
+    seen = []
+    original = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append(1), original(*a, **k))[1]
+    records = [trainer.step() for _ in range(3)]
+    assert [r["updates"] for r in records] == [4, 4, 4] and len(seen) == 12   # 2 passes × 2 minibatches
+    assert any(r["n_replay"] for r in records[1:])   # replayed rows (π_k scored before the first step) took part
+    assert all(np.isfinite(r["loss"]) and r["step_kl"] > 0 for r in records)
+    with pytest.raises(ValueError, match="minibatches"):
+        ReMixConfig(minibatches=0)

@@ -63,6 +63,10 @@ class ReMixConfig:
     #: m: gradient steps on each batch (update-to-data ratio; ReMix paper: 2, on-policy: 1); the
     #: steps after the first stop early once the policy leaves the trust region (target_kl).
     updates_per_batch: int = 4
+    #: Split each pass over a batch into this many minibatches, a gradient step each (PPO's
+    #: minibatches): m passes then take m × minibatches steps for about the compute of m
+    #: full-batch steps (plus one no-grad pass scoring π_k for replayed rows). 1 = full batch.
+    minibatches: int = 1
     #: ε: clip half-width of the policy ratio (below 1; and above unless clip_eps_high is set).
     clip_eps: float = 0.2
     #: Upper clip half-width ("clip-higher", DAPO); None = clip_eps.
@@ -216,6 +220,7 @@ class ReMixConfig:
             (0 <= self.replay_fraction < 1, "replay_fraction must be in [0, 1)"),
             (self.replay_window >= 1, "replay_window must be >= 1"),
             (self.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
+            (self.minibatches >= 1, "minibatches must be >= 1"),
             (self.group_size >= 2, "group_size must be >= 2 (GRPO needs a group)"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),

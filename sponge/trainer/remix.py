@@ -246,37 +246,54 @@ class ReMixTrainer:
                     logp_prev = self._score(self.prev, batch_prompts, batch_responses, width)
                 snapshot = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
 
-            # 4. up to m gradient steps on the same batch.
+            # 4. up to m passes over the same batch, each one gradient step on the whole batch or one per
+            # minibatch. A minibatch step after the first no longer runs at π_k, so with minibatches the
+            # rows that take π_k from a forward are scored first (no gradient).
+            if cfg.minibatches > 1 and is_weights is None:
+                with torch.no_grad(), self._autocast():
+                    scored = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
+                                               cfg.temperature)
+                logp_prox = torch.where(from_forward_t[:, None], _pad_to(scored.logprobs, width), logp_prox)
+                is_weights = corrections()
+            update_rows = [part for _ in range(m) for part in (
+                [np.arange(n_rows)] if cfg.minibatches == 1 else
+                np.array_split(self.rng.permutation(n_rows), cfg.minibatches)) if len(part)]
             self.policy.train()
             totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
             ratio_max, approx_kl, step_kl = 1.0, 0.0, None
-            for j in range(m):
+            for j, rows in enumerate(update_rows):
+                whole = len(rows) == n_rows   # the batch in its own order
                 with self._autocast():
-                    scores = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
-                                               cfg.temperature, with_entropy=True)
+                    scores = response_logprobs(
+                        self.policy, batch_prompts if whole else [batch_prompts[i] for i in rows],
+                        batch_responses if whole else [batch_responses[i] for i in rows], tok.pad_token_id,
+                        cfg.temperature, with_entropy=True)
                 logp, entropy = _pad_to(scores.logprobs, width), _pad_to(scores.entropy, width)
-                if is_weights is None:   # first update: this forward is π_k
+                if is_weights is None:   # first update over the whole batch: this forward is π_k
                     logp_prox = torch.where(from_forward_t[:, None], logp.detach(), logp_prox)
                     is_weights = corrections()
+                index = None if whole else torch.from_numpy(rows).to(dev)
+                rows_of = (lambda t: t) if whole else (lambda t: t[index])
+                prox, w, adv_j, mask_j, weights_j = map(rows_of, (logp_prox, is_weights, adv_t, mask, weights_t))
                 with torch.no_grad():
-                    approx_kl = float(aggregate(kl_k3(logp.detach(), logp_prox, mask), mask))
+                    approx_kl = float(aggregate(kl_k3(logp.detach(), prox, mask_j), mask_j))
                 if j == 1:
                     step_kl = approx_kl   # how far one gradient step moved the policy
                 if j > 0 and cfg.target_kl is not None and approx_kl > cfg.target_kl:
                     break   # the policy already left the trust region on this batch
                 if cfg.policy_loss == "decoupled":
-                    pg = decoupled_ppo_loss(logp, logp_prox, is_weights, adv_t, mask, cfg.clip_eps, cfg.eps_high)
+                    pg = decoupled_ppo_loss(logp, prox, w, adv_j, mask_j, cfg.clip_eps, cfg.eps_high)
                 else:
-                    pg = is_weights * mix_ppg_loss(logp, logp_behavior, logp_prox, adv_t, mask, cfg.clip_eps,
-                                                   cfg.eps_high)
+                    pg = w * mix_ppg_loss(logp, rows_of(logp_behavior), prox, adv_j, mask_j, cfg.clip_eps,
+                                          cfg.eps_high)
                 per_token = pg
                 if cfg.entropy_coef:
                     per_token = per_token - cfg.entropy_coef * entropy
                 kl = torch.zeros_like(pg)
                 if cfg.kl_coef > 0:
-                    kl = kl_convex(logp, logp_base, logp_prev, mask, lam)
+                    kl = kl_convex(logp, rows_of(logp_base), rows_of(logp_prev), mask_j, lam)
                     per_token = per_token + cfg.kl_coef * kl
-                loss = aggregate(per_token, mask, cfg.loss_aggregation, weights_t)
+                loss = aggregate(per_token, mask_j, cfg.loss_aggregation, weights_j)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm is not None:
@@ -284,13 +301,13 @@ class ReMixTrainer:
                 self.optimizer.step()
                 updates_done += 1
                 with torch.no_grad():
-                    on = mask.bool()
-                    ratio = torch.exp(logp - logp_prox)[on]
+                    on = mask_j.bool()
+                    ratio = torch.exp(logp - prox)[on]
                     clip = ((ratio < 1 - cfg.clip_eps) | (ratio > 1 + cfg.eps_high)).float().mean()
                     # One copy to the host for all of the update's statistics, not one per figure.
                     (loss_v, pg_v, kl_v, ent_v, rmean_v, clip_v, rmax_v) = torch.stack([
-                        loss.detach(), aggregate(pg, mask, cfg.loss_aggregation, weights_t), aggregate(kl, mask),
-                        aggregate(entropy, mask), ratio.mean(), clip, ratio.max()]).tolist()
+                        loss.detach(), aggregate(pg, mask_j, cfg.loss_aggregation, weights_j),
+                        aggregate(kl, mask_j), aggregate(entropy, mask_j), ratio.mean(), clip, ratio.max()]).tolist()
                     totals["loss"] += loss_v
                     totals["pg_loss"] += pg_v
                     totals["kl"] += kl_v
