@@ -53,8 +53,8 @@ def test_two_trainers_one_after_the_other_against_a_default_service_over_other_d
             source = ServiceReplaySource(url, broker, topic, window=config.replay_window, wait_s=60)
             trainer = ReMixTrainer(model, tokenizer, task, config, replay_source=source)
             histories.append(trainer.train())
+            source.close()   # delivers the last version report, which goes out on the source's own thread
             run = client.run(trainer.run_id)
-            source.close()
             # Nothing of this run refused, replay drawn once the window had data, the service agrees on
             # the version, and no draw ended before the trainer's own rollouts were in.
             assert run["refused"].get("retired", 0) == 0, run
