@@ -19,11 +19,12 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
   the ratio untruncated; "mix_ppg" keeps that form).
 - replay_fraction 0.5, replay_window 4, updates_per_batch 4 (the paper: 0.4, 2, 2) with
   step_kl_target 0.001: per generated rollout 8× on-policy GRPO's gradient steps (the paper's mix
-  3.2×). More reuse pays where learning is bound by steps (`reverse`: ~5× fewer rollouts than GRPO,
-  the paper's mix ~2.3×) and hurts where it is bound by noise (`reverse_mixed`, where even GRPO does
-  better at a third of the learning rate): there the adaptive rate takes the step down until one
-  gradient step moves the policy by ~0.001 (k3 KL), which brought the mix from well below GRPO to level
-  with it (4 seeds); on `reverse` the steps stay below that and the rate stays put.
+  3.2×). More reuse pays where learning is bound by steps (`reverse`: 4.6× fewer rollouts than GRPO
+  to its level, the paper's mix 2.3×) and hurts where it is bound by noise (`reverse_mixed`, where
+  even GRPO does better at a third of the learning rate): at 3e-4 one step moved the tiny Llama there
+  ~12× further than the GPT-2 on `reverse` (median step KL 0.0072 vs 0.0006), and at a constant rate
+  the mix ended well below GRPO; the adaptive rate takes the step down there and leaves `reverse`
+  alone (bench/results/sample_efficiency.md and its raw runs).
 - reincarnation at half the rollout budget (`reincarnate_after=0.5`) rather than at a fixed version
   30: a fixed T switched replay off after the first 2% of a 64k-rollout run.
 """
@@ -165,7 +166,8 @@ class ReMixConfig:
     target_kl: float | None = 0.05
     #: Adapt the learning rate so that one gradient step moves the policy by about this much (mean
     #: k3 KL(π_k ‖ π_θ) after a batch's first update; needs m ≥ 2): above twice it the rate is
-    #: divided by 1.5, below half multiplied by 1.5, never above learning_rate. None = constant.
+    #: divided by 1.5, below half multiplied by 1.5, never above the rate the optimiser started with
+    #: (halved by each collapse rollback). None = constant.
     step_kl_target: float | None = 0.001
     #: "token_mean" or "seq_mean" loss aggregation.
     loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"

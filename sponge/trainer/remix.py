@@ -319,9 +319,9 @@ class ReMixTrainer:
             stats.update({k: v / max(updates_done, 1) for k, v in totals.items()})
             stats.update({"ratio_max": ratio_max, "approx_kl": approx_kl, "step_kl": step_kl})
             if cfg.step_kl_target is not None and step_kl is not None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = adapt_learning_rate(group["lr"], step_kl, cfg.step_kl_target,
-                                                      cfg.learning_rate)
+                for group in self.optimizer.param_groups:   # each group's own rate is its ceiling
+                    ceiling = group.setdefault("lr_ceiling", group["lr"])
+                    group["lr"] = adapt_learning_rate(group["lr"], step_kl, cfg.step_kl_target, ceiling)
             if cfg.kl_coef > 0:
                 self.prev.load_state_dict(snapshot)
         t_update = time.perf_counter() - t_update
@@ -448,6 +448,8 @@ class ReMixTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:
                 group["lr"] *= 0.5
+                if "lr_ceiling" in group:   # the adaptive rate must not climb back over the halving
+                    group["lr_ceiling"] *= 0.5
             self._healthy.clear()
             self.guard.reset_reward()
             event["learning_rate"] = self.optimizer.param_groups[0]["lr"]
