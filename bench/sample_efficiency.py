@@ -13,8 +13,9 @@ Methods (every one with ReMixConfig's defaults, only the named knobs changed; on
     remix_paper     ReMix with the paper's mix (p = 0.4, N = 2, m = 2; ReMixConfig's defaults before
                     this bench chose others), constant learning rate, FIFO window
     remix_window    ReMix with its defaults, replay = every signal group of the last N versions (FIFO)
-    remix_minibatch the window with 2 passes × 2 minibatches instead of 4 full-batch steps (MINIBATCH:
-                    the same number of gradient steps for about half the update compute)
+    remix_fullbatch the window with 4 full-batch steps per batch instead of the defaults' 2 passes ×
+                    2 minibatches (FULLBATCH, the defaults before minibatches: the same number of
+                    gradient steps for about twice the update compute)
     remix_curated   ReMix, replay = pool_capacity groups curated by the dynamic selector (learning
                     signal + diversity, staleness-decayed draw weight)
     remix_random    ReMix, replay = a random subset of pool_capacity groups of the same window
@@ -55,12 +56,13 @@ SETUPS = {
 }
 
 #: The ReMix paper's mix, at a constant learning rate (ReMixConfig's defaults until they were measured).
-PAPER = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "step_kl_target": None}
+PAPER = {"replay_fraction": 0.4, "replay_window": 2, "updates_per_batch": 2, "minibatches": 1,
+         "step_kl_target": None}
 
-#: Two passes of two minibatches: as many gradient steps as the defaults' four full-batch ones.
-MINIBATCH = {"updates_per_batch": 2, "minibatches": 2}
+#: Four full-batch steps per batch: as many gradient steps as the defaults' two passes of two minibatches.
+FULLBATCH = {"updates_per_batch": 4, "minibatches": 1}
 
-METHODS = ("grpo", "remix_paper", "remix_window", "remix_minibatch", "remix_curated", "remix_random", "trl_grpo")
+METHODS = ("grpo", "remix_paper", "remix_window", "remix_fullbatch", "remix_curated", "remix_random", "trl_grpo")
 
 
 def method_config(method: str, args, setup: str, seed: int, **overrides):
@@ -76,8 +78,8 @@ def method_config(method: str, args, setup: str, seed: int, **overrides):
         cfg = ReMixConfig.grpo(**common)
     elif method == "remix_paper":
         cfg = ReMixConfig(replay_pool="fifo", **PAPER, **common)
-    elif method == "remix_minibatch":
-        cfg = ReMixConfig(replay_pool="fifo", **MINIBATCH, **common)
+    elif method == "remix_fullbatch":
+        cfg = ReMixConfig(replay_pool="fifo", **FULLBATCH, **common)
     elif method == "remix_window":
         cfg = ReMixConfig(replay_pool="fifo", **common)
     elif method == "remix_curated":
@@ -367,18 +369,22 @@ def plot_curves(results: list[dict], setups: list[str], budget: int, path: Path)
 
 #: Ablations on reverse_mixed: which of ReMix's parts cost it against GRPO there (label → overrides
 #: of the remix_window method; "grpo_*" of the grpo method: "grpo_ds" is GRPO with dynamic
-#: sampling's drop of no-signal groups, "grpo_lr1e-4" GRPO at a third of the learning rate).
+#: sampling's drop of no-signal groups, "grpo_lr1e-4" / "grpo_lr5e-5" GRPO at a third / a sixth of the
+#: learning rate, about where ReMix's adaptive rate settles there).
 WHY = {"why_no_ds": {"dynamic_sampling": False}, "why_m1": {"updates_per_batch": 1},
        "why_p0.2": {"replay_fraction": 0.2}, "why_const_lr": {"step_kl_target": None},
-       "grpo_ds": {"dynamic_sampling": True}, "grpo_lr1e-4": {"learning_rate": 1e-4}}
+       "grpo_ds": {"dynamic_sampling": True}, "grpo_lr1e-4": {"learning_rate": 1e-4},
+       "grpo_lr5e-5": {"learning_rate": 5e-5}}
 
 
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
     groups = set(args.ablation_groups.split(","))
     jobs = []
     for seed in seeds:
-        if "why" in groups:
+        if "why" in groups or "lr" in groups:   # "lr": only GRPO at the lower rates
             for label, ov in WHY.items():
+                if "why" not in groups and not label.startswith("grpo_lr"):
+                    continue
                 method = "grpo" if label.startswith("grpo") else "remix_window"
                 jobs.append({"setup": "reverse_mixed", "method": method, "seed": seed, "label": label, "overrides": ov})
         if "whip" not in groups:
@@ -427,9 +433,9 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
         lines += ["", "**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to the main runs)", "",
                   "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
                   "|---|---|---|---|"]
-        for label in ("grpo", *[w for w in WHY if w.startswith("grpo")], "remix_paper", "remix_window",
-                      *[w for w in WHY if not w.startswith("grpo")]):
-            seeds = {r["seed"] for r in runs(next(iter(WHY)))} or {0}
+        seeds = {r["seed"] for w in WHY for r in runs(w)}
+        for label in ("grpo", *[w for w in WHY if w.startswith("grpo")], "trl_grpo", "remix_paper", "remix_window",
+                      "remix_curated", *[w for w in WHY if not w.startswith("grpo")]):
             rs = [r for r in runs(label) if r["setup"] == "reverse_mixed" and r["seed"] in seeds]
             if not rs:
                 continue
@@ -465,6 +471,16 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
         su = np.mean([success_at(r["history"], budget) for r in rs])
         caps.append((cap, ess, clipped))
         lines.append(f"| {cap} | {ess_raw:.4f} → {ess:.4f} | {clipped:.4f} | {su:.3f} |")
+    # A section whose ablation group did not run is left out (its table would be a header alone).
+    kept: list[str] = []
+    for block in "\n".join(lines).split("\n\n"):
+        if block.rstrip().endswith("|---|"):   # a table with no rows: drop it and its title
+            kept = kept[:-1] if kept and kept[-1].startswith("**") else kept
+        else:
+            kept.append(block)
+    lines = ["\n\n".join(kept)]
+    if not whip and not caps:
+        return lines[0]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     if whip:
         p, tr, ev = np.array(whip).T
@@ -506,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-seeds", type=int, default=2)
     p.add_argument("--ablation-groups", default="whip,reinc,cap,why",
                    help="of whip (response length against p), reinc (reincarnation), cap (correction cap), "
-                        "why (ReMix's parts against GRPO on reverse_mixed)")
+                        "why (ReMix's parts against GRPO on reverse_mixed), lr (only GRPO at lower learning "
+                        "rates, on reverse_mixed: for a long run beside --methods grpo,remix_curated,trl_grpo)")
     p.add_argument("--skip-main", action="store_true", help="run only the ablations")
     p.add_argument("--ablation-budget", type=int, default=None, help="rollouts per ablation run (default: --budget)")
     p.add_argument("--trl-setups", default="reverse_mixed",

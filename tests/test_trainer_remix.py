@@ -108,7 +108,7 @@ def test_hook_rollouts_are_valid_records_and_replay_is_stale_by_at_most_n(warm_m
         assert set(table.column("policy_version").to_pylist()) == {i}
     hist = {}
     for r in records[1:]:
-        for staleness, count in r["replay_staleness_hist"].items():
+        for staleness, count in r.get("replay_staleness_hist", {}).items():   # a step may find no signal group
             hist[staleness] = hist.get(staleness, 0) + count
     assert set(hist) <= {1, 2} and 2 in hist
 

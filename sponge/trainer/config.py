@@ -17,14 +17,16 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
 - policy_loss "decoupled" with correction "tis" (token-level truncated IS, cap 2): the behaviour →
   proximal weight π_k/π_b is truncated instead of entering the ratio raw (ReMix's Mix-PPG puts it in
   the ratio untruncated; "mix_ppg" keeps that form).
-- replay_fraction 0.5, replay_window 4, updates_per_batch 4 (the paper: 0.4, 2, 2) with
-  step_kl_target 0.001: per generated rollout 8× on-policy GRPO's gradient steps (the paper's mix
-  3.2×). More reuse pays where learning is bound by steps (`reverse`: 4.6× fewer rollouts than GRPO
-  to its level, the paper's mix 2.3×) and hurts where it is bound by noise (`reverse_mixed`, where
-  even GRPO does better at a third of the learning rate): at 3e-4 one step moved the tiny Llama there
-  ~12× further than the GPT-2 on `reverse` (median step KL 0.0072 vs 0.0006), and at a constant rate
-  the mix ended well below GRPO; the adaptive rate takes the step down there and leaves `reverse`
-  alone (bench/results/sample_efficiency.md and its raw runs).
+- replay_fraction 0.5, replay_window 4, 2 passes × 2 minibatches (updates_per_batch 2, minibatches 2;
+  the paper: 0.4, 2, 2 full-batch passes) with step_kl_target 0.001: per generated rollout 8× on-policy
+  GRPO's gradient steps (the paper's mix 3.2×). More reuse pays where learning is bound by steps
+  (`reverse`: 5.1× fewer rollouts than GRPO to its level, the paper's mix 2.3×) and hurts where it is
+  bound by noise (`reverse_mixed`, where even GRPO does better at a third of the learning rate): at
+  3e-4 one step moved the tiny Llama there ~4.6× further than the GPT-2 on `reverse` (the paper's mix
+  at a constant rate: median step KL 0.0063 vs 0.0014), and at a constant rate the mix ended well below GRPO; the adaptive rate takes the
+  step down there and leaves `reverse` alone. Minibatches take the same gradient steps as four
+  full-batch passes for 0.59–0.65× their compute per rollout, and did as well (bench/results/
+  sample_efficiency.md and its raw runs).
 - reincarnation at half the rollout budget (`reincarnate_after=0.5`) rather than at a fixed version
   30: a fixed T switched replay off after the first 2% of a 64k-rollout run.
 """
@@ -61,13 +63,13 @@ class ReMixConfig:
     replay_fraction: float = 0.5
     #: N: replay only rollouts from the last N policy versions (ReMix paper: 2).
     replay_window: int = 4
-    #: m: gradient steps on each batch (update-to-data ratio; ReMix paper: 2, on-policy: 1); the
-    #: steps after the first stop early once the policy leaves the trust region (target_kl).
-    updates_per_batch: int = 4
+    #: m: passes over each batch (update-to-data ratio; ReMix paper: 2, on-policy: 1); the
+    #: passes after the first stop early once the policy leaves the trust region (target_kl).
+    updates_per_batch: int = 2
     #: Split each pass over a batch into this many minibatches, a gradient step each (PPO's
     #: minibatches): m passes then take m × minibatches steps for about the compute of m
     #: full-batch steps (plus one no-grad pass scoring π_k for replayed rows). 1 = full batch.
-    minibatches: int = 1
+    minibatches: int = 2
     #: ε: clip half-width of the policy ratio (below 1; and above unless clip_eps_high is set).
     clip_eps: float = 0.2
     #: Upper clip half-width ("clip-higher", DAPO); None = clip_eps.
@@ -147,7 +149,8 @@ class ReMixConfig:
     #: Reincarnate once this fraction of rollout_budget has been generated (None = never, unless
     #: reincarnate_at is set). Scales with the run instead of a fixed step.
     reincarnate_after: float | None = 0.5
-    #: Gradient steps per batch after reincarnation (plain on-policy GRPO: 1).
+    #: Full-batch gradient steps per batch after reincarnation (plain on-policy GRPO: 1; minibatches
+    #: no longer apply).
     updates_after_reincarnation: int = 1
     #: Restart λ's clock at reincarnation (choice; the paper leaves it open).
     restart_lambda_clock: bool = True
@@ -257,7 +260,7 @@ class ReMixConfig:
     def grpo(cls, **overrides) -> ReMixConfig:
         """On-policy GRPO as TRL runs it: no replay, one update per batch, no KL term, no
         reincarnation, no dynamic sampling (zero-variance groups stay in the batch)."""
-        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "reincarnate_at": None, "step_kl_target": None,
+        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "minibatches": 1, "reincarnate_at": None, "step_kl_target": None,
                 "reincarnate_after": None, "kl_coef": 0.0, "dynamic_sampling": False, "run_name": "grpo"}
         base.update(overrides)
         return cls(**base)

@@ -201,7 +201,9 @@ class ReMixTrainer:
                  "ratio_max": 1.0, "clip_frac": 0.0, "approx_kl": 0.0}
         lam = kl_convex_lambda(version - self.lambda_clock_start, cfg.lambda_hold, cfg.lambda_every,
                                cfg.lambda_decrement, cfg.lambda_floor)
-        m = cfg.updates_per_batch if self.reincarnated_at is None else cfg.updates_after_reincarnation
+        # After reincarnation the update is plain on-policy GRPO: m' full-batch steps.
+        m, minibatches = ((cfg.updates_per_batch, cfg.minibatches) if self.reincarnated_at is None
+                          else (cfg.updates_after_reincarnation, 1))
         updates_done = 0
         t_update = time.perf_counter()
         if n_rows:
@@ -249,15 +251,15 @@ class ReMixTrainer:
             # 4. up to m passes over the same batch, each one gradient step on the whole batch or one per
             # minibatch. A minibatch step after the first no longer runs at π_k, so with minibatches the
             # rows that take π_k from a forward are scored first (no gradient).
-            if cfg.minibatches > 1 and is_weights is None:
+            if minibatches > 1 and is_weights is None:
                 with torch.no_grad(), self._autocast():
                     scored = response_logprobs(self.policy, batch_prompts, batch_responses, tok.pad_token_id,
                                                cfg.temperature)
                 logp_prox = torch.where(from_forward_t[:, None], _pad_to(scored.logprobs, width), logp_prox)
                 is_weights = corrections()
             update_rows = [part for _ in range(m) for part in (
-                [np.arange(n_rows)] if cfg.minibatches == 1 else
-                np.array_split(self.rng.permutation(n_rows), cfg.minibatches)) if len(part)]
+                [np.arange(n_rows)] if minibatches == 1 else
+                np.array_split(self.rng.permutation(n_rows), minibatches)) if len(part)]
             self.policy.train()
             totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
             ratio_max, approx_kl, step_kl = 1.0, 0.0, None
