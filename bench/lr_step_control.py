@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -33,27 +32,10 @@ def run_seed(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from sponge.trainer import (
-        CharTokenizer,
-        ReMixTrainer,
-        build_tiny_model,
-        make_task,
-        warm_start,
-    )
-    from sponge.trainer.models import TinyModelConfig
+    from sponge.trainer import ReMixTrainer
 
     setup, seed = job["setup"], job["seed"]
-    task_name, arch, ws, _, _ = se.SETUPS[setup]
-    task = make_task(task_name)
-    tok = CharTokenizer(task.alphabet)
-    model = build_tiny_model(tok, TinyModelConfig(arch=arch), seed=seed)
-    cache = Path(job["cache"]) / f"{setup}-{arch}-ws{ws}-s{seed}.pt"   # the bench's shared warm start
-    if cache.exists():
-        model.load_state_dict(torch.load(cache))
-    else:
-        warm_start(model, tok, task, steps=ws, seed=seed)
-        torch.save(model.state_dict(), str(cache) + f".{os.getpid()}")
-        os.replace(str(cache) + f".{os.getpid()}", cache)
+    task, tok, model = se.warm_started(setup, seed, job["cache"])   # the bench's shared warm start
     args = argparse.Namespace(budget=job["budget"], eval_every=job["eval_every"], eval_size=job["eval_size"],
                               lr=None, curated_window=None)
     cfg = se.method_config("grpo", args, setup, seed)

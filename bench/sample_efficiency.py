@@ -98,33 +98,37 @@ KEEP = ("rollouts", "wall_time", "step_s", "eval_success", "eval_response_len", 
         "updates", "n_fresh", "replay_on", "approx_kl", "step_kl", "clip_frac", "entropy", "learning_rate")
 
 
+def warm_started(setup: str, seed: int, cache_dir: str | Path):
+    """(task, tokenizer, model) of a setup and seed, the model from its supervised warm start. The warm
+    start is the same for every method of a (setup, seed): computed once, shared on disk in `cache_dir`."""
+    import torch
+
+    from sponge.trainer import CharTokenizer, build_tiny_model, make_task, warm_start
+    from sponge.trainer.models import TinyModelConfig
+
+    task_name, arch, ws, _, _ = SETUPS[setup]
+    task = make_task(task_name)
+    tok = CharTokenizer(task.alphabet)
+    model = build_tiny_model(tok, TinyModelConfig(arch=arch), seed=seed)
+    cache = Path(cache_dir) / f"{setup}-{arch}-ws{ws}-s{seed}.pt"
+    if cache.exists():
+        model.load_state_dict(torch.load(cache))
+    else:
+        warm_start(model, tok, task, steps=ws, seed=seed)
+        torch.save(model.state_dict(), str(cache) + f".{os.getpid()}")
+        os.replace(str(cache) + f".{os.getpid()}", cache)
+    return task, tok, model
+
+
 def run_one(job: dict) -> dict:
     """One (setup, method, seed[, overrides]) run in a worker process; returns a compact history."""
     import torch
 
     torch.set_num_threads(job["threads"])
-    from sponge.trainer import (
-        CharTokenizer,
-        ReMixTrainer,
-        build_tiny_model,
-        make_task,
-        warm_start,
-    )
-    from sponge.trainer.models import TinyModelConfig
+    from sponge.trainer import ReMixTrainer
 
     args = argparse.Namespace(**job["args"])
-    task_name, arch, ws, _, _ = SETUPS[job["setup"]]
-    task = make_task(task_name)
-    tok = CharTokenizer(task.alphabet)
-    model = build_tiny_model(tok, TinyModelConfig(arch=arch), seed=job["seed"])
-    # The warm start is the same for every method of a (setup, seed): computed once, shared on disk.
-    cache = Path(job["cache"]) / f"{job['setup']}-{arch}-ws{ws}-s{job['seed']}.pt"
-    if cache.exists():
-        model.load_state_dict(torch.load(cache))
-    else:
-        warm_start(model, tok, task, steps=ws, seed=job["seed"])
-        torch.save(model.state_dict(), str(cache) + f".{os.getpid()}")
-        os.replace(str(cache) + f".{os.getpid()}", cache)
+    task, tok, model = warm_started(job["setup"], job["seed"], job["cache"])
     cfg = method_config(job["method"], args, job["setup"], job["seed"], **job.get("overrides", {}))
     eval_prompts = task.eval_set(cfg.eval_size)[0]
     t0 = time.perf_counter()
