@@ -99,7 +99,8 @@ def test_reincarnation_resets_reference_and_turns_replay_off(warm_model):
 def test_hook_rollouts_are_valid_records_and_replay_is_stale_by_at_most_n(warm_model):
     task, tok, model = warm_model
     tables = []
-    cfg = ReMixConfig(**small(replay_window=2, reincarnate_after=None))
+    # 8 prompts a step: with fewer, a step of the two-minibatch defaults can find no signal group to draw
+    cfg = ReMixConfig(**small(prompts_per_step=8, replay_window=2, reincarnate_after=None))
     trainer = ReMixTrainer(copy.deepcopy(model), tok, task, cfg, on_rollouts=tables.append)
     records = [trainer.step() for _ in range(5)]
     for i, table in enumerate(tables):
@@ -108,7 +109,7 @@ def test_hook_rollouts_are_valid_records_and_replay_is_stale_by_at_most_n(warm_m
         assert set(table.column("policy_version").to_pylist()) == {i}
     hist = {}
     for r in records[1:]:
-        for staleness, count in r.get("replay_staleness_hist", {}).items():   # a step may find no signal group
+        for staleness, count in r["replay_staleness_hist"].items():
             hist[staleness] = hist.get(staleness, 0) + count
     assert set(hist) <= {1, 2} and 2 in hist
 

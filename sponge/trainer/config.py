@@ -21,10 +21,10 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
   the paper: 0.4, 2, 2 full-batch passes) with step_kl_target 0.001: per generated rollout 8× on-policy
   GRPO's gradient steps (the paper's mix 3.2×). More reuse pays where learning is bound by steps
   (`reverse`: 5.1× fewer rollouts than GRPO to its level, the paper's mix 2.3×) and hurts where it is
-  bound by noise (`reverse_mixed`, where even GRPO does better at a third of the learning rate): at
-  3e-4 one step moved the tiny Llama there ~4.6× further than the GPT-2 on `reverse` (the paper's mix
-  at a constant rate: median step KL 0.0063 vs 0.0014), and at a constant rate the mix ended well below GRPO; the adaptive rate takes the
-  step down there and leaves `reverse` alone. Minibatches take the same gradient steps as four
+  bound by noise (`reverse_mixed`, where even GRPO does about as well at a third of the learning
+  rate): at 3e-4 one step moved the tiny Llama there ~4.6× further than the GPT-2 on `reverse` (the
+  paper's mix at a constant rate: median step KL 0.0063 vs 0.0014), and at a constant rate the mix
+  ended well below GRPO; the adaptive rate takes the step down there and leaves `reverse` alone. Minibatches take the same gradient steps as four
   full-batch passes for 0.59–0.65× their compute per rollout, and did as well (bench/results/
   sample_efficiency.md and its raw runs).
 - reincarnation at half the rollout budget (`reincarnate_after=0.5`) rather than at a fixed version
@@ -260,8 +260,8 @@ class ReMixConfig:
     def grpo(cls, **overrides) -> ReMixConfig:
         """On-policy GRPO as TRL runs it: no replay, one update per batch, no KL term, no
         reincarnation, no dynamic sampling (zero-variance groups stay in the batch)."""
-        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "minibatches": 1, "reincarnate_at": None, "step_kl_target": None,
-                "reincarnate_after": None, "kl_coef": 0.0, "dynamic_sampling": False, "run_name": "grpo"}
+        base = {"replay_fraction": 0.0, "updates_per_batch": 1, "minibatches": 1, "reincarnate_at": None,
+                "step_kl_target": None, "reincarnate_after": None, "kl_coef": 0.0, "dynamic_sampling": False, "run_name": "grpo"}
         base.update(overrides)
         return cls(**base)
 

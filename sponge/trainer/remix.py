@@ -275,7 +275,7 @@ class ReMixTrainer:
                     logp_prox = torch.where(from_forward_t[:, None], logp.detach(), logp_prox)
                     is_weights = corrections()
                 index = None if whole else torch.from_numpy(rows).to(dev)
-                rows_of = (lambda t: t) if whole else (lambda t: t[index])
+                rows_of = (lambda t: t) if whole else (lambda t, i=index: t[i])
                 prox, w, adv_j, mask_j, weights_j = map(rows_of, (logp_prox, is_weights, adv_t, mask, weights_t))
                 with torch.no_grad():
                     approx_kl = float(aggregate(kl_k3(logp.detach(), prox, mask_j), mask_j))
