@@ -143,6 +143,47 @@ def test_rebuild_from_store_reaches_the_same_value(store):
                                cur._run(RUN).selection.selector.objective.references, atol=1e-6)
 
 
+def live_in_selector(cur: Curator, run: str = RUN) -> set[str]:
+    ids = cur._run(run).selection.ids
+    return set(ids.strings(ids.live_below(np.iinfo(np.int64).max)).to_pylist())
+
+
+def test_a_run_first_seen_after_the_rebuild_starts_from_the_rows_handed_to_it(tmp_path, monkeypatch):
+    # A run new since the curator's rebuild (all its stored rows come through `add`) starts its
+    # selector from the rows it was handed, never scanning the store; a run the store held at the
+    # rebuild reads it. Both end with the same live set, through a removal and a retention before
+    # the reference set is full (f changes then, and the selector starts again over everything live).
+    cfg = CurationConfig(k=8, n_references=100, min_references=16, retention_window=1)
+    cfg30 = SyntheticConfig(response_tokens=30)
+    batches = [synthetic_rollouts(30, seed=s, config=dataclasses.replace(cfg30, policy_version=v),
+                                  id_prefix=f"b{s}-v{v}") for s, v in enumerate((0, 0, 0, 1, 2, 3))]
+    curators = {}
+    for path in ("fresh", "from_store"):
+        store = RolloutStore(tmp_path / path)
+        cur = Curator(store, cfg)
+        if path == "fresh":
+            cur.rebuild()   # an empty store: the run is new to it
+        scans = []
+        monkeypatch.setattr(store, "scan", lambda *a, _scan=store.scan, _log=scans, **k: (_log.append(1), _scan(*a, **k))[1])
+        first = 0
+        for i, table in enumerate(batches):
+            write(store, cur, table, first)
+            first += table.num_rows
+            if i == 1:   # the selector has started (30 + 30 rows), the references are not full yet
+                gone = table.column("rollout_id").to_pylist()[:5]
+                assert cur.remove(gone).removed == 5
+            if i == 3:
+                cur.report_version(RUN, 2)   # keep versions >= 1: the three batches of version 0 leave
+        curators[path] = (cur, store, len(scans))
+    for path, (cur, store, scans) in curators.items():
+        stored = set(store.sql(f"SELECT rollout_id FROM rollouts WHERE run_id = '{RUN}'", max_rows=10_000)
+                     .column(0).to_pylist())
+        assert live_in_selector(cur) == stored, path
+        assert cur.describe_run(RUN)["references"] == 100
+    assert curators["fresh"][2] == 0 and curators["from_store"][2] > 0
+    assert curators["fresh"][0].describe()["n_live"] == curators["from_store"][0].describe()["n_live"] == 90
+
+
 def test_empty_subset_sampling_is_a_clear_error(store):
     cur = Curator(store, CurationConfig(k=4, n_references=64))
     cur.register_run("fresh")

@@ -167,6 +167,9 @@ class Curator:
         self.partitions: set[int] | None = None   # shard mode: the partitions this process owns
         self.uncurated: Counter = Counter()        # rows of runs beyond the cap, per run
         self.rebuild_seconds: float | None = None
+        #: runs with rows in the store at the last rebuild (None: no rebuild yet); a run outside it,
+        #: unsharded and never refused for the cap, is fresh: all its stored rows come through `add`
+        self._stored_runs: set[str] | None = None
         self._snapshot_seq = 0
         self._snapshot_versions: dict[str, int] = {}
         self._last_snapshot = 0.0
@@ -220,18 +223,20 @@ class Curator:
         raise RunError(f"this service has {len(live)} runs ({', '.join(live[:8])}{', ...' if len(live) > 8 else ''}): "
                        "say which with ?run=<run_id>")
 
-    def _ensure(self, run_id: str) -> _Run:
+    def _ensure(self, run_id: str, progress: bool = False) -> _Run:
         """The live state of a registered run, created (and rebuilt from the store) on first use."""
         run = self._runs.get(run_id)
         if run is None:
             record = self.registry.get(run_id)
             if record is None or record.deleted:
                 raise RunError(f"no live run {run_id!r}", status=404)
+            fresh = (self._stored_runs is not None and run_id not in self._stored_runs
+                     and self.config.shard is None and not self.uncurated[f"{run_id}:run_cap"])
             selection = RunSelection(run_id, self.store, self.config, self._host, self.partitions,
-                                     self.config.shard)
+                                     self.config.shard, fresh=fresh)
             run = _Run(record, selection, recent=RecentRows(0 if self.config.shard else self.config.recent_rows))
             self._runs[run_id] = run   # from here on `remember` holds the run's new rows ...
-            selection.rebuild()
+            selection.rebuild(progress=progress)
             counts = self.store.version_counts(run_id)   # ... so this read misses none of them
             run.recent.start(max(counts, default=None))
             with self._arrivals:   # what is already stored has arrived (after a restart, say)
@@ -260,11 +265,14 @@ class Curator:
                 run.selection.close()
             self._runs = {}
             self._closed = False
+            self._stored_runs = None   # while rebuilding, every run reads the store
+            stored = set(self.store.run_ids())
             for run_id in sorted(self.registry.live()):
-                self._ensure(run_id).selection.rebuild(progress=progress)
-            for run_id in self.store.run_ids():   # stored rows of runs never registered (older stores)
+                self._ensure(run_id, progress=progress)
+            for run_id in sorted(stored):   # stored rows of runs never registered (older stores)
                 if self.registry.get(run_id) is None:
                     self._auto_register(run_id)
+            self._stored_runs = stored
         self.rebuild_seconds = time.perf_counter() - t0
         return self.rebuild_seconds
 

@@ -17,6 +17,7 @@ not a local file, so hosts that share nothing but the store merge the same subse
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +44,7 @@ class RunSelection:
 
     def __init__(self, run_id: str, store: RolloutStore, config: CurationConfig,
                  host: SelectorHost | None, partitions: set[int] | None = None,
-                 shard: str | None = None) -> None:
+                 shard: str | None = None, fresh: bool = False) -> None:
         self.run_id, self.store, self.config, self.host = run_id, store, config, host
         self.partitions, self.shard = partitions, shard
         self.key = f"selector/{run_id}"   # its shared objects: <key>/objective, <key>/shards/<shard>
@@ -55,6 +56,11 @@ class RunSelection:
         self._dirty = False
         self._merged: tuple | None = None
         self.evicted_total = 0
+        #: `fresh` (the curator says so): every stored row of the run is also handed to `add` (a run
+        #: first seen after the curator's rebuild, unsharded). The selector then starts from the rows
+        #: handed to it, held here until the reference set is full, instead of re-reading the store:
+        #: on a new run that read was most of a first batch's cost (a scan of everything stored so far).
+        self._held: list[pa.Table] | None = [] if fresh else None
 
     # -- building -----------------------------------------------------------------------------------
     def rebuild(self, progress: bool = False) -> None:
@@ -62,9 +68,10 @@ class RunSelection:
         self.references = []
         saved = self.store.get_shared(f"{self.key}/objective")
         if saved is not None:
+            self._held = None   # the run had a selector before: its rows may not all come through `add`
             self.references = list(selector_from_bytes(saved).objective.references)
         else:
-            for batch in self.store.scan(columns=["embedding"], run=self.run_id):
+            for batch in ([] if self._held is not None else self.store.scan(columns=["embedding"], run=self.run_id)):
                 self._collect_references(pa.Table.from_batches([batch]))
                 if len(self.references) >= self.config.n_references:
                     break
@@ -102,17 +109,27 @@ class RunSelection:
             from tqdm import tqdm
 
             bar = tqdm(desc=f"rebuilding selector of run {self.run_id}", unit="rollout")
-        columns = ["rollout_id", "prompt_id", "reward", "policy_version", "partition", "embedding"]
-        for batch in self.store.scan(columns=columns, run=self.run_id):
-            rows = pa.Table.from_batches([batch])
+        for rows in self._live_rows():
             if self.partitions is not None:
                 rows = rows.filter(pc.is_in(rows.column("partition"), pa.array(sorted(self.partitions), pa.int32())))
             self._insert(rows)
             if bar is not None:
-                bar.update(batch.num_rows)
+                bar.update(rows.num_rows)
         if bar is not None:
             bar.close()
+        if self._held is not None and len(self.references) >= self.config.n_references:
+            self._held = None   # f is final: no further start needs them
         self.changed()
+
+    def _live_rows(self) -> Iterator[pa.Table]:
+        """The run's live rollouts, for a start: the rows held (fresh run) or a scan of the store."""
+        if self._held is not None:
+            if self._held:
+                yield pa.concat_tables(self._held, promote_options="default")
+            return
+        columns = ["rollout_id", "prompt_id", "reward", "policy_version", "partition", "embedding"]
+        for batch in self.store.scan(columns=columns, run=self.run_id):
+            yield pa.Table.from_batches([batch])
 
     def _fix_objective(self, objective: Objective, params: dict) -> Objective:
         """Save f's parameters as a shared object of the store. In shard mode the first shard to get
@@ -137,13 +154,16 @@ class RunSelection:
         rows = rows.filter(pc.is_valid(rows.column("embedding"))) if rows.column("embedding").null_count else rows
         if rows.num_rows == 0:
             return
+        if self._held is not None:
+            self._held.append(rows)
         before = len(self.references)
         self._collect_references(rows)
         target = self.config.n_references
         if (self.selector is None and len(self.references) >= self._min_references()) or (
                 before < target <= len(self.references)):
             # First start, or the reference set just reached its full size: f changes, so the
-            # selector is rebuilt over everything live (these rows are in the store already).
+            # selector is rebuilt over everything live (these rows are in the store already, and
+            # held when the run is fresh).
             self._start()
         elif self.selector is not None:
             self._insert(rows)
@@ -160,11 +180,16 @@ class RunSelection:
 
     def forget(self, rollout_ids: pa.Array) -> int:
         """Take rollouts out of the selector (removal); returns how many it held."""
+        if self._held:
+            self._held = [t.filter(pc.invert(pc.is_in(t.column("rollout_id"), value_set=rollout_ids)))
+                          for t in self._held]
         ints = np.unique(self.ids.lookup(rollout_ids))
         return self._forget_ints(ints[ints >= 0])
 
     def evict_below(self, version: int) -> int:
         """Retention: take out every rollout of a policy version below `version`."""
+        if self._held:
+            self._held = [t.filter(pc.greater_equal(t.column("policy_version"), version)) for t in self._held]
         n = self._forget_ints(self.ids.live_below(version))
         self.evicted_total += n
         return n
