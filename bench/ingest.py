@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                             path = (f"s3://sponge/bench-{name}-{os.getpid()}" if kind == "s3"
                                     else os.path.join(store, name))
                             env = server.env if kind == "s3" else {}
+                            server_cpu0 = _tree_cpu_seconds(server.proc.pid) if kind == "s3" else 0.0
                             svc = _in_child(service_run, client, broker.bootstrap, topic, path, messages,
                                             args.rollouts, settings, args.rss_interval, args.profile,
                                             "parquet" if kind == "parquet" else "delta", env)
@@ -271,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{svc['write_seconds']:.2f}s (writer thread), process CPU "
                                   f"{svc['cpu_seconds']:.1f}s over {svc['seconds']:.1f}s wall; load average "
                                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+                            if kind == "s3":
+                                # The S3 server shares this machine's cores: its CPU is part of the figure.
+                                server_cpu = _tree_cpu_seconds(server.proc.pid) - server_cpu0
+                                print(f"    S3 server (SeaweedFS) CPU {server_cpu:.1f}s = "
+                                      f"{server_cpu / args.rollouts * 1e6:.0f} us/rollout, against the service's "
+                                      f"{svc['cpu_seconds'] / args.rollouts * 1e6:.0f} us/rollout")
                             print("    " + _rss_summary(svc["rss"]))
                             if svc["ingested"] != args.rollouts:
                                 print(f"WARNING: stored {svc['ingested']} of {args.rollouts} rollouts",
@@ -284,6 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.store is None:
             shutil.rmtree(store, ignore_errors=True)
     return 0
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children so far."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += sum(proc.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _summary(clients: list[str], kinds: list[str], bare_rates: dict[str, list[float]],
