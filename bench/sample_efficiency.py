@@ -416,10 +416,15 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     def runs(label):
         return [r for r in results if r["label"] == label]
 
-    lines = ["**Whipping effect** (reverse_mixed, the window (p varied), no reincarnation): response length against p", "",
-             "| p | train response length, last quarter | held-out response length, end | held-out success, end |",
-             "|---|---|---|---|"]
-    whip = []
+    sections: list[str] = []
+
+    def section(title: str, header: str, rows: list[str]) -> None:
+        """A titled table, only when its ablation group ran (a header alone says nothing)."""
+        if rows:
+            columns = header.count("|") - 1
+            sections.append("\n".join([title, "", header, "|" + "---|" * columns, *rows]))
+
+    rows, whip = [], []
     for p in (0.0, 0.2, 0.4, 0.6, 0.8):
         rs = runs(f"whip_p{p}")
         if not rs:
@@ -430,13 +435,12 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
                       for r in rs])
         su = np.mean([success_at(r["history"], budget) for r in rs])
         whip.append((p, tr, ev))
-        lines.append(f"| {p} | {tr:.2f} | {ev:.2f} | {su:.3f} |")
-    why = [label for label in ("remix_window", *WHY) if runs(label)]
-    if any(label in WHY for label in why):
+        rows.append(f"| {p} | {tr:.2f} | {ev:.2f} | {su:.3f} |")
+    section("**Whipping effect** (reverse_mixed, the window (p varied), no reincarnation): response length against p",
+            "| p | train response length, last quarter | held-out response length, end | held-out success, end |", rows)
+    rows = []
+    if any(runs(label) for label in WHY):
         gain = SETUPS["reverse_mixed"][4]
-        lines += ["", "**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to the main runs)", "",
-                  "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
-                  "|---|---|---|---|"]
         seeds = {r["seed"] for w in WHY for r in runs(w)}
         for label in ("grpo", *[w for w in WHY if w.startswith("grpo")], "trl_grpo", "remix_paper", "remix_window",
                       "remix_curated", *[w for w in WHY if not w.startswith("grpo")]):
@@ -445,25 +449,26 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
                 continue
             reach = np.array([rollouts_to_target(r["history"], gain) for r in rs])
             b = main_budget or budget   # these run at the main budget, beside the main runs
-            lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
-                         f"| {np.mean([success_at(r['history'], b / 2) for r in rs]):.3f} / "
-                         f"{np.mean([success_at(r['history'], b) for r in rs]):.3f} | {sorted(seeds)} |")
-    lines += ["", "**Reincarnation** (reverse, the window)", "",
-              "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
-              "|---|---|---|---|"]
-    gain = SETUPS["reverse"][4]
+            rows.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
+                        f"| {np.mean([success_at(r['history'], b / 2) for r in rs]):.3f} / "
+                        f"{np.mean([success_at(r['history'], b) for r in rs]):.3f} | {sorted(seeds)} |")
+    section("**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to "
+            "the main runs)", "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
+            rows)
+    rows, gain = [], SETUPS["reverse"][4]
     for label in ("reinc_never", "reinc_0.25", "reinc_0.5", "reinc_T30"):
         rs = runs(label)
         if not rs:
             continue
         reach = np.array([rollouts_to_target(r["history"], gain) for r in rs])
         on = np.mean([np.mean([bool(h.get("replay_on")) for h in r["history"][1:]]) for r in rs])
-        lines.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
-                     f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
-                     f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {on:.2f} |")
-    lines += ["", "**Correction cap** (reverse, the window, token TIS at cap C): ESS against clipped mass", "",
-              "| C | token ESS (raw → truncated) | clipped mass | held-out success, end |", "|---|---|---|---|"]
-    caps = []
+        rows.append(f"| {label} | {fmt(float(np.median(reach)))} ({int(np.isfinite(reach).sum())}/{len(rs)}) "
+                    f"| {np.mean([success_at(r['history'], budget / 2) for r in rs]):.3f} / "
+                    f"{np.mean([success_at(r['history'], budget) for r in rs]):.3f} | {on:.2f} |")
+    section("**Reincarnation** (reverse, the window)",
+            "| when | rollouts to target median (seeds reaching) | success @50% / 100% | replay on for (share of steps) |",
+            rows)
+    rows, caps = [], []
     for cap in (1.1, 1.5, 2.0, 5.0, 20.0):
         rs = runs(f"cap_{cap}")
         if not rs:
@@ -474,15 +479,10 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
         clipped = np.nanmean([h["replay_is_clipped_mass"] for h in hs]) if hs else np.nan
         su = np.mean([success_at(r["history"], budget) for r in rs])
         caps.append((cap, ess, clipped))
-        lines.append(f"| {cap} | {ess_raw:.4f} → {ess:.4f} | {clipped:.4f} | {su:.3f} |")
-    # A section whose ablation group did not run is left out (its table would be a header alone).
-    kept: list[str] = []
-    for block in "\n".join(lines).split("\n\n"):
-        if block.rstrip().endswith("|---|"):   # a table with no rows: drop it and its title
-            kept = kept[:-1] if kept and kept[-1].startswith("**") else kept
-        else:
-            kept.append(block)
-    lines = ["\n\n".join(kept)]
+        rows.append(f"| {cap} | {ess_raw:.4f} → {ess:.4f} | {clipped:.4f} | {su:.3f} |")
+    section("**Correction cap** (reverse, the window, token TIS at cap C): ESS against clipped mass",
+            "| C | token ESS (raw → truncated) | clipped mass | held-out success, end |", rows)
+    lines = ["\n\n".join(sections)]
     if not whip and not caps:
         return lines[0]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
