@@ -30,6 +30,8 @@ mass.
 
     python bench/sample_efficiency.py --quick            # a few minutes: 2 seeds, small budget
     python bench/sample_efficiency.py --seeds 5 --jobs 2 --ablations     # the full run (~1 h, 2 cores)
+    python bench/sample_efficiency.py --seeds 10 --reuse-runs bench/results/sample_efficiency_runs.json ...
+                                                     # more seeds: only seeds 5-9 run (same other flags)
 """
 
 from __future__ import annotations
@@ -510,6 +512,22 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     return "\n".join(lines)
 
 
+def reused_runs(earlier: list[dict], jobs: list[dict], budget: int) -> tuple[list[dict], list[dict]]:
+    """(the earlier runs that answer a job, the jobs still to run). A run answers a job of the same
+    setup, label and seed that spent the same rollout budget (runs stop at the first step past it)."""
+    by_key = {(r["setup"], r["label"], r["seed"]): r for r in earlier}
+    reused, todo = [], []
+    for job in jobs:
+        run = by_key.get((job["setup"], job["label"], job["seed"]))
+        want = job.get("overrides", {}).get("rollout_budget", budget)
+        spent = max((h.get("rollouts", 0) for h in run["history"]), default=0) if run else -1
+        if run is not None and want <= spent < want + 1024:
+            reused.append(run)
+        else:
+            todo.append(job)
+    return reused, todo
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -537,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each --threads torch threads)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--reuse-runs", type=Path, default=None,
+                   help="a <stem>_runs.json of an earlier invocation with the same settings: its runs of the same "
+                        "(setup, method or ablation, seed, budget) are taken from it, only the missing ones run "
+                        "(e.g. --seeds 10 after --seeds 5 runs seeds 5-9); the runs file written holds both")
     p.add_argument("--from-runs", type=Path, default=None,
                    help="summarise the raw runs a previous invocation saved (<stem>_runs.json) instead of running")
     args = p.parse_args(argv)
@@ -569,8 +591,12 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {args.budget}", flush=True)
     results = []
     t0 = time.perf_counter()
+    if args.reuse_runs is not None:
+        results, jobs = reused_runs(json.loads(args.reuse_runs.read_text()), jobs, args.budget)
+        print(f"{len(results)} runs reused from {args.reuse_runs}, {len(jobs)} to run", flush=True)
     if args.from_runs is not None:
         results, jobs = json.loads(args.from_runs.read_text()), []
+    n_reused = len(results) if args.reuse_runs is not None else 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for res in pool.map(run_one, jobs):
             results.append(res)
@@ -586,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stem}_runs.json").write_text(json.dumps(results, default=str))
     summaries = {s: summarise(results, s, args.budget, rng) for s in setups}
     command = "python bench/sample_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = [f"`{command}` ({args.seeds} seeds, {len(results)} runs, {time.perf_counter() - t0:.0f} s)", ""]
+    ran = f"{len(results) - n_reused} run here and {n_reused} reused" if n_reused else f"{len(results)} runs"
+    text = [f"`{command}` ({args.seeds} seeds, {ran}, {time.perf_counter() - t0:.0f} s)", ""]
     for s in setups:
         text += [table(summaries[s], s, args.budget), ""]
     if args.ablations:
