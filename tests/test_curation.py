@@ -153,7 +153,7 @@ def test_a_run_first_seen_after_the_rebuild_starts_from_the_rows_handed_to_it(tm
     # selector from the rows it was handed, never scanning the store; a run the store held at the
     # rebuild reads it. Both end with the same live set, through a removal and a retention before
     # the reference set is full (f changes then, and the selector starts again over everything live).
-    cfg = CurationConfig(k=8, n_references=100, min_references=16, retention_window=1)
+    cfg = CurationConfig(k=8, n_references=100, min_references=16, retention_window=1, selector_process=False)
     cfg30 = SyntheticConfig(response_tokens=30)
     batches = [synthetic_rollouts(30, seed=s, config=dataclasses.replace(cfg30, policy_version=v),
                                   id_prefix=f"b{s}-v{v}") for s, v in enumerate((0, 0, 0, 1, 2, 3))]
