@@ -25,8 +25,8 @@ Reports, per setup: rollouts to the target held-out success (median over seeds, 
 seeds reaching), × fewer than GRPO and than the window (ratio of medians, bootstrap CI), success at
 fixed budgets, seconds per step and per generated rollout, collapses, what replay served (reward,
 |advantage|, staleness, ratio spread), and curves with bands. `--ablations` adds: the whipping effect
-(response length against p), reincarnation on/off/when, and the correction cap's ESS against clipped
-mass.
+(response length against p), reincarnation on/off/when, the correction cap's ESS against clipped
+mass, and one pass against the defaults' two on both tasks (every main seed).
 
     python bench/sample_efficiency.py --quick            # a few minutes: 2 seeds, small budget
     python bench/sample_efficiency.py --seeds 5 --jobs 2 --ablations     # the full run (~1 h, 2 cores)
@@ -398,6 +398,12 @@ def ablation_jobs(args, seeds: list[int]) -> list[dict]:
         for p in (0.0, 0.2, 0.4, 0.6, 0.8):   # whipping effect: response length against p
             jobs.append({"setup": "reverse_mixed", "method": "remix_window", "seed": seed, "label": f"whip_p{p}",
                          "overrides": {"replay_fraction": p, "reincarnate_after": None}})
+    # passes: one pass of two minibatches against the defaults' two, on every setup and every main seed (the
+    # comparison is against the main runs, so it needs their seeds, not the ablation seeds).
+    for seed in range(args.seeds) if "passes" in groups else []:
+        for setup in [s.strip() for s in args.setups.split(",")]:
+            jobs.append({"setup": setup, "method": "remix_window", "seed": seed, "label": "one_pass",
+                         "overrides": {"updates_per_batch": 1}})
     for seed in seeds if "reinc" in groups else []:
         for label, ov in (("reinc_never", {"reincarnate_after": None}), ("reinc_0.25", {"reincarnate_after": 0.25}),
                           ("reinc_0.5", {"reincarnate_after": 0.5}), ("reinc_T30", {"reincarnate_at": 30})):
@@ -456,6 +462,34 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
                         f"{np.mean([success_at(r['history'], b) for r in rs]):.3f} | {sorted(seeds)} |")
     section("**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to "
             "the main runs)", "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
+            rows)
+    rows, rng = [], np.random.default_rng(0)
+    b = main_budget or budget
+    for setup in SETUPS if runs("one_pass") else []:
+        grpo = {r["seed"]: r for r in runs("grpo") if r["setup"] == setup}
+        level = {seed: success_at(r["history"], b) for seed, r in grpo.items()}
+        seeds = sorted(r["seed"] for r in runs("one_pass") if r["setup"] == setup and r["seed"] in level)
+        if not seeds:
+            continue
+
+        def reach(label, setup=setup, level=level, seeds=seeds):
+            by_seed = {r["seed"]: r for r in runs(label) if r["setup"] == setup}
+            return [by_seed.get(seed) for seed in seeds], np.array(
+                [rollouts_to_target(by_seed[seed]["history"], 0, level[seed]) if seed in by_seed else math.inf
+                 for seed in seeds])
+        _, base = reach("grpo")
+        for label in ("grpo", "remix_window", "one_pass"):
+            rs, r = reach(label)
+            point, lo, hi = bootstrap_ratio_ci(base, r, rng)
+            steps = [h["step_s"] / h["n_fresh"] for x in rs if x for h in x["history"][1:]
+                     if h.get("step_s") is not None and h.get("n_fresh")]
+            rows.append(f"| {setup} | {label} | {fmt_ratio(point, lo, hi, b, float(np.median(base)), float(np.median(r)))} "
+                        f"({int(np.isfinite(r).sum())}/{len(seeds)}) | "
+                        f"{np.mean([success_at(x['history'], b) for x in rs if x]):.3f} | "
+                        f"{1000 * np.median(steps):.2f} |")
+    section("**One pass against two** (the defaults' 2 passes × 2 minibatches against 1 pass × 2 minibatches; "
+            "every main seed; to the success GRPO reaches at the end of its budget, per seed)",
+            "| task | variant | × fewer rollouts than GRPO [CI] (seeds reaching) | success, end | ms per generated rollout |",
             rows)
     rows, gain = [], SETUPS["reverse"][4]
     for label in ("reinc_never", "reinc_0.25", "reinc_0.5", "reinc_T30"):
@@ -542,10 +576,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="N for the curated and random-subset pools (default: ReMixConfig's, as the window's)")
     p.add_argument("--ablations", action="store_true", help="also run the whipping, reincarnation and cap ablations")
     p.add_argument("--ablation-seeds", type=int, default=2)
-    p.add_argument("--ablation-groups", default="whip,reinc,cap,why",
+    p.add_argument("--ablation-groups", default="whip,reinc,cap,why,passes",
                    help="of whip (response length against p), reinc (reincarnation), cap (correction cap), "
                         "why (ReMix's parts against GRPO on reverse_mixed), lr (only GRPO at lower learning "
-                        "rates, on reverse_mixed: for a long run beside --methods grpo,remix_curated,trl_grpo)")
+                        "rates, on reverse_mixed: for a long run beside --methods grpo,remix_curated,trl_grpo), "
+                        "passes (one pass of two minibatches against the defaults' two, every setup and main seed)")
     p.add_argument("--skip-main", action="store_true", help="run only the ablations")
     p.add_argument("--ablation-budget", type=int, default=None, help="rollouts per ablation run (default: --budget)")
     p.add_argument("--trl-setups", default="reverse_mixed",
