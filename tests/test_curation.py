@@ -169,6 +169,8 @@ def test_a_run_first_seen_after_the_rebuild_starts_from_the_rows_handed_to_it(tm
         for i, table in enumerate(batches):
             write(store, cur, table, first)
             first += table.num_rows
+            if i == 0 and path == "fresh":   # the run's first batch is counted once, not also from the store
+                assert dict(cur._run(RUN).arrived) == {0: 30}
             if i == 1:   # the selector has started (30 + 30 rows), the references are not full yet
                 gone = table.column("rollout_id").to_pylist()[:5]
                 assert cur.remove(gone).removed == 5
@@ -181,6 +183,8 @@ def test_a_run_first_seen_after_the_rebuild_starts_from_the_rows_handed_to_it(tm
         assert live_in_selector(cur) == stored, path
         assert cur.describe_run(RUN)["references"] == 100
     assert curators["fresh"][2] == 0 and curators["from_store"][2] > 0
+    # Arrivals (read-your-writes, retention) count each stored row once: what `add` was handed.
+    assert dict(curators["fresh"][0]._run(RUN).arrived) == {1: 30, 2: 30, 3: 30}
     assert curators["fresh"][0].describe()["n_live"] == curators["from_store"][0].describe()["n_live"] == 90
 
 

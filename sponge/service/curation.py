@@ -239,8 +239,9 @@ class Curator:
             selection.rebuild(progress=progress)
             counts = self.store.version_counts(run_id)   # ... so this read misses none of them
             run.recent.start(max(counts, default=None))
-            with self._arrivals:   # what is already stored has arrived (after a restart, say)
-                run.arrived.update(counts)
+            if not fresh:   # a fresh run's stored rows all come through `add`, which counts them there
+                with self._arrivals:   # what is already stored has arrived (after a restart, say)
+                    run.arrived.update(counts)
         return run
 
     def _run(self, run_id: str) -> _Run:
