@@ -4,9 +4,11 @@
 rollout of the run goes in (its embedding, and a quality bonus when its GRPO group has reward
 variance, the only groups that carry a learning signal); retention, removal and the per-run cap
 take rollouts out; the subset is read out lazily, only when someone asks or a snapshot is due.
-Its state is derived from the store: `rebuild` re-inserts the run's live rollouts. The objective's
-reference vectors (facility-location clients) are the run's first embeddings, saved as a shared
-object of the store (`selector/<run>/objective`) so a restart, or another host, optimises the same f.
+Its state is derived from the store: `rebuild` re-inserts the run's live rollouts (a run new since
+the curator's rebuild starts from the rows handed to `add` instead: they are all of its stored rows).
+The objective's reference vectors (facility-location clients) are the run's first embeddings, saved as
+a shared object of the store (`selector/<run>/objective`) so a restart, or another host, optimises
+the same f.
 
 In shard mode (several services on one store, on one host or many, each owning some Kafka
 partitions) each process selects over its own partitions and the run's subset is greedy over the
@@ -70,8 +72,8 @@ class RunSelection:
         if saved is not None:
             self._held = None   # the run had a selector before: its rows may not all come through `add`
             self.references = list(selector_from_bytes(saved).objective.references)
-        else:
-            for batch in ([] if self._held is not None else self.store.scan(columns=["embedding"], run=self.run_id)):
+        elif self._held is None:   # (a fresh run's rows all come through `add`: nothing to read)
+            for batch in self.store.scan(columns=["embedding"], run=self.run_id):
                 self._collect_references(pa.Table.from_batches([batch]))
                 if len(self.references) >= self.config.n_references:
                     break
