@@ -75,6 +75,10 @@ def test_trainer_runs_on_live_curated_replay(running_server, broker, topic):
     assert server.curator.describe_run(run)["policy_version"] == 5
     # Replay came from the service's curated groups once there was something to replay.
     assert any(h.get("n_replay", 0) > 0 for h in history[2:]), [h.get("n_replay") for h in history]
+    # The last step's rollouts (version 4) were sent a moment ago and are durable at the service's next
+    # flush: reading the store at once races that flush (on a loaded machine it lost, and found nothing).
+    sent_last = source.sent[4]
+    wait_for(lambda: server.store.version_counts(run).get(4, 0) == sent_last, 60, what="the last step's rollouts")
     # Retention (window 1): versions older than 4 are gone from the store view and the selector.
     versions = server.store.sql(f"SELECT DISTINCT policy_version FROM rollouts WHERE run_id = '{run}' ORDER BY 1"
                                 ).column(0).to_pylist()
