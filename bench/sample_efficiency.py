@@ -221,6 +221,13 @@ def fmt(x: float, digits: int = 0) -> str:
     return f"{x:.{digits}f}"
 
 
+def seconds_per_rollout(runs: list[dict]) -> float:
+    """Median seconds per training step over median rollouts generated per step (TRL's runs log no count: 128)."""
+    steps = [h["step_s"] for r in runs for h in r["history"][1:] if h.get("step_s") is not None]
+    fresh = [h["n_fresh"] for r in runs for h in r["history"][1:] if h.get("n_fresh")]
+    return float(np.median(steps) / (np.median(fresh) if fresh else 128.0)) if steps else float("nan")
+
+
 def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Generator) -> dict:
     target = SETUPS[setup][4]
     by_method: dict[str, list[dict]] = {}
@@ -231,8 +238,6 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
     for method, runs in by_method.items():
         reach = np.array([rollouts_to_target(r["history"], target) for r in runs])
         steps = [x for r in runs for x in [h.get("step_s") for h in r["history"][1:]] if x is not None]
-        per_step_rollouts = [h.get("n_fresh") for r in runs for h in r["history"][1:] if h.get("n_fresh")]
-        fresh = np.median(per_step_rollouts) if per_step_rollouts else 128.0
         finals = [success_at(r["history"], budget) for r in runs]
         replay = [h for r in runs for h in r["history"] if "replay_reward_mean" in h]
 
@@ -249,7 +254,7 @@ def summarise(results: list[dict], setup: str, budget: int, rng: np.random.Gener
             "final_success": finals, "final_mean": float(np.nanmean(finals)),
             "final_ci": bootstrap_median_ci(np.array(finals), rng) if finals else (float("nan"),) * 2,
             "step_s": float(np.median(steps)) if steps else float("nan"),
-            "s_per_rollout": float(np.median(steps) / fresh) if steps else float("nan"),
+            "s_per_rollout": seconds_per_rollout(runs),
             "collapses": sum(len(r["collapses"]) for r in runs),
             "replay": {k: mean_of(k) for k in ("replay_reward_mean", "replay_abs_adv", "replay_mean_staleness",
                                                "replay_is_abs_log_ratio", "replay_is_ess", "replay_is_clipped_mass",
@@ -466,30 +471,20 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     rows, rng = [], np.random.default_rng(0)
     b = main_budget or budget
     for setup in SETUPS if runs("one_pass") else []:
-        grpo = {r["seed"]: r for r in runs("grpo") if r["setup"] == setup}
-        level = {seed: success_at(r["history"], b) for seed, r in grpo.items()}
+        level = {r["seed"]: success_at(r["history"], b) for r in runs("grpo") if r["setup"] == setup}
         seeds = sorted(r["seed"] for r in runs("one_pass") if r["setup"] == setup and r["seed"] in level)
-        if not seeds:
-            continue
-
-        def reach(label, setup=setup, level=level, seeds=seeds):
-            by_seed = {r["seed"]: r for r in runs(label) if r["setup"] == setup}
-            return [by_seed.get(seed) for seed in seeds], np.array(
-                [rollouts_to_target(by_seed[seed]["history"], 0, level[seed]) if seed in by_seed else math.inf
-                 for seed in seeds])
-        _, base = reach("grpo")
-        for label in ("grpo", "trl_grpo", "remix_window", "remix_curated", "one_pass"):
-            rs, r = reach(label)
-            if not any(rs):
+        by_label = {label: {r["seed"]: r for r in runs(label) if r["setup"] == setup and r["seed"] in seeds}
+                    for label in ("grpo", "trl_grpo", "remix_window", "remix_curated", "one_pass")}
+        reach = {label: np.array([rollouts_to_target(by_seed[seed]["history"], 0, level[seed]) if seed in by_seed
+                                  else math.inf for seed in seeds]) for label, by_seed in by_label.items()}
+        for label, by_seed in by_label.items():
+            if not by_seed:
                 continue
-            point, lo, hi = bootstrap_ratio_ci(base, r, rng)
-            steps = [h["step_s"] for x in rs if x for h in x["history"][1:] if h.get("step_s") is not None]
-            fresh = [h["n_fresh"] for x in rs if x for h in x["history"][1:] if h.get("n_fresh")]
-            ms = 1000 * np.median(steps) / (np.median(fresh) if fresh else 128.0) if steps else math.nan   # as summarise
-            rows.append(f"| {setup} | {label} | {fmt_ratio(point, lo, hi, b, float(np.median(base)), float(np.median(r)))} "
-                        f"({int(np.isfinite(r).sum())}/{len(seeds)}) | "
-                        f"{np.mean([success_at(x['history'], b) for x in rs if x]):.3f} | "
-                        f"{ms:.2f} |")
+            point, lo, hi = bootstrap_ratio_ci(reach["grpo"], reach[label], rng)
+            ratio = fmt_ratio(point, lo, hi, b, float(np.median(reach["grpo"])), float(np.median(reach[label])))
+            rows.append(f"| {setup} | {label} | {ratio} ({int(np.isfinite(reach[label]).sum())}/{len(seeds)}) | "
+                        f"{np.mean([success_at(r['history'], b) for r in by_seed.values()]):.3f} | "
+                        f"{1000 * seconds_per_rollout(list(by_seed.values())):.2f} |")
     section("**One pass against two** (the defaults' 2 passes × 2 minibatches, window or curated, against 1 pass × 2 "
             "minibatches with the window; every main seed; to the success GRPO reaches at the end of its budget, per "
             "seed)",
@@ -550,6 +545,10 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     return "\n".join(lines)
 
 
+#: More rollouts than any setup generates in one step: a run spent budget B when it stopped in [B, B + this).
+MAX_STEP_ROLLOUTS = 1024
+
+
 def reused_runs(earlier: list[dict], jobs: list[dict], budget: int) -> tuple[list[dict], list[dict]]:
     """(the earlier runs that answer a job, the jobs still to run). A run answers a job of the same
     setup, label and seed that spent the same rollout budget (runs stop at the first step past it)."""
@@ -559,7 +558,7 @@ def reused_runs(earlier: list[dict], jobs: list[dict], budget: int) -> tuple[lis
         run = by_key.get((job["setup"], job["label"], job["seed"]))
         want = job.get("overrides", {}).get("rollout_budget", budget)
         spent = max((h.get("rollouts", 0) for h in run["history"]), default=0) if run else -1
-        if run is not None and want <= spent < want + 1024:
+        if run is not None and want <= spent < want + MAX_STEP_ROLLOUTS:
             reused.append(run)
         else:
             todo.append(job)
@@ -594,11 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each --threads torch threads)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--reuse-runs", type=Path, default=None,
+    earlier = p.add_mutually_exclusive_group()
+    earlier.add_argument("--reuse-runs", type=Path, default=None,
                    help="a <stem>_runs.json of an earlier invocation with the same settings: its runs of the same "
                         "(setup, method or ablation, seed, budget) are taken from it, only the missing ones run "
                         "(e.g. --seeds 10 after --seeds 5 runs seeds 5-9); the runs file written holds both")
-    p.add_argument("--from-runs", type=Path, default=None,
+    earlier.add_argument("--from-runs", type=Path, default=None,
                    help="summarise the raw runs a previous invocation saved (<stem>_runs.json) instead of running")
     args = p.parse_args(argv)
     if args.quick:
