@@ -1,6 +1,7 @@
-"""Seconds per generated rollout: sponge's GRPO and ReMix steps against TRL's GRPOTrainer step, on the
-same model, batch (prompts × group size), thread count and warm start, alternated round by round in
-one process so machine load hits all alike. Prints medians and ratios to TRL.
+"""Seconds per generated rollout: sponge's GRPO and ReMix steps (the defaults, and one pass instead of
+two) against TRL's GRPOTrainer step, on the same model, batch (prompts × group size), thread count and
+warm start, alternated round by round in one process so machine load hits all alike. Prints medians
+and ratios to TRL.
 
     python bench/step_time.py                     # tiny Llama, 16 prompts × 8, 1 thread, 3 rounds
     python bench/step_time.py --arch gpt2 --rounds 5 --steps 12
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_start(start, tok, task, steps=args.warm_start_steps, seed=0)
     common = {"max_new_tokens": task.max_answer_len + 1, "eval_size": 8, "eval_every": 10_000, "progress": False}
     methods = {"sponge_grpo": ReMixConfig.grpo(**common),
-               "sponge_remix": ReMixConfig(reincarnate_after=None, **common)}
+               "sponge_remix": ReMixConfig(reincarnate_after=None, **common),
+               # one pass of two minibatches instead of the defaults' two (the `passes` trade-off)
+               "sponge_remix_one_pass": ReMixConfig(reincarnate_after=None, updates_per_batch=1, **common)}
     if trl_available():
         methods["trl_grpo"] = ReMixConfig.grpo(**common)
     per_rollout: dict[str, list[float]] = {m: [] for m in methods}

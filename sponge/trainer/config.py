@@ -27,8 +27,8 @@ Defaults, and why (measured in bench/sample_efficiency.py, the README's training
   ended well below GRPO; the adaptive rate takes the step down there and leaves `reverse` alone. Minibatches take the same gradient steps as four
   full-batch passes for 0.59–0.65× their compute per rollout, and did as well (bench/results/
   sample_efficiency.md and its raw runs). One pass (`updates_per_batch` 1) is the other side of the trade:
-  level with GRPO on `reverse_mixed` and 1.1× TRL's cost per generated rollout, but 2.7× rather than 4.3×
-  on `reverse`; a run bound by noise rather than steps should take it.
+  level with GRPO on `reverse_mixed` and 1.39× TRL's time per generated rollout (the defaults 1.95×), but
+  2.7× rather than 4.3× on `reverse`; a run bound by noise rather than steps should take it.
 - reincarnation at half the rollout budget (`reincarnate_after=0.5`) rather than at a fixed version
   30: a fixed T switched replay off after the first 2% of a 64k-rollout run.
 """
