@@ -388,6 +388,45 @@ WHY = {"why_no_ds": {"dynamic_sampling": False}, "why_m1": {"updates_per_batch":
        "grpo_lr5e-5": {"learning_rate": 5e-5}}
 
 
+#: The horizon group: label → method, each run with replay_window 16.
+HORIZON = {"window_N16": "remix_window", "random_N16": "remix_random", "curated_N16": "remix_curated"}
+
+
+def versus_grpo_rows(results: list[dict], seeds_of: str, labels: list[str], budget: int,
+                     rng: np.random.Generator, replay_columns: bool = False) -> list[str]:
+    """Table rows, per setup and label: × fewer rollouts than GRPO to the success GRPO reaches at the end of
+    its budget (per seed, over the seeds `seeds_of` ran), end success, ms per generated rollout
+    and, with `replay_columns`, what replay served (staleness, mean abs log ratio π_k/π_b)."""
+    rows = []
+    for setup in SETUPS:
+        level = {r["seed"]: success_at(r["history"], budget) for r in results
+                 if r["label"] == "grpo" and r["setup"] == setup}
+        seeds = sorted(r["seed"] for r in results
+                       if r["label"] == seeds_of and r["setup"] == setup and r["seed"] in level)
+        if not seeds:
+            continue
+        by_label = {label: {r["seed"]: r for r in results if r["label"] == label and r["setup"] == setup
+                            and r["seed"] in seeds} for label in ("grpo", *labels)}
+        reach = {label: np.array([rollouts_to_target(by_seed[seed]["history"], 0, level[seed]) if seed in by_seed
+                                  else math.inf for seed in seeds]) for label, by_seed in by_label.items()}
+        for label, by_seed in by_label.items():
+            if not by_seed:
+                continue
+            point, lo, hi = bootstrap_ratio_ci(reach["grpo"], reach[label], rng)
+            ratio = fmt_ratio(point, lo, hi, budget, float(np.median(reach["grpo"])), float(np.median(reach[label])))
+            row = (f"| {setup} | {label} | {ratio} ({int(np.isfinite(reach[label]).sum())}/{len(seeds)}) | "
+                   f"{np.mean([success_at(r['history'], budget) for r in by_seed.values()]):.3f} | "
+                   f"{1000 * seconds_per_rollout(list(by_seed.values())):.2f} |")
+            if replay_columns:
+                served = [h for r in by_seed.values() for h in r["history"] if h.get("n_replay")]
+                def mean_of(key):
+                    values = [h[key] for h in served if h.get(key) is not None]
+                    return f"{np.nanmean(values):.2f}" if values else "—"
+                row += f" {mean_of('replay_mean_staleness')} | {mean_of('replay_is_abs_log_ratio')} |"
+            rows.append(row)
+    return rows
+
+
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
     groups = set(args.ablation_groups.split(","))
     jobs = []
@@ -409,6 +448,13 @@ def ablation_jobs(args, seeds: list[int]) -> list[dict]:
         for setup in [s.strip() for s in args.setups.split(",")]:
             jobs.append({"setup": setup, "method": "remix_window", "seed": seed, "label": "one_pass",
                          "overrides": {"updates_per_batch": 1}})
+    # horizon: the window, the random subset and curated replay over 16 versions instead of 4 (so the choice has
+    # 4× as many groups to choose from, older ones), every main seed of every setup, against the main runs.
+    for seed in range(args.seeds) if "horizon" in groups else []:
+        for setup in [s.strip() for s in args.setups.split(",")]:
+            for label, method in HORIZON.items():
+                jobs.append({"setup": setup, "method": method, "seed": seed, "label": label,
+                             "overrides": {"replay_window": 16}})
     for seed in seeds if "reinc" in groups else []:
         for label, ov in (("reinc_never", {"reincarnate_after": None}), ("reinc_0.25", {"reincarnate_after": 0.25}),
                           ("reinc_0.5", {"reincarnate_after": 0.5}), ("reinc_T30", {"reincarnate_at": 30})):
@@ -468,28 +514,21 @@ def ablation_report(results: list[dict], budget: int, out: Path, main_budget: in
     section("**ReMix's parts against GRPO** (reverse_mixed, tiny Llama; why_* vary the window; seeds matched to "
             "the main runs)", "| variant | rollouts to +gain median (seeds reaching) | success @50% / 100% | seeds |",
             rows)
-    rows, rng = [], np.random.default_rng(0)
     b = main_budget or budget
-    for setup in SETUPS if runs("one_pass") else []:
-        level = {r["seed"]: success_at(r["history"], b) for r in runs("grpo") if r["setup"] == setup}
-        seeds = sorted(r["seed"] for r in runs("one_pass") if r["setup"] == setup and r["seed"] in level)
-        by_label = {label: {r["seed"]: r for r in runs(label) if r["setup"] == setup and r["seed"] in seeds}
-                    for label in ("grpo", "trl_grpo", "remix_window", "remix_curated", "one_pass")}
-        reach = {label: np.array([rollouts_to_target(by_seed[seed]["history"], 0, level[seed]) if seed in by_seed
-                                  else math.inf for seed in seeds]) for label, by_seed in by_label.items()}
-        for label, by_seed in by_label.items():
-            if not by_seed:
-                continue
-            point, lo, hi = bootstrap_ratio_ci(reach["grpo"], reach[label], rng)
-            ratio = fmt_ratio(point, lo, hi, b, float(np.median(reach["grpo"])), float(np.median(reach[label])))
-            rows.append(f"| {setup} | {label} | {ratio} ({int(np.isfinite(reach[label]).sum())}/{len(seeds)}) | "
-                        f"{np.mean([success_at(r['history'], b) for r in by_seed.values()]):.3f} | "
-                        f"{1000 * seconds_per_rollout(list(by_seed.values())):.2f} |")
+    rows = versus_grpo_rows(results, "one_pass", ["trl_grpo", "remix_window", "remix_curated", "one_pass"], b,
+                            np.random.default_rng(0)) if runs("one_pass") else []
     section("**One pass against two** (the defaults' 2 passes × 2 minibatches, window or curated, against 1 pass × 2 "
             "minibatches with the window; every main seed; to the success GRPO reaches at the end of its budget, per "
             "seed)",
             "| task | variant | × fewer rollouts than GRPO [CI] (seeds reaching) | success, end | ms per generated rollout |",
             rows)
+    rows = versus_grpo_rows(results, "curated_N16", ["remix_window", "remix_random", "remix_curated", *HORIZON], b,
+                            np.random.default_rng(0), replay_columns=True) if runs("curated_N16") else []
+    section("**Replay horizon** (the window, the random subset and curated replay over the last 16 policy versions "
+            "against the defaults' 4: 4× as many groups to choose from; every main seed; to the success GRPO reaches "
+            "at the end of its budget, per seed)",
+            "| task | variant | × fewer rollouts than GRPO [CI] (seeds reaching) | success, end | ms per generated "
+            "rollout | staleness of replayed rows | mean abs log ratio π_k/π_b |", rows)
     rows, gain = [], SETUPS["reverse"][4]
     for label in ("reinc_never", "reinc_0.25", "reinc_0.5", "reinc_T30"):
         rs = runs(label)
@@ -579,11 +618,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="N for the curated and random-subset pools (default: ReMixConfig's, as the window's)")
     p.add_argument("--ablations", action="store_true", help="also run the whipping, reincarnation and cap ablations")
     p.add_argument("--ablation-seeds", type=int, default=2)
-    p.add_argument("--ablation-groups", default="whip,reinc,cap,why,passes",
+    p.add_argument("--ablation-groups", default="whip,reinc,cap,why,passes,horizon",
                    help="of whip (response length against p), reinc (reincarnation), cap (correction cap), "
                         "why (ReMix's parts against GRPO on reverse_mixed), lr (only GRPO at lower learning "
                         "rates, on reverse_mixed: for a long run beside --methods grpo,remix_curated,trl_grpo), "
-                        "passes (one pass of two minibatches against the defaults' two, every setup and main seed)")
+                        "passes (one pass of two minibatches against the defaults' two, every setup and main seed), "
+                        "horizon (window, random subset and curated replay over 16 versions instead of 4, every "
+                        "setup and main seed)")
     p.add_argument("--skip-main", action="store_true", help="run only the ablations")
     p.add_argument("--ablation-budget", type=int, default=None, help="rollouts per ablation run (default: --budget)")
     p.add_argument("--trl-setups", default="reverse_mixed",

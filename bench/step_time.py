@@ -6,6 +6,12 @@ and ratios to TRL.
     python bench/step_time.py                     # tiny Llama, 16 prompts × 8, 1 thread, 3 rounds
     python bench/step_time.py --arch gpt2 --rounds 5 --steps 12
     python bench/step_time.py --profile           # also a pyinstrument profile of one sponge ReMix run
+    python bench/step_time.py --answer-len 64     # 64-digit answers: generation's share of a step grows
+
+On the bench's tasks answers are 2-8 tokens, so a step's time is mostly the update (forward and backward
+passes), of which ReMix takes more per generated rollout; `--answer-len L` reverses strings of exactly L
+digits instead (a model with room for them, warm-started on them), where token-by-token generation
+takes the larger share, as it does for language models' answers of hundreds of tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="steps per method per round")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--answer-len", type=int, default=None,
+                   help="reverse strings of exactly this many digits (default: the task's own lengths)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
@@ -41,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     from sponge.trainer import CharTokenizer, ReMixConfig, ReMixTrainer, build_tiny_model, make_task, warm_start
     from sponge.trainer.models import TinyModelConfig
 
-    task = make_task(args.task)
+    if args.answer_len is None:
+        task, model_config = make_task(args.task), TinyModelConfig(arch=args.arch)
+    else:
+        task = make_task(args.task, min_len=args.answer_len, max_len=args.answer_len)
+        model_config = TinyModelConfig(arch=args.arch, n_positions=2 * args.answer_len + 8)
     tok = CharTokenizer(task.alphabet)
-    start = build_tiny_model(tok, TinyModelConfig(arch=args.arch), seed=0)
+    start = build_tiny_model(tok, model_config, seed=0)
     warm_start(start, tok, task, steps=args.warm_start_steps, seed=0)
     common = {"max_new_tokens": task.max_answer_len + 1, "eval_size": 8, "eval_every": 10_000, "progress": False}
     methods = {"sponge_grpo": ReMixConfig.grpo(**common),
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if trl_available():
         methods["trl_grpo"] = ReMixConfig.grpo(**common)
     per_rollout: dict[str, list[float]] = {m: [] for m in methods}
+    lengths: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for name, cfg in methods.items():
             budget = args.steps * cfg.prompts_per_step * cfg.group_size
@@ -65,22 +78,27 @@ def main(argv: list[str] | None = None) -> int:
                 hist = ReMixTrainer(model, tok, task, cfg, eval_prompts=[]).train()
                 steps = [(h["step_s"], h["n_fresh"]) for h in hist[1:]]
             steps = steps[1:]   # the first step pays one-off costs (allocations, compilation)
+            lengths[name] += [h["response_len"] for h in hist[1:] if np.isfinite(h.get("response_len", np.nan))]
             ms = 1000 * float(np.sum([s for s, _ in steps]) / np.sum([n for _, n in steps]))
             per_rollout[name].append(ms)
             print(f"round {r} {name:13s} {ms:.3f} ms per generated rollout", flush=True)
     med = {m: statistics.median(v) for m, v in per_rollout.items()}
+    answers = "" if args.answer_len is None else f", {args.answer_len}-digit answers"
     lines = [f"`python bench/step_time.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
-             f"({args.task}, tiny {args.arch}, 16 prompts × 8, {args.threads} thread(s), {args.rounds} alternated "
-             f"rounds of {args.steps} steps)", "",
-             "| method | ms per generated rollout (median of rounds) | × TRL's |", "|---|---|---|"]
+             f"({args.task}{answers}, tiny {args.arch}, 16 prompts × 8, {args.threads} thread(s), {args.rounds} "
+             f"alternated rounds of {args.steps} steps)", "",
+             "| method | ms per generated rollout (median of rounds) | × TRL's | mean response tokens |",
+             "|---|---|---|---|"]
     for m, v in med.items():
         ratio = f"{v / med['trl_grpo']:.2f}×" if "trl_grpo" in med else "—"
-        lines.append(f"| {m} | {v:.3f} ({', '.join(f'{x:.3f}' for x in per_rollout[m])}) | {ratio} |")
+        length = f"{np.mean(lengths[m]):.1f}" if lengths[m] else "—"
+        lines.append(f"| {m} | {v:.3f} ({', '.join(f'{x:.3f}' for x in per_rollout[m])}) | {ratio} | {length} |")
     text = "\n".join(lines)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"step_time_{args.arch}.md").write_text(text + "\n")
-    (args.out / f"step_time_{args.arch}.json").write_text(json.dumps(per_rollout))
+    stem = f"step_time_{args.arch}" + ("" if args.answer_len is None else f"_len{args.answer_len}")
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(per_rollout))
 
     if args.profile:
         from pyinstrument import Profiler
@@ -91,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         profiler.start()
         trainer.train()
         profiler.stop()
-        (args.out / f"step_time_profile_{args.arch}.txt").write_text(profiler.output_text(unicode=False, color=False))
-        print(f"profile in {args.out / f'step_time_profile_{args.arch}.txt'}")
+        profile = args.out / f"{stem.replace('step_time_', 'step_time_profile_')}.txt"
+        profile.write_text(profiler.output_text(unicode=False, color=False))
+        print(f"profile in {profile}")
     return 0
 
 
