@@ -26,7 +26,8 @@ seeds reaching), × fewer than GRPO and than the window (ratio of medians, boots
 fixed budgets, seconds per step and per generated rollout, collapses, what replay served (reward,
 |advantage|, staleness, ratio spread), and curves with bands. `--ablations` adds: the whipping effect
 (response length against p), reincarnation on/off/when, the correction cap's ESS against clipped
-mass, and one pass against the defaults' two on both tasks (every main seed).
+mass, one pass against the defaults' two, and replay over 16 policy versions instead of 4 (the window,
+the random subset and curated: more to choose from, older), the last two on both tasks and every main seed.
 
     python bench/sample_efficiency.py --quick            # a few minutes: 2 seeds, small budget
     python bench/sample_efficiency.py --seeds 5 --jobs 2 --ablations     # the full run (~1 h, 2 cores)
