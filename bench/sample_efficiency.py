@@ -420,12 +420,16 @@ def versus_grpo_rows(results: list[dict], seeds_of: str, labels: list[str], budg
                    f"{1000 * seconds_per_rollout(list(by_seed.values())):.2f} |")
             if replay_columns:
                 served = [h for r in by_seed.values() for h in r["history"] if h.get("n_replay")]
-                def mean_of(key):
-                    values = [h[key] for h in served if h.get(key) is not None]
-                    return f"{np.nanmean(values):.2f}" if values else "—"
-                row += f" {mean_of('replay_mean_staleness')} | {mean_of('replay_is_abs_log_ratio')} |"
+                row += f" {_served_mean(served, 'replay_mean_staleness')} | " \
+                       f"{_served_mean(served, 'replay_is_abs_log_ratio')} |"
             rows.append(row)
     return rows
+
+
+def _served_mean(history: list[dict], key: str) -> str:
+    """Mean of a per-step replay statistic over the steps that logged it, or — when none did."""
+    values = [h[key] for h in history if h.get(key) is not None]
+    return f"{np.nanmean(values):.2f}" if values else "—"
 
 
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
