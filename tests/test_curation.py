@@ -192,6 +192,32 @@ def test_a_run_first_seen_after_the_rebuild_starts_from_the_rows_handed_to_it(tm
     assert curators["fresh"][0].describe()["n_live"] == curators["from_store"][0].describe()["n_live"] == 90
 
 
+def test_rows_still_queued_when_a_run_is_read_from_the_store_arrive_once(store):
+    # Ingest stores a segment before the curation worker hands it to `add`. A run read from the store
+    # in between (a rebuild after a curator failure while ingest goes on, as here, or a run that first
+    # gets room under the run cap) counts the queued rows from the store: `add` must not count them again,
+    # or a trainer's read-your-writes wait ends early and retention retires a version too soon.
+    cur = Curator(store, CurationConfig(k=8, n_references=32, min_references=16, selector_process=False))
+    cur.rebuild()
+    cur.register_run(RUN)
+    first, queued, later = (synthetic_rollouts(40, seed=s, id_prefix=f"q{s}",
+                                               config=SyntheticConfig(policy_version=v))
+                            for s, v in ((1, 0), (2, 1), (3, 1)))
+    write(store, cur, first, 0)
+    offsets = np.arange(40, 80, dtype=np.int64)
+    w = store.write_segment(queued, topic="rollouts", partition=0, offsets=offsets, first_offset=40, last_offset=79)
+    cur.count_refused(w)
+    cur.remember(queued)        # stored and remembered; its `add` waits in the worker's queue ...
+    cur.rebuild()               # ... while the curator rebuilds from the store, which holds it
+    assert dict(cur._run(RUN).arrived) == {0: 40, 1: 40}
+    cur.add(queued)             # the worker hands it over: already counted
+    write(store, cur, later, 80)   # a new row is counted as it comes
+    assert dict(cur._run(RUN).arrived) == {0: 40, 1: 80}
+    assert cur.describe()["n_live"] == store.count() == 120
+    cur.report_version(RUN, 6)  # retention (a window of 4 versions): the ids kept for skipping go too
+    assert cur._run(RUN).counted_from_store is None
+
+
 def test_empty_subset_sampling_is_a_clear_error(store):
     cur = Curator(store, CurationConfig(k=4, n_references=64))
     cur.register_run("fresh")

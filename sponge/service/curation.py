@@ -134,6 +134,9 @@ class _Run:
     selection: RunSelection
     #: rollouts handed to selection, per policy version (read-your-writes counts these)
     arrived: Counter = field(default_factory=Counter)
+    #: ids whose arrival was counted from the store when the run was first seen while ingest ran:
+    #: those still queued for `add` must not be counted again there (None: nothing to skip)
+    counted_from_store: RolloutIdSet | None = None
     #: rollouts the trainer said it sent, per policy version (from its version reports)
     expected: dict = field(default_factory=dict)
     #: refused or not curated, per reason
@@ -146,6 +149,27 @@ class _Run:
     recent: RecentRows = field(default_factory=lambda: RecentRows(0))
     candidate_cache: tuple | None = None
     subset_cache: tuple | None = None
+
+    def count_arrivals(self, rows: pa.Table) -> dict[int, int]:
+        """Per policy version, how many of `rows` (handed to `add`) are new arrivals."""
+        if self.counted_from_store is not None:
+            rows = rows.filter(pa.array(~self.counted_from_store.contains(rows.column("rollout_id"))))
+        versions, counts = np.unique(rows.column("policy_version").to_numpy(), return_counts=True)
+        return dict(zip(versions.tolist(), counts.tolist()))
+
+    def forget_counted_below(self, mark: int) -> None:
+        """Retention: ids of versions below `mark` can no longer arrive (the store refuses them)."""
+        if self.counted_from_store is not None:
+            self.counted_from_store.drop_below(0, mark)
+            if len(self.counted_from_store) == 0:
+                self.counted_from_store.close()
+                self.counted_from_store = None
+
+    def close(self) -> None:
+        self.selection.close()
+        if self.counted_from_store is not None:
+            self.counted_from_store.close()
+            self.counted_from_store = None
 
 
 class Curator:
@@ -170,6 +194,9 @@ class Curator:
         #: runs with rows in the store at the last rebuild (None: no rebuild yet); a run outside it,
         #: unsharded and never refused for the cap, is fresh: all its stored rows come through `add`
         self._stored_runs: set[str] | None = None
+        #: ingest runs (`ingest_started`, or stored rows were handed to `remember`): from then on rows
+        #: the store holds may still be queued for `add`
+        self._ingest_seen = False
         self._snapshot_seq = 0
         self._snapshot_versions: dict[str, int] = {}
         self._last_snapshot = 0.0
@@ -203,7 +230,7 @@ class Curator:
             retired = self.store.retire_below(np.iinfo(np.int64).max, run=run_id)
             run = self._runs.pop(run_id, None)
             if run is not None:
-                run.selection.close()
+                run.close()
             self._snapshot_versions.pop(run_id, None)
             return retired
 
@@ -237,12 +264,29 @@ class Curator:
             run = _Run(record, selection, recent=RecentRows(0 if self.config.shard else self.config.recent_rows))
             self._runs[run_id] = run   # from here on `remember` holds the run's new rows ...
             selection.rebuild(progress=progress)
-            counts = self.store.version_counts(run_id)   # ... so this read misses none of them
+            if fresh or not self._ingest_seen:
+                counts = self.store.version_counts(run_id)   # ... so this read misses none of them
+            else:   # rows stored and still queued for `add` are counted here: `add` must skip them
+                counts = self._counted_from_store(run)
             run.recent.start(max(counts, default=None))
             if not fresh:   # a fresh run's stored rows all come through `add`, which counts them there
                 with self._arrivals:   # what is already stored has arrived (after a restart, say)
                     run.arrived.update(counts)
         return run
+
+    def _counted_from_store(self, run: _Run) -> dict[int, int]:
+        """The run's stored rollouts per version, their ids kept so that `add` does not count again
+        those still queued for it (ingest stores a row before the curation worker hands it over)."""
+        stored = self.store.run_rollout_versions(run.record.run_id)
+        versions = stored.column("policy_version").to_numpy()
+        ids = RolloutIdSet()
+        for v in np.unique(versions):
+            ids.add(stored.column("rollout_id").filter(pa.array(versions == v)), version=int(v))
+        run.counted_from_store = ids if len(ids) else None
+        if not len(ids):
+            ids.close()
+        values, counts = np.unique(versions, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
 
     def _run(self, run_id: str) -> _Run:
         """A live run's state, following a registry another process may have changed."""
@@ -263,7 +307,7 @@ class Curator:
             if self._host is not None:
                 self._host.start()   # now, not in the middle of the first batch after a restart
             for run in self._runs.values():
-                run.selection.close()
+                run.close()
             self._runs = {}
             self._closed = False
             self._stored_runs = None   # while rebuilding, every run reads the store
@@ -289,7 +333,7 @@ class Curator:
             if not self._closed:
                 self._at_close = self.describe()
             for run in self._runs.values():
-                run.selection.close()
+                run.close()
             if self._host is not None:
                 self._host.close()
             self._closed = True
@@ -328,10 +372,16 @@ class Curator:
         self.remember(rows)
         self.add(rows)
 
+    def ingest_started(self) -> None:
+        """Ingest may store rows from now on (called before it starts): a run read from the store
+        after this keeps the ids it counted, so that `add` does not count queued ones again."""
+        self._ingest_seen = True
+
     def remember(self, rows: pa.Table) -> None:
         """Hold the replay columns of rollouts just stored (all the rollout columns) for their runs'
         candidates. Called on ingest's thread right after the segment write, without the curator's
         lock: a run's recent rows have their own."""
+        self._ingest_seen = True
         for run_id, part in _by_run(rows):
             run = self._runs.get(run_id)
             if run is not None:
@@ -353,9 +403,9 @@ class Curator:
                 missing = part.column("embedding").null_count
                 if missing:
                     run.refused["no_embedding"] += missing
-                versions, counts = np.unique(part.column("policy_version").to_numpy(), return_counts=True)
+                versions = part.column("policy_version").to_numpy()
                 with self._arrivals:
-                    run.arrived.update(dict(zip(versions.tolist(), counts.tolist())))
+                    run.arrived.update(run.count_arrivals(part))
                     self._arrivals.notify_all()
                 self._apply_retention(run)
                 # Out of the window, or retired by another process of the store (a version report
@@ -440,6 +490,7 @@ class Curator:
                 del run.expected[v]
             for v in [v for v in run.arrived if v < mark]:
                 del run.arrived[v]
+        run.forget_counted_below(mark)
         run.candidate_cache = run.subset_cache = None
         return retired
 

@@ -295,6 +295,7 @@ class CurationServer:
                           rollouts=self.curator.describe()["n_live"])
             self.worker.start()
             self._worker_started = True
+            self.curator.ingest_started()
         self.ingest.start(stop_event)   # waits for the broker (up to broker_wait_s) with /readyz false
         self.ready.set()
         return self

@@ -104,6 +104,11 @@ class ViewReads:
                 "ORDER BY r.policy_version, r.prompt_id, r.rollout_id", params=params).to_arrow_table()
         return self._read(read)
 
+    def run_rollout_versions(self, run: str) -> pa.Table:
+        """(rollout_id, policy_version) of every live rollout of `run`."""
+        return self._read(lambda conn: conn.sql(
+            "SELECT rollout_id, policy_version FROM rollouts WHERE run_id = $1", params=[check_run(run)]).to_arrow_table())
+
     def version_counts(self, run: str) -> dict[int, int]:
         """Live rollouts of `run` per policy version."""
         rows = self._read(lambda conn: conn.execute(
