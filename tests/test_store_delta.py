@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 from test_store_fixtures import make_rollouts
 
 from sponge.store.delta import (
@@ -374,6 +374,17 @@ def test_shared_objects_and_a_put_once_only_one_process_wins(tmp_path):
     assert len(winners) == 1, answers                               # every caller got the same bytes
     assert sum(mine == got for mine, got in answers) == 1, answers  # exactly one caller's
     assert store.put_shared_once("selector/run-a/objective", b"late") == winners.pop()
+
+
+def test_a_claim_is_its_first_commit_even_when_a_racing_loser_appended_a_second(tmp_path):
+    # Before commit retries were turned off, the loser of the race for version 0 had its write retried and
+    # appended as version 1; every caller must still read the first commit's bytes.
+    store = store_at(tmp_path)
+    uri = str(tmp_path / "_shared" / "claims" / "selector" / "run-c" / "objective")
+    write_deltalake(uri, pa.table({"data": pa.array([b"first"], pa.binary())}), mode="error")
+    write_deltalake(uri, pa.table({"data": pa.array([b"second"], pa.binary())}), mode="append")
+    assert store.put_shared_once("selector/run-c/objective", b"mine") == b"first"
+    assert DeltaTable(uri).version() == 1   # the losing caller's attempt committed nothing
 
 
 def test_a_run_claimed_by_a_process_that_died_before_writing_its_record_still_registers(tmp_path):

@@ -1167,13 +1167,17 @@ class DeltaRolloutStore(ViewReads):
         self._shared_path(key)   # checks the key
         uri = self._loc.table_uri(f"{SHARED}/claims/{key}")
         try:
+            # No commit retries: a caller that loses the race for version 0 would otherwise have its
+            # write retried, and appended, as version 1, and return its own bytes as the winner's.
             write_deltalake(uri, pa.table({"data": pa.array([bytes(data)], pa.binary())}), mode="error",
-                            storage_options=self._loc.storage_options)
+                            storage_options=self._loc.storage_options,
+                            commit_properties=CommitProperties(max_commit_retries=0))
             return bytes(data)
         except Exception as exc:  # noqa: BLE001 - delta-rs says "already exists" in several error types
             if not DeltaTable.is_deltatable(uri, storage_options=self._loc.storage_options):
                 raise StoreError(f"could not put {key!r}: {exc}") from None
-        table = DeltaTable(uri, storage_options=self._loc.storage_options).to_pyarrow_table()
+        # The first commit is the claim (a table written before retries were off may hold a second).
+        table = DeltaTable(uri, version=0, storage_options=self._loc.storage_options).to_pyarrow_table()
         if "data" not in table.column_names or table.num_rows == 0:
             return b""   # a claim made before claims carried data: taken, contents unknown
         return table.column("data")[0].as_py()
