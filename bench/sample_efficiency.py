@@ -434,6 +434,7 @@ def _served_mean(history: list[dict], key: str) -> str:
 
 def ablation_jobs(args, seeds: list[int]) -> list[dict]:
     groups = set(args.ablation_groups.split(","))
+    setups = [s.strip() for s in args.setups.split(",")]
     jobs = []
     for seed in seeds:
         if "why" in groups or "lr" in groups:   # "lr": only GRPO at the lower rates
@@ -450,13 +451,13 @@ def ablation_jobs(args, seeds: list[int]) -> list[dict]:
     # passes: one pass of two minibatches against the defaults' two, on every setup and every main seed (the
     # comparison is against the main runs, so it needs their seeds, not the ablation seeds).
     for seed in range(args.seeds) if "passes" in groups else []:
-        for setup in [s.strip() for s in args.setups.split(",")]:
+        for setup in setups:
             jobs.append({"setup": setup, "method": "remix_window", "seed": seed, "label": "one_pass",
                          "overrides": {"updates_per_batch": 1}})
     # horizon: the window, the random subset and curated replay over 16 versions instead of 4 (so the choice has
     # 4× as many groups to choose from, older ones), every main seed of every setup, against the main runs.
     for seed in range(args.seeds) if "horizon" in groups else []:
-        for setup in [s.strip() for s in args.setups.split(",")]:
+        for setup in setups:
             for label, method in HORIZON.items():
                 jobs.append({"setup": setup, "method": method, "seed": seed, "label": label,
                              "overrides": {"replay_window": 16}})

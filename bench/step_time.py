@@ -6,12 +6,13 @@ and ratios to TRL.
     python bench/step_time.py                     # tiny Llama, 16 prompts × 8, 1 thread, 3 rounds
     python bench/step_time.py --arch gpt2 --rounds 5 --steps 12
     python bench/step_time.py --profile           # also a pyinstrument profile of one sponge ReMix run
-    python bench/step_time.py --answer-len 64     # 64-digit answers: generation's share of a step grows
+    python bench/step_time.py --answer-len 32     # 32-digit answers instead of the task's 2-8
 
-On the bench's tasks answers are 2-8 tokens, so a step's time is mostly the update (forward and backward
-passes), of which ReMix takes more per generated rollout; `--answer-len L` reverses strings of exactly L
-digits instead (a model with room for them, warm-started on them), where token-by-token generation
-takes the larger share, as it does for language models' answers of hundreds of tokens.
+On the bench's tasks answers are 2-8 tokens, and a step's time is mostly the update (forward and backward
+passes), of which ReMix takes more per generated rollout. `--answer-len L` reverses strings of exactly L
+digits instead (a model with room for them, warm-started on them) to see whether longer answers shift
+that balance towards generation. On a CPU they do not (bench/results/step_time_llama_len32.md): decoding
+with a KV cache costs about one forward over the same tokens, and the update grows faster with length.
 """
 
 from __future__ import annotations

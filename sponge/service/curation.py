@@ -278,14 +278,12 @@ class Curator:
         """The run's stored rollouts per version, their ids kept so that `add` does not count again
         those still queued for it (ingest stores a row before the curation worker hands it over)."""
         stored = self.store.run_rollout_versions(run.record.run_id)
-        versions = stored.column("policy_version").to_numpy()
-        ids = RolloutIdSet()
-        for v in np.unique(versions):
-            ids.add(stored.column("rollout_id").filter(pa.array(versions == v)), version=int(v))
-        run.counted_from_store = ids if len(ids) else None
-        if not len(ids):
-            ids.close()
-        values, counts = np.unique(versions, return_counts=True)
+        values, which, counts = np.unique(stored.column("policy_version").to_numpy(), return_inverse=True,
+                                          return_counts=True)
+        if len(values):
+            run.counted_from_store = RolloutIdSet()
+            for i, v in enumerate(values.tolist()):   # one tag per version: retention drops them by version
+                run.counted_from_store.add(stored.column("rollout_id").filter(pa.array(which == i)), version=v)
         return dict(zip(values.tolist(), counts.tolist()))
 
     def _run(self, run_id: str) -> _Run:
